@@ -1,0 +1,131 @@
+"""Every setting of a run, in one frozen dataclass, with validation.
+
+The trainer takes a `Config`, never global flags, so tests and scripts build one directly:
+
+    config = Config(dataset="fashion_mnist", num_steps=100)
+
+`main.py` maps absl flags onto these fields one to one (same names). `validate()` turns every bad value
+into a `ConfigError` whose message is one line naming the setting and the fix.
+"""
+
+import dataclasses
+import json
+from typing import Optional
+
+PRESETS = ("mnist", "dcgan")
+LOSSES = ("non_saturating", "minimax")
+OPTIMIZERS = ("adam", "rmsprop")
+SAMPLE_BN_MODES = ("running", "batch")
+IN_MEMORY_MODES = ("auto", "true", "false")
+
+# Preset defaults that differ between the seed's Keras model and the DCGAN paper's.
+#   mnist: Keras BatchNormalization(momentum=0.8) -> running = 0.8*running + 0.2*batch, epsilon 1e-3.
+#   dcgan: PyTorch BatchNorm2d defaults (momentum=0.1 in torch's convention = 0.9 in flax's), epsilon 1e-5.
+PRESET_DEFAULTS = {
+    "mnist": dict(image_size=28, bn_momentum=0.8, bn_epsilon=1e-3, dropout_rate=0.3),
+    "dcgan": dict(image_size=64, bn_momentum=0.9, bn_epsilon=1e-5, dropout_rate=0.0),
+}
+
+
+class ConfigError(ValueError):
+  """A setting is invalid. The message is one line: the setting, the problem, the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One run. Field names equal the command-line flag names (see main.py for their help)."""
+
+  # Data.
+  dataset: str = "mnist"
+  split: str = "train"
+  data_dir: Optional[str] = None
+  in_memory: str = "auto"  # "auto": keep the dataset on device when it is at most max_in_memory_mb.
+  max_in_memory_mb: int = 4096
+  shuffle_buffer: int = 10_000  # streaming (tf.data) path only.
+
+  # Model.
+  preset: str = "mnist"
+  image_size: Optional[int] = None  # None: the preset's default (mnist 28, dcgan 64).
+  channels: Optional[int] = None  # None: taken from the dataset.
+  latent_dim: int = 100
+  base_width: int = 64  # dcgan preset: feature maps of D's first / G's last hidden layer.
+  bn_momentum: Optional[float] = None  # None: the preset's default (flax convention).
+  bn_epsilon: Optional[float] = None
+  dropout_rate: Optional[float] = None  # D's dropout; None: the preset's default.
+
+  # Optimisation.
+  batch_size: int = 128  # Global: summed over all devices and hosts.
+  num_steps: int = 2000
+  seed: int = 0
+  optimizer: str = "adam"
+  learning_rate_g: float = 2e-4
+  learning_rate_d: float = 2e-4
+  beta1: float = 0.5
+  beta2: float = 0.999
+  loss: str = "non_saturating"
+  d_steps: int = 1  # Discriminator updates per generator update.
+
+  # Outputs.
+  log_every: int = 100
+  sample_every: int = 500
+  num_samples: int = 64  # Images in each sample grid (fixed evaluation noise).
+  sample_bn: str = "running"  # BatchNorm statistics used when sampling: "running" or "batch".
+
+  # ---------------------------------------------------------------------------------------------
+  def resolved(self) -> "Config":
+    """Returns a copy with every preset-dependent `None` filled in, validated."""
+    self.validate()
+    defaults = PRESET_DEFAULTS[self.preset]
+    filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}
+    return dataclasses.replace(self, **filled)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  def validate(self) -> None:
+    """Raises ConfigError (one line) for the first invalid setting."""
+
+    def fail(name, problem, fix):
+      raise ConfigError(f"--{name}={getattr(self, name)!r}: {problem}; {fix}.")
+
+    def choice(name, options):
+      if getattr(self, name) not in options:
+        fail(name, "unknown value", f"use one of {', '.join(options)}")
+
+    def positive(name):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        fail(name, "must be a positive integer", "pass a whole number >= 1")
+
+    choice("preset", PRESETS)
+    choice("loss", LOSSES)
+    choice("optimizer", OPTIMIZERS)
+    choice("sample_bn", SAMPLE_BN_MODES)
+    choice("in_memory", IN_MEMORY_MODES)
+    for name in ("batch_size", "num_steps", "latent_dim", "base_width", "d_steps", "log_every",
+                 "sample_every", "num_samples", "max_in_memory_mb", "shuffle_buffer"):
+      positive(name)
+    if not self.dataset:
+      fail("dataset", "is empty", "name a tfds image dataset, e.g. mnist or fashion_mnist")
+    for name in ("learning_rate_g", "learning_rate_d"):
+      if not getattr(self, name) > 0:
+        fail(name, "must be > 0", "pass a positive learning rate such as 2e-4")
+    for name in ("beta1", "beta2"):
+      if not 0 <= getattr(self, name) < 1:
+        fail(name, "must be in [0, 1)", "the DCGAN paper uses beta1=0.5, beta2=0.999")
+    if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
+      fail("bn_momentum", "must be in [0, 1)", "flax convention: running = m*running + (1-m)*batch")
+    if self.bn_epsilon is not None and not self.bn_epsilon > 0:
+      fail("bn_epsilon", "must be > 0", "pass e.g. 1e-3")
+    if self.dropout_rate is not None and not 0 <= self.dropout_rate < 1:
+      fail("dropout_rate", "must be in [0, 1)", "pass e.g. 0.3")
+    if self.channels is not None and self.channels not in (1, 3):
+      fail("channels", "must be 1 or 3", "or leave it unset to take the dataset's")
+    if self.image_size is not None:
+      size = self.image_size
+      if self.preset == "mnist" and size != 28:
+        fail("image_size", "the mnist preset (the seed's Keras model) makes 28x28 images only",
+             "use --image_size=28, or --preset=dcgan for 32, 64, 128, ...")
+      if self.preset == "dcgan" and (size < 32 or size & (size - 1)):
+        fail("image_size", "the dcgan preset needs a power of two >= 32",
+             "use 32, 64, 128, ... (or --preset=mnist for 28)")

@@ -1,0 +1,333 @@
+"""Training state, the pure pmapped train step, and the training loop.
+
+    state, metrics = p_train_step(state, slots, data)
+
+* `state` (TrainState) is one pytree holding everything a step needs: the step, the base PRNG key and, for
+  G and D, params + batch_stats + optax state. It is replicated over the local devices as a single
+  jax.Array per leaf (pmap in_axes/out_axes None), so the loop never replicates or unreplicates.
+* `slots` (int32, (local_devices, per_device_batch)) are the global positions of each device's examples
+  within the global batch. Noise, dropout masks and the data order are functions of (seed, step, slot)
+  (randomness.py), not of the device that happens to compute them.
+* `data` is either the whole dataset (uint8, on every device, gathered inside the step) or this step's
+  streamed batch (uint8, (local_devices, d_steps, per_device_batch, H, W, C)).
+
+One step = `d_steps` discriminator updates, then one generator update through the *updated* D
+(pytorch/examples order). G runs forward once per D update; the last one's fakes are reused for the G
+update (jax.vjp keeps G's backward pass), so its BatchNorm statistics are updated once per D update.
+Gradients and BatchNorm statistics are averaged over all devices inside the step.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+
+from dcgan_jax import losses
+from dcgan_jax import models
+from dcgan_jax import randomness
+from dcgan_jax import writers
+from dcgan_jax.config import Config, ConfigError
+
+AXIS = "batch"  # the pmap axis name: BatchNorm and gradient means run over it.
+
+
+class TrainingDivergedError(RuntimeError):
+  """A loss or a parameter became NaN/inf. The message names the first such step."""
+
+
+@flax.struct.dataclass
+class NetState:
+  params: Any
+  batch_stats: Any  # {} for a network without BatchNorm
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates of G done so far
+  key: jax.Array  # typed PRNG key: jax.random.key(seed); every other key is derived from it
+  g: NetState
+  d: NetState
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction
+# --------------------------------------------------------------------------------------------------
+def make_optimizer(config: Config, learning_rate: float) -> optax.GradientTransformation:
+  if config.optimizer == "adam":  # DCGAN paper: Adam(2e-4, beta1=0.5)
+    return optax.adam(learning_rate, b1=config.beta1, b2=config.beta2)
+  # The seed's RMSprop(0.0002, 0.5): Keras' second positional argument is rho (the decay).
+  return optax.rmsprop(learning_rate, decay=config.beta1)
+
+
+def image_shape(config: Config, channels: int) -> tuple:
+  return (config.image_size, config.image_size, channels)
+
+
+def create_train_state(config: Config, channels: int) -> TrainState:
+  """Initial state on the default device. `config` must be resolved (Config.resolved())."""
+  generator, discriminator = models.build_models(config, channels)
+  key = jax.random.key(config.seed)
+  g_key, d_key = jax.random.split(randomness.purpose_key(key, randomness.INIT))
+  g_vars = generator.init(g_key, jnp.zeros((1, config.latent_dim), jnp.float32), train=False)
+  d_vars = discriminator.init(d_key, jnp.zeros((1,) + image_shape(config, channels), jnp.float32),
+                              train=False)
+
+  def net(variables, lr):
+    params = variables["params"]
+    return NetState(params, variables.get("batch_stats", {}), make_optimizer(config, lr).init(params))
+
+  return TrainState(step=jnp.zeros((), jnp.int32), key=key, g=net(g_vars, config.learning_rate_g),
+                    d=net(d_vars, config.learning_rate_d))
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 [0, 255] -> float32 [-1, 1] (matches the generator's tanh range)."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The step (pure; runs per device under pmap)
+# --------------------------------------------------------------------------------------------------
+def make_train_step(config: Config, channels: int,
+                    num_examples: Optional[int] = None) -> Callable:
+  """Returns train_step(state, slots, data) -> (state, metrics), to be pmapped over AXIS.
+
+  num_examples: set for the in-memory path (data = the whole uint8 dataset (N, H, W, C));
+                None for the streaming path (data = uint8 (d_steps, per_device_batch, H, W, C)).
+  """
+  generator, discriminator = models.build_models(config, channels, bn_axis_name=AXIS)
+  g_tx = make_optimizer(config, config.learning_rate_g)
+  d_tx = make_optimizer(config, config.learning_rate_d)
+
+  def g_forward(params, batch_stats, z):
+    fake, updates = generator.apply({"params": params, "batch_stats": batch_stats}, z, train=True,
+                                    mutable=["batch_stats"])
+    return fake, updates["batch_stats"]
+
+  def d_forward(params, batch_stats, images, dropout_keys):
+    logits, updates = discriminator.apply({"params": params, "batch_stats": batch_stats}, images,
+                                          train=True, dropout_keys=dropout_keys, mutable=["batch_stats"])
+    return logits, updates.get("batch_stats", {})
+
+  def d_step(d: NetState, real, fake, keys: randomness.StepKeys, k: int):
+    """One discriminator update on a real and a fake batch (fake carries no gradient to G)."""
+
+    def loss_fn(params):
+      real_logits, bs = d_forward(params, d.batch_stats, real, keys.dropout_real(k))
+      fake_logits, bs = d_forward(params, bs, fake, keys.dropout_fake_d(k))
+      return losses.d_loss(real_logits, fake_logits), (bs, real_logits, fake_logits)
+
+    (loss, (bs, real_logits, fake_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d.params)
+    grads = lax.pmean(grads, AXIS)
+    updates, opt_state = d_tx.update(grads, d.opt_state, d.params)
+    metrics = dict(d_loss=loss, d_real=jnp.mean(jax.nn.sigmoid(real_logits)),
+                   d_fake=jnp.mean(jax.nn.sigmoid(fake_logits)), d_grad_norm=optax.global_norm(grads))
+    return NetState(optax.apply_updates(d.params, updates), bs, opt_state), metrics
+
+  def g_step(g: NetState, g_vjp, g_batch_stats, fake, d: NetState, keys: randomness.StepKeys):
+    """One generator update: backprop the G loss through the updated D, then through G's saved vjp.
+
+    D's BatchNorm statistics from this pass are discarded: D is only ever run in training mode.
+    """
+
+    def loss_fn(fake):
+      logits, _ = d_forward(d.params, d.batch_stats, fake, keys.dropout_fake_g())
+      return losses.g_loss(logits, config.loss)
+
+    loss, fake_grad = jax.value_and_grad(loss_fn)(fake)
+    (grads,) = g_vjp(fake_grad)
+    grads = lax.pmean(grads, AXIS)
+    updates, opt_state = g_tx.update(grads, g.opt_state, g.params)
+    new_g = NetState(optax.apply_updates(g.params, updates), g_batch_stats, opt_state)
+    return new_g, dict(g_loss=loss, g_grad_norm=optax.global_norm(grads))
+
+  def train_step(state: TrainState, slots: jax.Array, data: jax.Array):
+    keys = randomness.StepKeys(randomness.purpose_key(state.key, randomness.TRAIN), state.step, slots)
+    data_key = randomness.purpose_key(state.key, randomness.DATA)
+
+    def real_batch(k):
+      if num_examples is None:
+        return to_float(data[k])
+      idx = randomness.example_indices(data_key, state.step * config.d_steps + k, slots,
+                                       config.batch_size, num_examples)
+      return to_float(data[idx])
+
+    d, g_bs = state.d, state.g.batch_stats
+    for k in range(config.d_steps):
+      z = randomness.latents(keys.z(k), config.latent_dim)
+      if k < config.d_steps - 1:
+        fake, g_bs = g_forward(state.g.params, g_bs, z)
+      else:  # keep G's backward pass for the G update
+        fake, g_vjp, g_bs = jax.vjp(functools.partial(g_forward, batch_stats=g_bs, z=z), state.g.params,
+                                    has_aux=True)
+      d, d_metrics = d_step(d, real_batch(k), lax.stop_gradient(fake), keys, k)
+    g, g_metrics = g_step(state.g, g_vjp, g_bs, fake, d, keys)
+
+    metrics = lax.pmean({**d_metrics, **g_metrics}, AXIS)
+    metrics["g_param_norm"] = optax.global_norm(g.params)
+    metrics["d_param_norm"] = optax.global_norm(d.params)
+    finite = [jnp.isfinite(metrics[k]) for k in ("d_loss", "g_loss", "g_param_norm", "d_param_norm")]
+    metrics["finite"] = jnp.all(jnp.stack(finite)).astype(jnp.float32)
+    return TrainState(step=state.step + 1, key=state.key, g=g, d=d), metrics
+
+  return train_step
+
+
+def pmap_train_step(train_step: Callable, in_memory: bool) -> Callable:
+  """pmaps the step: state and metrics replicated (in/out_axes None), slots mapped, data replicated
+  (in-memory) or mapped (streaming). The input state's buffers are donated."""
+  return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, 0, None if in_memory else 0),
+                  out_axes=(None, None), donate_argnums=(0,))
+
+
+def make_sampler(config: Config, channels: int) -> Callable:
+  """sample(g: NetState, z (n, latent_dim)) -> float32 images (n, H, W, C) in [-1, 1], jitted.
+
+  config.sample_bn = "running" (default): BatchNorm uses the running statistics (inference mode), so each
+  image depends only on its own z, and a grid is the same whatever else is in the batch.
+  "batch": BatchNorm uses the statistics of the sampled batch itself, as in pytorch/examples (which never
+  switches G to eval mode); early in training this can look better, but an image then depends on the
+  other latents in its batch. Running statistics are never modified by sampling.
+  """
+  generator, _ = models.build_models(config, channels)
+  train = config.sample_bn == "batch"
+
+  @jax.jit
+  def sample(g: NetState, z):
+    out = generator.apply({"params": g.params, "batch_stats": g.batch_stats}, z, train=train,
+                          mutable=["batch_stats"] if train else False)
+    return out[0] if train else out
+
+  return sample
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def _check_finite(history, first_step):
+  """history: host metrics dicts of consecutive steps starting at first_step (state step before it)."""
+  for i, m in enumerate(history):
+    if m["finite"] < 1:
+      bad = ", ".join(f"{k}={m[k]:.4g}" for k in ("d_loss", "g_loss", "g_param_norm", "d_param_norm"))
+      raise TrainingDivergedError(
+          f"training diverged at step {first_step + i + 1}: non-finite values ({bad}); lower "
+          "--learning_rate_g/--learning_rate_d or check the data")
+
+
+def train_and_evaluate(config: Config, workdir: str) -> TrainState:
+  """Trains a DCGAN as configured, writing logs, samples and the config into workdir.
+
+  Returns the final TrainState (replicated over the local devices).
+  """
+  # Imported here so that the training core (this module's step functions) never needs TensorFlow.
+  from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  config = config.resolved()
+  devices = jax.local_devices()
+  n_dev = len(devices)
+  if config.batch_size % (n_dev * jax.process_count()):
+    raise ConfigError(f"--batch_size={config.batch_size}: must be divisible by the number of devices "
+                      f"({n_dev * jax.process_count()}); pick a multiple of it.")
+  per_device = config.batch_size // (n_dev * jax.process_count())
+
+  # ---- Data ----------------------------------------------------------------------------------------
+  builder = input_pipeline._builder(config)  # pylint: disable=protected-access
+  spec = input_pipeline.dataset_spec(config, builder)
+  channels = input_pipeline.dataset_channels(spec, config.channels)
+  shape = image_shape(config, channels)
+  in_memory = input_pipeline.choose_in_memory(config, spec, shape)
+  mesh = Mesh(np.array(devices), (AXIS,))
+  replicated = NamedSharding(mesh, P())
+  first_slot = jax.process_index() * n_dev * per_device
+  slots = jax.device_put(np.arange(first_slot, first_slot + n_dev * per_device, dtype=np.int32)
+                         .reshape(n_dev, per_device), NamedSharding(mesh, P(AXIS)))
+  if in_memory:
+    t0 = time.time()
+    images = input_pipeline.load_in_memory(config, shape, builder)
+    num_examples = len(images)
+    data = jax.device_put(images, replicated)
+    logging.info("Loaded %s:%s into device memory: %s uint8 in %.1fs.", config.dataset, config.split,
+                 data.shape, time.time() - t0)
+    next_data = lambda: data
+  else:
+    num_examples = spec.num_examples
+    stream = input_pipeline.stream_batches(config, shape, n_dev, per_device * config.d_steps,
+                                           jax.process_index(), jax.process_count(), builder)
+    # (n_dev, d_steps * b, H, W, C) -> (n_dev, d_steps, b, H, W, C)
+    next_data = lambda: next(stream).reshape((n_dev, config.d_steps, per_device) + shape)
+    logging.info("Streaming %s:%s with tf.data (%s examples).", config.dataset, config.split,
+                 num_examples)
+  if num_examples is not None and config.batch_size > num_examples:
+    raise ConfigError(f"--batch_size={config.batch_size}: larger than the {num_examples} examples of "
+                      f"{config.dataset}:{config.split}; use a smaller batch.")
+  if (config.num_steps * config.d_steps + 1) * config.batch_size >= 2**31:
+    raise ConfigError(f"--num_steps={config.num_steps}: more than 2**31 examples would be drawn; "
+                      "train for fewer steps (or a smaller batch).")
+
+  # ---- Model and state ------------------------------------------------------------------------------
+  state = jax.device_put(create_train_state(config, channels), replicated)
+  p_train_step = pmap_train_step(
+      make_train_step(config, channels, num_examples if in_memory else None), in_memory)
+  sample = make_sampler(config, channels)
+  eval_z = jax.device_put(randomness.eval_latents(state.key, config.num_samples, config.latent_dim),
+                          replicated)
+
+  # ---- Outputs --------------------------------------------------------------------------------------
+  writer = writers.RunWriter(workdir, enabled=jax.process_index() == 0)
+  writer.write_config(config, extra=dict(devices=n_dev, device_kind=devices[0].device_kind,
+                                         backend=jax.default_backend(), in_memory=in_memory,
+                                         num_examples=num_examples, channels=channels))
+  logging.info("Config: %s", json.dumps(dict(config.__dict__)))
+
+  def write_samples(step):
+    writer.write_samples(step, np.asarray(sample(state.g, eval_z)))
+
+  # ---- Train ----------------------------------------------------------------------------------------
+  step = int(state.step)
+  history, history_start = [], step
+  t_start, t_last, step_last = None, None, step
+  while step < config.num_steps:
+    state, metrics = p_train_step(state, slots, next_data())
+    history.append(metrics)  # device arrays: no host sync until a log step
+    step += 1
+    if t_start is None:  # the first step compiles: start the clock after it
+      jax.block_until_ready(metrics)
+      t_start = t_last = time.time()
+      step_last = step
+    if step % config.log_every == 0 or step == config.num_steps:
+      host = jax.device_get(history)
+      _check_finite(host, history_start)
+      now = time.time()
+      rate = (step - step_last) / (now - t_last) if step > step_last else float("nan")
+      mean = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
+      mean.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size)
+      writer.write_metrics(step, mean)
+      eta = (config.num_steps - step) / rate if rate > 0 else float("nan")
+      logging.info("step %d/%d | d_loss %.3f g_loss %.3f D(x) %.2f D(G(z)) %.2f | %.2f steps/s "
+                   "%.0f img/s | ETA %s", step, config.num_steps, mean["d_loss"], mean["g_loss"],
+                   mean["d_real"], mean["d_fake"], rate, rate * config.batch_size, _fmt_eta(eta))
+      history, history_start, t_last, step_last = [], step, now, step
+    if step % config.sample_every == 0 or step == config.num_steps:
+      write_samples(step)
+  writer.close()
+  return state
+
+
+def _fmt_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -15,6 +15,7 @@ scales them to [-1, 1] (the seed's [0, 1] scaling against a tanh generator is a 
 """
 
 import dataclasses
+import os
 from typing import Iterator, Optional
 
 import numpy as np
@@ -134,9 +135,14 @@ def load_in_memory(config: Config, image_shape: tuple, builder=None) -> np.ndarr
   """The whole split as uint8 (N, H, W, C) at image_shape = (H, W, C)."""
   builder = builder or _builder(config)
   tfds = _tfds()
-  if builder.info.file_format == tfds.core.file_adapters.FileFormat.ARRAY_RECORD:
+  array_record = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
+  if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    # The metadata on disk lists every stored file format (prepare_data adds array_record beside
+    # tfrecord); the registered builder's code-side info only knows the primary one.
+    builder = tfds.builder_from_directory(builder.data_dir)
+  if array_record in builder.info.available_file_formats():
     # Random-access reader: no TensorFlow needed.
-    source = builder.as_data_source(split=config.split)
+    source = builder.as_data_source(split=config.split, file_format=array_record)
     n = len(source)
     chunks = [np.stack([ex["image"] for ex in source.__getitems__(list(range(i, min(i + 4096, n))))])
               for i in range(0, n, 4096)]

@@ -78,10 +78,14 @@ def example_indices(data_key: jax.Array, batch_number: jax.Array, slots: jax.Arr
   # a DCGAN run; the trainer checks it up front.
   epoch = pos // num_examples
   first_epoch = (batch_number * batch_size) // num_examples
-  perm_a = jax.random.permutation(jax.random.fold_in(data_key, first_epoch), num_examples)
-  perm_b = jax.random.permutation(jax.random.fold_in(data_key, first_epoch + 1), num_examples)
   offset = pos % num_examples
-  return jnp.where(epoch == first_epoch, perm_a[offset], perm_b[offset]).astype(jnp.int32)
+  perm = lambda e: jax.random.permutation(jax.random.fold_in(data_key, e), num_examples)
+  idx = perm(first_epoch)[offset]
+  # The next epoch's permutation only for a batch that straddles the boundary (a sort of N keys: the
+  # costliest part of the gather on CPU).
+  return jax.lax.cond(jnp.any(epoch != first_epoch),
+                      lambda: jnp.where(epoch == first_epoch, idx, perm(first_epoch + 1)[offset]),
+                      lambda: idx).astype(jnp.int32)
 
 
 def eval_latents(base_key: jax.Array, num: int, latent_dim: int) -> jax.Array:

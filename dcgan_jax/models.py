@@ -45,7 +45,7 @@ class ExampleDropout(nn.Module):
       return x
     # Fold in a stable hash of this layer's name so two dropout layers never share a mask
     # (crc32, not hash(): Python salts str hashes per process).
-    layer_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, zlib.crc32(self.name.encode()))
+    layer_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, zlib.crc32((self.name or "").encode()))
     keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, x.shape[1:]))(layer_keys)
     return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 

@@ -133,7 +133,7 @@ def make_train_step(config: Config, channels: int,
     grads = lax.pmean(grads, AXIS)
     updates, opt_state = d_tx.update(grads, d.opt_state, d.params)
     metrics = dict(d_loss=loss, d_real=jnp.mean(jax.nn.sigmoid(real_logits)),
-                   d_fake=jnp.mean(jax.nn.sigmoid(fake_logits)), d_grad_norm=optax.global_norm(grads))
+                   d_fake=jnp.mean(jax.nn.sigmoid(fake_logits)), d_grad_norm=optax.tree.norm(grads))
     return NetState(optax.apply_updates(d.params, updates), bs, opt_state), metrics
 
   def g_step(g: NetState, g_vjp, g_batch_stats, fake, d: NetState, keys: randomness.StepKeys):
@@ -151,7 +151,7 @@ def make_train_step(config: Config, channels: int,
     grads = lax.pmean(grads, AXIS)
     updates, opt_state = g_tx.update(grads, g.opt_state, g.params)
     new_g = NetState(optax.apply_updates(g.params, updates), g_batch_stats, opt_state)
-    return new_g, dict(g_loss=loss, g_grad_norm=optax.global_norm(grads))
+    return new_g, dict(g_loss=loss, g_grad_norm=optax.tree.norm(grads))
 
   def train_step(state: TrainState, slots: jax.Array, data: jax.Array):
     keys = randomness.StepKeys(randomness.purpose_key(state.key, randomness.TRAIN), state.step, slots)
@@ -176,8 +176,8 @@ def make_train_step(config: Config, channels: int,
     g, g_metrics = g_step(state.g, g_vjp, g_bs, fake, d, keys)
 
     metrics = lax.pmean({**d_metrics, **g_metrics}, AXIS)
-    metrics["g_param_norm"] = optax.global_norm(g.params)
-    metrics["d_param_norm"] = optax.global_norm(d.params)
+    metrics["g_param_norm"] = optax.tree.norm(g.params)
+    metrics["d_param_norm"] = optax.tree.norm(d.params)
     finite = [jnp.isfinite(metrics[k]) for k in ("d_loss", "g_loss", "g_param_norm", "d_param_norm")]
     metrics["finite"] = jnp.all(jnp.stack(finite)).astype(jnp.float32)
     return TrainState(step=state.step + 1, key=state.key, g=g, d=d), metrics
@@ -211,6 +211,23 @@ def make_sampler(config: Config, channels: int) -> Callable:
     return out[0] if train else out
 
   return sample
+
+
+def local_mesh() -> Mesh:
+  """This process's devices along AXIS: what the pmapped step runs over."""
+  return Mesh(np.array(jax.local_devices()), (AXIS,))
+
+
+def device_slots(mesh: Mesh, per_device: int) -> jax.Array:
+  """int32 (local_devices, per_device): global batch positions of each local device's examples.
+
+  Process p's devices hold the consecutive block [p * L * b, (p + 1) * L * b) of the global batch.
+  Placed once (sharded over AXIS) and reused every step.
+  """
+  n_dev = mesh.devices.size
+  first = jax.process_index() * n_dev * per_device
+  slots = np.arange(first, first + n_dev * per_device, dtype=np.int32).reshape(n_dev, per_device)
+  return jax.device_put(slots, NamedSharding(mesh, P(AXIS)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,11 +265,9 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
   channels = input_pipeline.dataset_channels(spec, config.channels)
   shape = image_shape(config, channels)
   in_memory = input_pipeline.choose_in_memory(config, spec, shape)
-  mesh = Mesh(np.array(devices), (AXIS,))
+  mesh = local_mesh()
   replicated = NamedSharding(mesh, P())
-  first_slot = jax.process_index() * n_dev * per_device
-  slots = jax.device_put(np.arange(first_slot, first_slot + n_dev * per_device, dtype=np.int32)
-                         .reshape(n_dev, per_device), NamedSharding(mesh, P(AXIS)))
+  slots = device_slots(mesh, per_device)
   if in_memory:
     t0 = time.time()
     images = input_pipeline.load_in_memory(config, shape, builder)

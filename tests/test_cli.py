@@ -1,0 +1,75 @@
+"""The command line, end to end, in subprocesses (as a user runs it)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, mocked_examples=None, timeout=600):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", TF_CPP_MIN_LOG_LEVEL="3")
+  cmd = [sys.executable] + (["tests/mocked_main.py", str(mocked_examples)] if mocked_examples
+                            else ["-m", "dcgan_jax.main"]) + args
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path):
+  # A bare flagfile name is looked up in experiments/; later flags override it.
+  r = run(["--flagfile=mnist.flags", f"--workdir={tmp_path}", "--batch_size=16", "--num_steps=4",
+           "--log_every=2", "--sample_every=3", "--num_samples=9"], mocked_examples=64)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [2, 4]
+  for l in lines:
+    for k in ("d_loss", "g_loss", "d_real", "d_fake", "steps_per_sec", "images_per_sec"):
+      assert k in l
+    assert all(v == v for v in l.values())  # no NaN
+  assert lines[0]["d_loss"] != lines[1]["d_loss"]
+  config = json.load(open(tmp_path / "config.json"))
+  assert config["config"]["batch_size"] == 16 and config["config"]["image_size"] == 28
+  assert config["run"]["devices"] == 2
+  assert sorted(os.listdir(tmp_path / "samples")) == ["step_00000003.png", "step_00000004.png"]
+  from PIL import Image
+  assert Image.open(tmp_path / "samples" / "step_00000004.png").size == (3 * 30 + 2, 3 * 30 + 2)
+  events = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  assert events and os.path.getsize(events[0]) > 1000  # scalars and an image
+  assert "step 4/4" in r.stderr and "ETA" in r.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--dataset=no_such_dataset"], "--dataset='no_such_dataset': not a tfds dataset"),
+    (["--preset=resnet"], "--preset='resnet': unknown value; use one of mnist, dcgan"),
+    (["--image_size=32"], "--image_size=32: the mnist preset"),
+    (["--preset=dcgan", "--image_size=48"], "--image_size=48: the dcgan preset needs a power of two"),
+    (["--batch_size=0"], "--batch_size=0: must be a positive integer"),
+    (["--batch_size=abc"], "--batch_size"),
+    (["--learning_rate_g=-1"], "--learning_rate_g=-1.0: must be > 0"),
+    (["--loss=wasserstein"], "--loss='wasserstein': unknown value"),
+    (["--flagfile=nope.flags"], "--flagfile=nope.flags: file not found"),
+    (["--batch_size=7"], "must be divisible by the number of devices"),
+])
+def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, args, expected):
+  mocked = 64 if args == ["--batch_size=7"] else None
+  r = run([f"--workdir={tmp_path}", "--num_steps=1"] + args, mocked_examples=mocked, timeout=300)
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+
+
+def test_download_failure_names_the_offline_command(monkeypatch):
+  import tensorflow_datasets as tfds
+  from dcgan_jax import input_pipeline
+  from dcgan_jax.config import Config
+
+  def offline(*args, **kwargs):
+    raise ConnectionError("Failed to resolve 'storage.googleapis.com'")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+  with pytest.raises(input_pipeline.DataUnavailableError) as e:
+    input_pipeline._builder(Config(dataset="mnist", data_dir="/nonexistent/tfds"))
+  assert "python -m dcgan_jax.prepare_data --dataset=mnist" in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,49 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcgan_jax import losses
+from dcgan_jax import randomness
+
+
+def test_losses_from_logits():
+  zero = jnp.zeros((5, 1))
+  np.testing.assert_allclose(losses.d_loss(zero, zero), 2 * np.log(2), rtol=1e-6)
+  np.testing.assert_allclose(losses.g_loss(zero, "non_saturating"), np.log(2), rtol=1e-6)
+  np.testing.assert_allclose(losses.g_loss(zero, "minimax"), -np.log(2), rtol=1e-6)
+  # A confident D on fakes (logit -10): minimax's gradient vanishes, non-saturating's does not.
+  confident = jnp.full((5, 1), -10.0)
+  g_mm = jax.grad(lambda l: losses.g_loss(l, "minimax"))(confident)
+  g_ns = jax.grad(lambda l: losses.g_loss(l, "non_saturating"))(confident)
+  assert float(jnp.max(jnp.abs(g_mm))) < 1e-4 < float(jnp.max(jnp.abs(g_ns)))
+  # Stable for large logits (no log(0)).
+  assert np.isfinite(float(losses.d_loss(jnp.full((2, 1), -100.0), jnp.full((2, 1), 100.0))))
+
+
+def test_data_order_visits_every_example_once_per_epoch_and_straddles_epochs():
+  key = randomness.purpose_key(jax.random.key(0), randomness.DATA)
+  n, b = 10, 4
+  slots = jnp.arange(b)
+  seq = np.concatenate([np.asarray(randomness.example_indices(key, jnp.int32(r), slots, b, n))
+                        for r in range(10)])  # 40 positions = 4 epochs
+  for e in range(4):
+    assert sorted(seq[e * n:(e + 1) * n]) == list(range(n))
+  assert not np.array_equal(seq[:n], seq[n:2 * n])  # each epoch its own permutation
+  # Any split of the slots gives the same indices (topology independence).
+  r = jnp.int32(2)  # positions 8..11: straddles the first epoch boundary
+  whole = randomness.example_indices(key, r, slots, b, n)
+  parts = [randomness.example_indices(key, r, slots[i:i + 2], b, n) for i in (0, 2)]
+  np.testing.assert_array_equal(whole, np.concatenate(parts))
+
+
+def test_latents_depend_only_on_the_global_slot():
+  step_keys = randomness.StepKeys(jax.random.key(1), jnp.int32(7), jnp.arange(8))
+  z_all = randomness.latents(step_keys.z(0), 100)
+  z_tail = randomness.latents(randomness.StepKeys(jax.random.key(1), jnp.int32(7), jnp.arange(4, 8)).z(0), 100)
+  np.testing.assert_array_equal(z_all[4:], z_tail)
+  assert z_all.shape == (8, 100)
+  # Different step, purpose or D-update index: different noise.
+  z_next = randomness.latents(randomness.StepKeys(jax.random.key(1), jnp.int32(8), jnp.arange(8)).z(0), 100)
+  assert not np.allclose(z_all, z_next)
+  assert not np.allclose(z_all, randomness.latents(step_keys.z(1), 100))
+  assert abs(float(jnp.std(z_all)) - 1.0) < 0.1

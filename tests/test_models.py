@@ -1,0 +1,85 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcgan_jax import models
+from dcgan_jax.config import Config
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def init(config, channels):
+  g, d = models.build_models(config.resolved(), channels)
+  c = config.resolved()
+  g_vars = g.init(jax.random.key(0), jnp.zeros((2, c.latent_dim)), train=False)
+  d_vars = d.init(jax.random.key(1), jnp.zeros((2, c.image_size, c.image_size, channels)), train=False)
+  return g, d, g_vars, d_vars
+
+
+def test_mnist_preset_matches_the_seeds_keras_model():
+  g, d, g_vars, d_vars = init(Config(preset="mnist"), 1)
+  assert count(g_vars["params"]) == 2_318_016
+  assert count(g_vars["batch_stats"]) == 25_472  # Keras' non-trainable BatchNorm moving mean/variance
+  assert count(d_vars["params"]) == 212_865
+  assert "batch_stats" not in d_vars
+  z = jax.random.normal(jax.random.key(2), (3, 100))
+  images = g.apply(g_vars, z, train=False)
+  assert images.shape == (3, 28, 28, 1) and images.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(images))) <= 1.0
+  assert d.apply(d_vars, images, train=False).shape == (3, 1)
+
+
+@pytest.mark.parametrize("size,channels", [(32, 3), (64, 3), (64, 1)])
+def test_dcgan_preset_shapes(size, channels):
+  config = Config(preset="dcgan", image_size=size, base_width=8)
+  g, d, g_vars, d_vars = init(config, channels)
+  images = g.apply(g_vars, jnp.ones((2, 100)), train=False)
+  assert images.shape == (2, size, size, channels)
+  assert d.apply(d_vars, images, train=False).shape == (2, 1)
+  # Paper: BatchNorm everywhere except G's output layer and D's input layer.
+  n_up = size.bit_length() - 3
+  assert len(g_vars["batch_stats"]) == n_up  # after the projection and each hidden ConvT
+  assert len(d_vars["batch_stats"]) == n_up - 1  # every strided conv but the first
+
+
+def test_dcgan_init_is_normal_002():
+  _, _, g_vars, _ = init(Config(preset="dcgan", image_size=32, base_width=16), 3)
+  kernel = g_vars["params"]["ConvTranspose_0"]["kernel"]
+  assert abs(float(jnp.std(kernel)) - 0.02) < 0.002 and abs(float(jnp.mean(kernel))) < 0.002
+
+
+@pytest.mark.parametrize("preset", ["mnist", "dcgan"])
+def test_running_statistics_make_each_output_independent_of_its_batch(preset):
+  config = Config(preset=preset, image_size=None if preset == "mnist" else 32, base_width=8)
+  g, _, g_vars, _ = init(config, 1)
+  # Give the running statistics non-trivial values with one training-mode pass.
+  _, upd = g.apply(g_vars, jax.random.normal(jax.random.key(3), (16, 100)), train=True,
+                   mutable=["batch_stats"])
+  g_vars = {"params": g_vars["params"], "batch_stats": upd["batch_stats"]}
+  z = jax.random.normal(jax.random.key(4), (8, 100))
+  other = jax.random.normal(jax.random.key(5), (8, 100)) * 3.0
+  alone = g.apply(g_vars, z[:1], train=False)
+  with_a = g.apply(g_vars, jnp.concatenate([z[:1], z[1:]]), train=False)[:1]
+  with_b = g.apply(g_vars, jnp.concatenate([z[:1], other]), train=False)[:1]
+  np.testing.assert_allclose(alone, with_a, atol=1e-5)
+  np.testing.assert_allclose(alone, with_b, atol=1e-5)
+  # Batch statistics, by contrast, do depend on the rest of the batch.
+  train_a, _ = g.apply(g_vars, jnp.concatenate([z[:1], z[1:]]), train=True, mutable=["batch_stats"])
+  train_b, _ = g.apply(g_vars, jnp.concatenate([z[:1], other]), train=True, mutable=["batch_stats"])
+  assert float(jnp.max(jnp.abs(train_a[0] - train_b[0]))) > 1e-3
+
+
+def test_dropout_mask_depends_only_on_the_examples_key():
+  drop = models.ExampleDropout(0.5)
+  x = jnp.ones((4, 10, 10, 3))
+  keys = jax.random.split(jax.random.key(0), 4)
+  full = drop.apply({}, x, keys)
+  half = drop.apply({}, x[2:], keys[2:])
+  np.testing.assert_array_equal(full[2:], half)
+  assert 0.3 < float(jnp.mean(full == 0)) < 0.7  # rate 0.5
+  np.testing.assert_allclose(jnp.unique(full), [0.0, 2.0])  # inverted dropout scaling
+  assert not bool(jnp.all(full[0] == full[1]))  # different keys, different masks
+  np.testing.assert_array_equal(drop.apply({}, x, None), x)  # no keys: identity

@@ -1,0 +1,98 @@
+"""The pmapped training step on 4 virtual CPU devices (set in conftest.py), with tiny data."""
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+from dcgan_jax import train
+from dcgan_jax.config import Config
+
+
+def setup(config, num_examples=64, channels=1):
+  config = config.resolved()
+  mesh = train.local_mesh()
+  assert mesh.devices.size == 4, "conftest.py forces 4 CPU devices"
+  rng = np.random.default_rng(0)
+  data = rng.integers(0, 256, (num_examples, config.image_size, config.image_size, channels), np.uint8)
+  state = jax.device_put(train.create_train_state(config, channels), NamedSharding(mesh, P()))
+  slots = train.device_slots(mesh, config.batch_size // 4)
+  return config, mesh, data, state, slots
+
+
+def assert_same_on_every_device(tree):
+  for leaf in jax.tree.leaves(tree):
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert len(shards) == 4
+    for other in shards[1:]:
+      np.testing.assert_array_equal(shards[0], other)
+
+
+@pytest.mark.parametrize("preset,d_steps", [("mnist", 1), ("dcgan", 2)])
+def test_pmapped_in_memory_steps(preset, d_steps):
+  config = Config(preset=preset, image_size=None if preset == "mnist" else 32, base_width=8,
+                  batch_size=8, d_steps=d_steps, latent_dim=16)
+  config, mesh, data, state, slots = setup(config)
+  step = train.pmap_train_step(train.make_train_step(config, 1, num_examples=len(data)), in_memory=True)
+  data = jax.device_put(data, NamedSharding(mesh, P()))
+  g0 = jax.device_get(state.g.params)
+  history = []
+  for _ in range(3):
+    state, metrics = step(state, slots, data)
+    history.append(jax.device_get(metrics))
+  assert int(state.step) == 3
+  for m in history:
+    assert m["finite"] == 1.0
+    assert all(np.isfinite(m[k]) for k in ("d_loss", "g_loss", "d_real", "d_fake"))
+  assert history[0]["d_loss"] != history[-1]["d_loss"] and history[0]["g_loss"] != history[-1]["g_loss"]
+  assert_same_on_every_device((state.g, state.d))  # params, BatchNorm statistics, optimizer states
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), g0, jax.device_get(state.g.params))
+  assert all(jax.tree.leaves(changed))
+  if preset == "dcgan":
+    assert jax.tree.leaves(state.d.batch_stats)  # D's BatchNorm statistics are threaded too
+
+
+def test_streamed_step_matches_in_memory_step_on_the_same_batch():
+  """Streaming and in-memory paths run the same math: feed the in-memory path's batch as a stream."""
+  from dcgan_jax import randomness
+  config, mesh, data, state, slots = setup(Config(batch_size=8, latent_dim=16))
+  in_mem = train.pmap_train_step(train.make_train_step(config, 1, num_examples=len(data)), True)
+  streamed = train.pmap_train_step(train.make_train_step(config, 1, None), False)
+  idx = randomness.example_indices(randomness.purpose_key(jax.random.key(0), randomness.DATA),
+                                   jnp.int32(0), jnp.arange(8), 8, len(data))
+  batch = np.asarray(data)[np.asarray(idx)].reshape(4, 1, 2, 28, 28, 1)
+  state_b = jax.tree.map(lambda x: x.copy(), state)  # the steps donate their input state
+  a, ma = in_mem(state, slots, jax.device_put(data, NamedSharding(mesh, P())))
+  b, mb = streamed(state_b, slots, batch)
+  np.testing.assert_allclose(ma["d_loss"], mb["d_loss"], rtol=1e-6)
+  np.testing.assert_allclose(ma["g_loss"], mb["g_loss"], rtol=1e-6)
+
+
+def test_two_identical_runs_are_bitwise_identical():
+  def run():
+    config, mesh, data, state, slots = setup(Config(batch_size=8, latent_dim=16, seed=3))
+    step = train.pmap_train_step(train.make_train_step(config, 1, num_examples=len(data)), True)
+    data = jax.device_put(data, NamedSharding(mesh, P()))
+    for _ in range(2):
+      state, _ = step(state, slots, data)
+    return jax.device_get(state.g.params)
+  jax.tree.map(np.testing.assert_array_equal, run(), run())
+
+
+def test_non_finite_values_stop_training_naming_the_step():
+  ok = dict(d_loss=1.0, g_loss=1.0, g_param_norm=1.0, d_param_norm=1.0, finite=1.0)
+  bad = dict(ok, g_loss=float("nan"), finite=0.0)
+  train._check_finite([ok, ok], 10)
+  with pytest.raises(train.TrainingDivergedError, match=r"^training diverged at step 12: .*g_loss=nan"):
+    train._check_finite([ok, bad, bad], 10)
+
+
+def test_sampler_bn_modes():
+  config = Config(batch_size=8, latent_dim=16).resolved()
+  state = train.create_train_state(config, 1)
+  z = jax.random.normal(jax.random.key(0), (4, 16))
+  running = train.make_sampler(config, 1)(state.g, z)
+  batch = train.make_sampler(Config(batch_size=8, latent_dim=16, sample_bn="batch").resolved(), 1)(state.g, z)
+  assert running.shape == batch.shape == (4, 28, 28, 1)
+  assert not np.allclose(running, batch)
+  np.testing.assert_allclose(running[:1], train.make_sampler(config, 1)(state.g, z[:1]), atol=1e-5)

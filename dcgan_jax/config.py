@@ -70,6 +70,8 @@ class Config:
   sample_every: int = 500
   num_samples: int = 64  # Images in each sample grid (fixed evaluation noise).
   sample_bn: str = "running"  # BatchNorm statistics used when sampling: "running" or "batch".
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
 
   # ---------------------------------------------------------------------------------------------
   def resolved(self) -> "Config":
@@ -103,7 +105,8 @@ class Config:
     choice("sample_bn", SAMPLE_BN_MODES)
     choice("in_memory", IN_MEMORY_MODES)
     for name in ("batch_size", "num_steps", "latent_dim", "base_width", "d_steps", "log_every",
-                 "sample_every", "num_samples", "max_in_memory_mb", "shuffle_buffer"):
+                 "sample_every", "num_samples", "max_in_memory_mb", "shuffle_buffer", "checkpoint_every",
+                 "keep_checkpoints"):
       positive(name)
     if not self.dataset:
       fail("dataset", "is empty", "name a tfds image dataset, e.g. mnist or fashion_mnist")

@@ -9,6 +9,7 @@ on stderr and exit status 2.
 """
 
 import dataclasses
+import logging as logging_std
 import os
 import sys
 import typing
@@ -53,6 +54,9 @@ HELP = {
     "sample_every": "Steps between sample grids (samples/step_XXXXXXXX.png).",
     "num_samples": "Images in each sample grid (a fixed evaluation noise batch).",
     "sample_bn": "BatchNorm statistics when sampling: running (inference mode, default) or batch.",
+    "checkpoint_every": "Steps between checkpoints (<workdir>/checkpoints/<step>); one is also written "
+                        "at the end and on SIGTERM/SIGINT. A rerun with the same workdir resumes.",
+    "keep_checkpoints": "How many of the newest checkpoints to keep.",
 }
 
 flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, TensorBoard events and samples.")
@@ -103,7 +107,15 @@ def parse_flags(argv):
     _die(f"{e}; see --helpfull")
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax's per-save INFO chatter off the console (its warnings and errors still show)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _die(f"unexpected arguments {argv[1:]}; flags look like --name=value")
   if not FLAGS.workdir:

@@ -21,6 +21,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -33,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
+from dcgan_jax import checkpoints
 from dcgan_jax import losses
 from dcgan_jax import models
 from dcgan_jax import randomness
@@ -291,14 +294,6 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
     raise ConfigError(f"--num_steps={config.num_steps}: more than 2**31 examples would be drawn; "
                       "train for fewer steps (or a smaller batch).")
 
-  # ---- Model and state ------------------------------------------------------------------------------
-  state = jax.device_put(create_train_state(config, channels), replicated)
-  p_train_step = pmap_train_step(
-      make_train_step(config, channels, num_examples if in_memory else None), in_memory)
-  sample = make_sampler(config, channels)
-  eval_z = jax.device_put(randomness.eval_latents(state.key, config.num_samples, config.latent_dim),
-                          replicated)
-
   # ---- Outputs --------------------------------------------------------------------------------------
   writer = writers.RunWriter(workdir, enabled=jax.process_index() == 0)
   writer.write_config(config, extra=dict(devices=n_dev, device_kind=devices[0].device_kind,
@@ -306,38 +301,93 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
                                          num_examples=num_examples, channels=channels))
   logging.info("Config: %s", json.dumps(dict(config.__dict__)))
 
-  def write_samples(step):
-    writer.write_samples(step, np.asarray(sample(state.g, eval_z)))
+  # ---- State: fresh, or the newest readable checkpoint of this workdir ------------------------------
+  state = jax.device_put(create_train_state(config, channels), replicated)
+  checkpointer = checkpoints.Checkpointer(workdir, config)
+  restored, restored_step = checkpointer.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info("Resuming from step %d (%s).", restored_step,
+                 os.path.join(checkpointer.directory, str(restored_step)))
+    writer.truncate_metrics(restored_step)  # lines a killed run logged after its last checkpoint
+    if not in_memory:
+      logging.warning("Streaming data path: the data order after a resume differs from an "
+                      "uninterrupted run's (use --in_memory=true for exact resumption).")
+  p_train_step = pmap_train_step(
+      make_train_step(config, channels, num_examples if in_memory else None), in_memory)
+  sample = make_sampler(config, channels)
+  eval_z = jax.device_put(randomness.eval_latents(state.key, config.num_samples, config.latent_dim),
+                          replicated)
 
   # ---- Train ----------------------------------------------------------------------------------------
   step = int(state.step)
-  history, history_start = [], step
-  t_start, t_last, step_last = None, None, step
-  while step < config.num_steps:
-    state, metrics = p_train_step(state, slots, next_data())
-    history.append(metrics)  # device arrays: no host sync until a log step
-    step += 1
-    if t_start is None:  # the first step compiles: start the clock after it
-      jax.block_until_ready(metrics)
-      t_start = t_last = time.time()
-      step_last = step
-    if step % config.log_every == 0 or step == config.num_steps:
-      host = jax.device_get(history)
-      _check_finite(host, history_start)
-      now = time.time()
-      rate = (step - step_last) / (now - t_last) if step > step_last else float("nan")
-      mean = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
-      mean.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size)
-      writer.write_metrics(step, mean)
-      eta = (config.num_steps - step) / rate if rate > 0 else float("nan")
-      logging.info("step %d/%d | d_loss %.3f g_loss %.3f D(x) %.2f D(G(z)) %.2f | %.2f steps/s "
-                   "%.0f img/s | ETA %s", step, config.num_steps, mean["d_loss"], mean["g_loss"],
-                   mean["d_real"], mean["d_fake"], rate, rate * config.batch_size, _fmt_eta(eta))
-      history, history_start, t_last, step_last = [], step, now, step
-    if step % config.sample_every == 0 or step == config.num_steps:
-      write_samples(step)
+  pending, pending_start = [], step  # metrics still on device (no host sync until they are needed)
+  fetched = []  # host metrics since the last log line
+  t_last, step_last = None, step
+  with _StopOnSignal() as stop:
+    while step < config.num_steps:
+      state, metrics = p_train_step(state, slots, next_data())
+      pending.append(metrics)
+      step += 1
+      if t_last is None:  # the first step compiles: start the clock after it
+        jax.block_until_ready(metrics)
+        t_last, step_last = time.time(), step
+      done = step == config.num_steps or stop.signal is not None
+      save = done or step % config.checkpoint_every == 0
+      log = done or step % config.log_every == 0
+      if save or log:  # never checkpoint a state that is not finite
+        fetched += jax.device_get(pending)
+        _check_finite(fetched[-len(pending):] if pending else [], pending_start)
+        pending, pending_start = [], step
+      if log:
+        now = time.time()
+        rate = (step - step_last) / (now - t_last) if step > step_last else float("nan")
+        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != "finite"}
+        mean.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size)
+        writer.write_metrics(step, mean)
+        eta = (config.num_steps - step) / rate if rate > 0 else float("nan")
+        logging.info("step %d/%d | d_loss %.3f g_loss %.3f D(x) %.2f D(G(z)) %.2f | %.2f steps/s "
+                     "%.0f img/s | ETA %s", step, config.num_steps, mean["d_loss"], mean["g_loss"],
+                     mean["d_real"], mean["d_fake"], rate, rate * config.batch_size, _fmt_eta(eta))
+        fetched, t_last, step_last = [], now, step
+      if step % config.sample_every == 0 or done:
+        writer.write_samples(step, np.asarray(sample(state.g, eval_z)))
+      if save:
+        checkpointer.save(state, step)  # asynchronous: returns once the arrays are off the devices
+      if stop.signal is not None:
+        checkpointer.wait()
+        logging.warning("Stopped by %s at step %d; checkpoint written. Run the same command again to "
+                        "resume.", stop.signal.name, step)
+        break
+
+  # ---- Finish ---------------------------------------------------------------------------------------
+  checkpointer.close()
+  if step == config.num_steps:
+    path = checkpoints.export_generator(workdir, state, config, channels)
+    logging.info("Done: %d steps. Generator exported to %s.", step, path)
   writer.close()
   return state
+
+
+class _StopOnSignal:
+  """Within the block, SIGTERM / SIGINT set `.signal` instead of killing the process, so the loop can
+  finish its step and write a checkpoint (preemption, Ctrl-C). A second signal acts as usual."""
+
+  def __enter__(self):
+    self.signal, self._old = None, {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum)
+    signal.signal(signum, self._old[signum])  # a second Ctrl-C interrupts at once
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -62,6 +62,17 @@ class RunWriter:
       for k, v in metrics.items():
         self._tb.add_scalar(k, v, step)
 
+  def truncate_metrics(self, step: int) -> None:
+    """Drops metrics.jsonl lines after `step` (logged by a run that was killed before checkpointing)."""
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    if not self.enabled or not os.path.exists(path):
+      return
+    with open(path) as f:
+      keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
   def write_samples(self, step: int, images: np.ndarray) -> str:
     """images: float (n, H, W, C) in [-1, 1]. Returns the PNG's path."""
     path = os.path.join(self.workdir, "samples", f"step_{step:08d}.png")

@@ -6,3 +6,17 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+  """A tfds data_dir holding a 64-image synthetic fashion_mnist, written by prepare_data."""
+  from dcgan_jax import prepare_data
+  from helpers import make_idx_dir
+  idx = tmp_path_factory.mktemp("idx")
+  make_idx_dir(str(idx), n_train=64, n_test=8)
+  data_dir = tmp_path_factory.mktemp("tfds")
+  prepare_data.prepare("fashion_mnist", str(idx), str(data_dir))
+  return str(data_dir)

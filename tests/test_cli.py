@@ -2,19 +2,14 @@
 import glob
 import json
 import os
-import subprocess
-import sys
-
 import pytest
+
+from helpers import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, mocked_examples=None, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", TF_CPP_MIN_LOG_LEVEL="3")
-  cmd = [sys.executable] + (["tests/mocked_main.py", str(mocked_examples)] if mocked_examples
-                            else ["-m", "dcgan_jax.main"]) + args
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+run = run_cli
 
 
 def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path):

@@ -8,27 +8,9 @@ import numpy as np
 import pytest
 
 from dcgan_jax import prepare_data
+from helpers import make_idx_dir, write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_idx(path, array, magic, compress=True):
-  header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-  data = header + array.astype(np.uint8).tobytes()
-  with (gzip.open(path + ".gz", "wb") if compress else open(path, "wb")) as f:
-    f.write(data)
-
-
-def make_idx_dir(root, n_train=24, n_test=8, compress=True):
-  rng = np.random.default_rng(0)
-  arrays = {}
-  for split, n in (("train", n_train), ("test", n_test)):
-    images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
-    img_name, lbl_name = prepare_data.SPLIT_FILES[split]
-    write_idx(os.path.join(root, img_name), images, 2051, compress)
-    write_idx(os.path.join(root, lbl_name), labels, 2049, compress)
-    arrays[split] = (images.astype(np.uint8), labels)
-  return arrays
 
 
 def test_round_trip_through_tfds_and_the_trainers_loader(tmp_path):

@@ -1,0 +1,170 @@
+"""Orbax checkpoints: save, resume, provenance, and a generator-only export.
+
+Layout of a workdir:
+    checkpoints/<step>/state       TrainState: step, base key (as raw key data), G and D params,
+                                   batch_stats and optax states. With the in-memory data path the batch
+                                   order is a function of (seed, step), so this is all a resume needs.
+    checkpoints/<step>/config      the resolved Config that wrote it (JSON)
+    checkpoints/<step>/provenance  versions, git commit, devices, processes, time (JSON)
+    generator/                     G's params + batch_stats and the config to rebuild it (export)
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a process killed
+mid-save (even by SIGKILL) leaves no checkpoint that looks complete; old checkpoints are deleted only
+after a newer one is finalised (`max_to_keep`). Saving is asynchronous: the arrays are copied off the
+devices, then written in a background thread while training goes on.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+from typing import Optional, Tuple
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dcgan_jax.config import Config, ConfigError
+
+# Settings that may change between a run and its resumption: they steer the run but do not change what
+# a step computes. Any other difference means a different run, and the checkpoint is refused.
+RUN_CONTROL = frozenset({"num_steps", "log_every", "sample_every", "num_samples", "sample_bn", "data_dir",
+                         "in_memory", "max_in_memory_mb", "checkpoint_every", "keep_checkpoints"})
+
+
+def provenance(config: Config) -> dict:
+  """Where and with what a checkpoint was made."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  versions = dict(jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__,
+                  optax=optax.__version__, orbax=getattr(ocp, "__version__", "?"), numpy=np.__version__,
+                  python=platform.python_version())
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    versions["tensorflow_datasets"] = metadata.version("tensorflow-datasets")
+  except Exception:  # pylint: disable=broad-except
+    versions["tensorflow_datasets"] = None
+  return dict(config=dataclasses.asdict(config), versions=versions, git_commit=_git_commit(),
+              device_kind=jax.devices()[0].device_kind, backend=jax.default_backend(),
+              device_count=jax.device_count(), local_device_count=jax.local_device_count(),
+              process_count=jax.process_count(), host=platform.node(),
+              time=datetime.datetime.now(datetime.timezone.utc).isoformat())
+
+
+def _git_commit() -> Optional[str]:
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, timeout=10)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                           timeout=10).stdout.strip()
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def config_differences(saved: dict, config: Config) -> list:
+  """'name: saved -> now' for every setting outside RUN_CONTROL that differs."""
+  now = dataclasses.asdict(config)
+  return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(saved))
+          if k not in RUN_CONTROL and saved.get(k) != now.get(k)]
+
+
+def _to_saveable(state):
+  """Typed PRNG keys are not arrays orbax can write: store their raw uint32 data."""
+  return state.replace(key=jax.random.key_data(state.key))
+
+
+def _from_saveable(state, like):
+  return state.replace(key=jax.random.wrap_key_data(state.key, impl=jax.random.key_impl(like.key)))
+
+
+class Checkpointer:
+  """Saves and restores TrainStates under <workdir>/checkpoints."""
+
+  def __init__(self, workdir: str, config: Config):
+    self.config = config
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           cleanup_tmp_directories=True, enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "config", "provenance"))
+
+  def save(self, state, step: int) -> None:
+    """Starts an asynchronous save of `state` as checkpoint `step` (returns once arrays are off device)."""
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_to_saveable(state)),
+        config=ocp.args.JsonSave(dataclasses.asdict(self.config)),
+        provenance=ocp.args.JsonSave(provenance(self.config))))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def restore_latest(self, like) -> Tuple[Optional[object], Optional[int]]:
+    """Restores the newest readable checkpoint into the structure and shardings of `like`.
+
+    Returns (state, step), or (None, None) when there is no checkpoint. A checkpoint of another
+    configuration raises ConfigError. An unreadable one is moved aside to <step>.unreadable (kept for
+    inspection, out of the way of the step that will be saved again) with a warning naming it, and the
+    next older one is tried.
+    """
+    target = _to_saveable(like)
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      path = os.path.join(self.directory, str(step))
+      try:
+        saved_config = self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config
+        diff = config_differences(saved_config, self.config)
+        if diff:
+          raise ConfigError(
+              f"checkpoint {path} was written with other settings ({'; '.join(diff)}); "
+              "use the same settings to resume, or another --workdir to start a new run.")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target))).state
+        return _from_saveable(restored, like), step
+      except ConfigError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        aside = f"{path}.unreadable"
+        logging.warning("Checkpoint %s is unreadable (%s: %s); moved to %s, trying an older one.", path,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "", aside)
+        os.replace(path, aside)
+        self.manager.reload()
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Generator-only export
+# --------------------------------------------------------------------------------------------------
+def export_generator(workdir: str, state, config: Config, channels: int) -> str:
+  """Writes <workdir>/generator: G's params and batch_stats, and the config that rebuilds G."""
+  path = os.path.abspath(os.path.join(workdir, "generator"))
+  variables = {"params": state.g.params, "batch_stats": state.g.batch_stats}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(path, "variables"), variables, force=True)
+  with open(os.path.join(path, "generator.json"), "w") as f:
+    json.dump({"config": dataclasses.asdict(config), "channels": channels,
+               "step": int(jax.device_get(state.step))}, f, indent=2, sort_keys=True)
+  return path
+
+
+def load_generator(path: str):
+  """Loads an export: returns (generator module, variables, config, step). No D, no optimizer state."""
+  from dcgan_jax import models  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(path, "generator.json")) as f:
+    meta = json.load(f)
+  config = Config(**meta["config"])
+  generator, _ = models.build_models(config, meta["channels"])
+  with ocp.StandardCheckpointer() as checkpointer:
+    variables = checkpointer.restore(os.path.join(os.path.abspath(path), "variables"))
+  return generator, variables, config, meta["step"]

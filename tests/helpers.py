@@ -1,0 +1,43 @@
+"""Shared test helpers: synthetic IDX files and running the command line."""
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from dcgan_jax.prepare_data import SPLIT_FILES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_idx(path, array, magic, compress=True):
+  header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+  data = header + array.astype(np.uint8).tobytes()
+  with (gzip.open(path + ".gz", "wb") if compress else open(path, "wb")) as f:
+    f.write(data)
+
+
+def make_idx_dir(root, n_train=24, n_test=8, compress=True):
+  """Writes random MNIST-format IDX files; returns {split: (images (n, 28, 28), labels (n,))}."""
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for split, n in (("train", n_train), ("test", n_test)):
+    images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+    img_name, lbl_name = SPLIT_FILES[split]
+    write_idx(os.path.join(root, img_name), images, 2051, compress)
+    write_idx(os.path.join(root, lbl_name), labels, 2049, compress)
+    arrays[split] = (images.astype(np.uint8), labels)
+  return arrays
+
+
+def cli_env(devices=2):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+
+
+def run_cli(args, mocked_examples=None, timeout=600, devices=2):
+  cmd = [sys.executable] + (["tests/mocked_main.py", str(mocked_examples)] if mocked_examples
+                            else ["-m", "dcgan_jax.main"]) + args
+  return subprocess.run(cmd, cwd=ROOT, env=cli_env(devices), capture_output=True, text=True,
+                        timeout=timeout)

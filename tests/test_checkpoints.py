@@ -1,0 +1,136 @@
+"""Checkpoints: exact resume (also after SIGKILL), preemption, damaged and foreign checkpoints, export."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dcgan_jax import checkpoints
+from dcgan_jax import train
+from dcgan_jax.config import Config, ConfigError
+from helpers import ROOT, cli_env, run_cli
+
+
+def settings(data_dir, **overrides):
+  return dict(dict(dataset="fashion_mnist", data_dir=data_dir, batch_size=8, latent_dim=32,
+                   log_every=2, sample_every=1000, checkpoint_every=3), **overrides)
+
+
+def saved_state(workdir, step):
+  return ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def assert_bitwise_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_stop_and_resume_equals_one_run_and_damaged_newest_is_skipped(tiny_data_dir, tmp_path, caplog):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=6)), straight)
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), resumed)
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=6)), resumed)
+  assert "Resuming from step 3" in caplog.text
+  final = saved_state(straight, 6)
+  assert int(final["step"]) == 6
+  assert_bitwise_equal(final, saved_state(resumed, 6))
+  assert [json.loads(l)["step"] for l in open(os.path.join(resumed, "metrics.jsonl"))] == [2, 3, 4, 6]
+
+  # Damage the newest checkpoint: it is moved aside with a warning, training resumes from step 3.
+  state_dir = os.path.join(resumed, "checkpoints", "6", "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      open(os.path.join(root, name), "wb").close()
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=6)), resumed)
+  assert "checkpoints/6 is unreadable" in caplog.text and "Resuming from step 3" in caplog.text
+  assert os.path.isdir(os.path.join(resumed, "checkpoints", "6.unreadable"))
+  assert_bitwise_equal(final, saved_state(resumed, 6))
+
+
+def test_checkpoint_of_other_settings_is_refused(tiny_data_dir, tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), workdir)
+  with pytest.raises(ConfigError, match=r"latent_dim: 32 -> 16.*another --workdir") as e:
+    train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=6, latent_dim=16)), workdir)
+  assert "\n" not in str(e.value)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))  # untouched
+
+
+def test_provenance_and_generator_export(tiny_data_dir, tmp_path):
+  workdir = str(tmp_path)
+  state = train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), workdir)
+  prov = json.load(open(os.path.join(workdir, "checkpoints", "3", "provenance", "metadata")))
+  for key in ("jax", "jaxlib", "flax", "optax", "orbax", "numpy", "tensorflow_datasets"):
+    assert prov["versions"][key]
+  assert prov["config"]["latent_dim"] == 32 and prov["process_count"] == 1
+  assert prov["device_count"] == 4 and prov["device_kind"]
+  generator, variables, config, step = checkpoints.load_generator(os.path.join(workdir, "generator"))
+  assert step == 3 and config.latent_dim == 32
+  assert_bitwise_equal(jax.device_get(variables),
+                       jax.device_get({"params": state.g.params, "batch_stats": state.g.batch_stats}))
+  z = jax.random.normal(jax.random.key(0), (5, 32))
+  images = generator.apply(variables, z, train=False)
+  assert images.shape == (5, 28, 28, 1)
+  np.testing.assert_allclose(images, train.make_sampler(config.resolved(), 1)(state.g, z), atol=1e-5)
+
+
+def start(args):
+  return subprocess.Popen([sys.executable, "-m", "dcgan_jax.main"] + args, cwd=ROOT, env=cli_env(2),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path, proc, timeout=300):
+  t0 = time.time()
+  while not os.path.exists(path):
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() - t0 < timeout, f"{path} did not appear"
+    time.sleep(0.05)
+
+
+def cli_args(data_dir, workdir, num_steps=12):
+  return [f"--dataset=fashion_mnist", f"--data_dir={data_dir}", f"--workdir={workdir}", "--batch_size=8",
+          "--latent_dim=32", f"--num_steps={num_steps}", "--checkpoint_every=2", "--log_every=4",
+          "--sample_every=1000"]
+
+
+def test_sigkill_at_any_moment_then_restart_is_bitwise_exact(tiny_data_dir, tmp_path):
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  r = run_cli(cli_args(tiny_data_dir, straight))
+  assert r.returncode == 0, r.stderr[-3000:]
+  # Kill right after the first checkpoint is complete (the next one is being trained or written)...
+  proc = start(cli_args(tiny_data_dir, killed))
+  wait_for(os.path.join(killed, "checkpoints", "2"), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  # ...and once more shortly after the restart's first new checkpoint, then let it finish.
+  proc = start(cli_args(tiny_data_dir, killed))
+  wait_for(os.path.join(killed, "checkpoints", "4"), proc)
+  time.sleep(0.3)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  r = run_cli(cli_args(tiny_data_dir, killed))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Resuming from step" in r.stderr
+  assert_bitwise_equal(saved_state(straight, 12), saved_state(killed, 12))
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_data_dir, tmp_path):
+  workdir = str(tmp_path)
+  proc = start(cli_args(tiny_data_dir, workdir, num_steps=10_000))
+  wait_for(os.path.join(workdir, "checkpoints", "2"), proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  line = next(l for l in out.splitlines() if "Stopped by SIGTERM at step" in l)
+  step = int(line.split("at step ")[1].split(";")[0])
+  assert step >= 2 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+  assert int(saved_state(workdir, step)["step"]) == step

@@ -75,8 +75,19 @@ def config_differences(saved: dict, config: Config) -> list:
 
 
 def _to_saveable(state):
-  """Typed PRNG keys are not arrays orbax can write: store their raw uint32 data."""
-  return state.replace(key=jax.random.key_data(state.key))
+  """Typed PRNG keys are not arrays orbax can write: store their raw uint32 data. In a multi-process run,
+  the pmapped step returns per-process replicated arrays; orbax needs global ones (one logical array,
+  written once), so the local replicas are reassembled into arrays replicated over all devices."""
+  return _global(state.replace(key=jax.random.key_data(state.key)))
+
+
+def _global(tree):
+  if jax.process_count() == 1:
+    return tree
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("batch",)),
+                                        jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+      x.shape, sharding, [s.data for s in x.addressable_shards]), tree)
 
 
 def _from_saveable(state, like):
@@ -143,13 +154,39 @@ class Checkpointer:
     return None, None
 
 
+def read_state_numpy(workdir: str, step: Optional[int] = None) -> Tuple[dict, int]:
+  """A checkpoint's state as a tree of numpy arrays, on any machine (no devices or shardings needed).
+
+  Returns (tree, step); `step` None reads the newest. For comparisons and inspection.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if step is None:
+    step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+  path = os.path.abspath(os.path.join(directory, str(step), "state"))
+  checkpointer = ocp.PyTreeCheckpointer()
+  meta = checkpointer.metadata(path)
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args)), step
+
+
+def relative_l2(a: dict, b: dict) -> float:
+  """||a - b|| / ||b|| over all floating-point leaves of two state trees (float64 sums)."""
+  num = den = 0.0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if np.asarray(y).dtype.kind == "f":
+      x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+      num, den = num + float(np.sum((x - y) ** 2)), den + float(np.sum(y ** 2))
+  return (num / den) ** 0.5
+
+
 # --------------------------------------------------------------------------------------------------
 # Generator-only export
 # --------------------------------------------------------------------------------------------------
 def export_generator(workdir: str, state, config: Config, channels: int) -> str:
   """Writes <workdir>/generator: G's params and batch_stats, and the config that rebuilds G."""
   path = os.path.abspath(os.path.join(workdir, "generator"))
-  variables = {"params": state.g.params, "batch_stats": state.g.batch_stats}
+  variables = _global({"params": state.g.params, "batch_stats": state.g.batch_stats})
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, "variables"), variables, force=True)
   with open(os.path.join(path, "generator.json"), "w") as f:

@@ -60,6 +60,12 @@ HELP = {
 }
 
 flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, TensorBoard events and samples.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host: host:port of process 0, e.g. 10.0.0.1:1234 (with --num_processes, "
+                    "--process_id). Without them, clusters JAX detects itself (TPU pods, SLURM, Open MPI) "
+                    "are joined automatically.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
 
 
 def _define_config_flags():
@@ -114,6 +120,32 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
 
 
+def _init_distributed():
+  """jax.distributed.initialize from the flags, or from the cluster's environment when JAX can read it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  if any(v is not None for v in given):
+    if any(v is None for v in given):
+      _die("--coordinator_address, --num_processes and --process_id go together; pass all three")
+    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+      _die(f"--process_id={FLAGS.process_id}: must be in 0..{FLAGS.num_processes - 1}")
+    # Cross-process collectives on CPU need gloo; the setting does nothing on GPU/TPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif _cluster_detected():
+    jax.distributed.initialize()
+  if jax.process_count() > 1:
+    logging.info("Process %d of %d; %d local devices of %d.", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+
+
+def _cluster_detected() -> bool:
+  """A multi-process launch that jax.distributed.initialize() can configure by itself."""
+  env = os.environ
+  return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
@@ -126,6 +158,7 @@ def main(argv):
   from dcgan_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   try:
     config = config_from_flags().resolved()
+    _init_distributed()
     logging.info("Training in %s", FLAGS.workdir)
     train.train_and_evaluate(config, FLAGS.workdir)
   except (ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError) as e:

@@ -3,7 +3,7 @@
     state, metrics = p_train_step(state, slots, data)
 
 * `state` (TrainState) is one pytree holding everything a step needs: the step, the base PRNG key and, for
-  G and D, params + batch_stats + optax state. It is replicated over the local devices as a single
+  G and D, params + batch_stats + optax state. It is replicated over all devices as a single
   jax.Array per leaf (pmap in_axes/out_axes None), so the loop never replicates or unreplicates.
 * `slots` (int32, (local_devices, per_device_batch)) are the global positions of each device's examples
   within the global batch. Noise, dropout masks and the data order are functions of (seed, step, slot)
@@ -216,21 +216,37 @@ def make_sampler(config: Config, channels: int) -> Callable:
   return sample
 
 
-def local_mesh() -> Mesh:
-  """This process's devices along AXIS: what the pmapped step runs over."""
-  return Mesh(np.array(jax.local_devices()), (AXIS,))
+def global_mesh() -> Mesh:
+  """All devices of all processes along AXIS: what the pmapped step runs over (= the local devices in a
+  single-process run)."""
+  return Mesh(np.array(jax.devices()), (AXIS,))
+
+
+def replicate(tree, mesh: Mesh):
+  """Host or device values -> one jax.Array per leaf, replicated on every device of `mesh`. In a
+  multi-process run every process must pass the same values (they do: same seed, same data)."""
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):  # device_put cannot target other processes' devices
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(one, tree)
 
 
 def device_slots(mesh: Mesh, per_device: int) -> jax.Array:
-  """int32 (local_devices, per_device): global batch positions of each local device's examples.
+  """int32 (global devices, per_device): the global batch positions of each device's examples.
 
-  Process p's devices hold the consecutive block [p * L * b, (p + 1) * L * b) of the global batch.
+  Process p's local devices hold the consecutive block [p * L * b, (p + 1) * L * b) of the global batch.
   Placed once (sharded over AXIS) and reused every step.
   """
-  n_dev = mesh.devices.size
-  first = jax.process_index() * n_dev * per_device
-  slots = np.arange(first, first + n_dev * per_device, dtype=np.int32).reshape(n_dev, per_device)
-  return jax.device_put(slots, NamedSharding(mesh, P(AXIS)))
+  n_local = jax.local_device_count()
+  first = jax.process_index() * n_local * per_device
+  local = np.arange(first, first + n_local * per_device, dtype=np.int32).reshape(n_local, per_device)
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +265,7 @@ def _check_finite(history, first_step):
 def train_and_evaluate(config: Config, workdir: str) -> TrainState:
   """Trains a DCGAN as configured, writing logs, samples and the config into workdir.
 
-  Returns the final TrainState (replicated over the local devices).
+  Returns the final TrainState (replicated over the devices).
   """
   # Imported here so that the training core (this module's step functions) never needs TensorFlow.
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -268,14 +284,13 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
   channels = input_pipeline.dataset_channels(spec, config.channels)
   shape = image_shape(config, channels)
   in_memory = input_pipeline.choose_in_memory(config, spec, shape)
-  mesh = local_mesh()
-  replicated = NamedSharding(mesh, P())
+  mesh = global_mesh()
   slots = device_slots(mesh, per_device)
   if in_memory:
     t0 = time.time()
     images = input_pipeline.load_in_memory(config, shape, builder)
     num_examples = len(images)
-    data = jax.device_put(images, replicated)
+    data = replicate(images, mesh)
     logging.info("Loaded %s:%s into device memory: %s uint8 in %.1fs.", config.dataset, config.split,
                  data.shape, time.time() - t0)
     next_data = lambda: data
@@ -302,7 +317,7 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
   logging.info("Config: %s", json.dumps(dict(config.__dict__)))
 
   # ---- State: fresh, or the newest readable checkpoint of this workdir ------------------------------
-  state = jax.device_put(create_train_state(config, channels), replicated)
+  state = replicate(create_train_state(config, channels), mesh)
   checkpointer = checkpoints.Checkpointer(workdir, config)
   restored, restored_step = checkpointer.restore_latest(state)
   if restored is not None:
@@ -316,8 +331,7 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
   p_train_step = pmap_train_step(
       make_train_step(config, channels, num_examples if in_memory else None), in_memory)
   sample = make_sampler(config, channels)
-  eval_z = jax.device_put(randomness.eval_latents(state.key, config.num_samples, config.latent_dim),
-                          replicated)
+  eval_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
 
   # ---- Train ----------------------------------------------------------------------------------------
   step = int(state.step)
@@ -350,8 +364,9 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
                      "%.0f img/s | ETA %s", step, config.num_steps, mean["d_loss"], mean["g_loss"],
                      mean["d_real"], mean["d_fake"], rate, rate * config.batch_size, _fmt_eta(eta))
         fetched, t_last, step_last = [], now, step
-      if step % config.sample_every == 0 or done:
-        writer.write_samples(step, np.asarray(sample(state.g, eval_z)))
+      if (step % config.sample_every == 0 or done) and writer.enabled:
+        # From a host copy of G, on this process's default device: only process 0 draws samples.
+        writer.write_samples(step, np.asarray(sample(jax.device_get(state.g), eval_z)))
       if save:
         checkpointer.save(state, step)  # asynchronous: returns once the arrays are off the devices
       if stop.signal is not None:

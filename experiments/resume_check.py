@@ -19,7 +19,8 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from dcgan_jax import checkpoints
 
 p = argparse.ArgumentParser()
 p.add_argument("--data_dir", required=True)
@@ -41,8 +42,8 @@ def run(workdir, steps):
 
 
 def state(workdir):
-  steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-  return max(steps), ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(max(steps)), "state"))
+  tree, step = checkpoints.read_state_numpy(workdir)
+  return step, tree
 
 
 shutil.rmtree(a.workdir, ignore_errors=True)

@@ -8,7 +8,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from dcgan_jax import checkpoints
@@ -23,7 +22,7 @@ def settings(data_dir, **overrides):
 
 
 def saved_state(workdir, step):
-  return ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return checkpoints.read_state_numpy(workdir, step)[0]
 
 
 def assert_bitwise_equal(a, b):

@@ -11,7 +11,7 @@ from dcgan_jax.config import Config
 
 def setup(config, num_examples=64, channels=1):
   config = config.resolved()
-  mesh = train.local_mesh()
+  mesh = train.global_mesh()
   assert mesh.devices.size == 4, "conftest.py forces 4 CPU devices"
   rng = np.random.default_rng(0)
   data = rng.integers(0, 256, (num_examples, config.image_size, config.image_size, channels), np.uint8)

@@ -32,6 +32,8 @@ def make_idx_dir(root, n_train=24, n_test=8, compress=True):
 
 
 def cli_env(devices=2):
+  """Environment of a CLI subprocess: `devices` virtual CPU devices, and the test session's persistent
+  XLA compilation cache (set in conftest.py), so repeated runs of one configuration compile once."""
   return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
               TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
 

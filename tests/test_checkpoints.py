@@ -18,6 +18,7 @@ from helpers import ROOT, cli_env, run_cli
 
 def settings(data_dir, **overrides):
   return dict(dict(dataset="fashion_mnist", data_dir=data_dir, batch_size=8, latent_dim=32,
+                   preset="dcgan", image_size=32, base_width=8,
                    log_every=2, sample_every=1000, checkpoint_every=3), **overrides)
 
 
@@ -78,7 +79,7 @@ def test_provenance_and_generator_export(tiny_data_dir, tmp_path):
                        jax.device_get({"params": state.g.params, "batch_stats": state.g.batch_stats}))
   z = jax.random.normal(jax.random.key(0), (5, 32))
   images = generator.apply(variables, z, train=False)
-  assert images.shape == (5, 28, 28, 1)
+  assert images.shape == (5, 32, 32, 1)
   np.testing.assert_allclose(images, train.make_sampler(config.resolved(), 1)(state.g, z), atol=1e-5)
 
 
@@ -96,8 +97,8 @@ def wait_for(path, proc, timeout=300):
 
 
 def cli_args(data_dir, workdir, num_steps=12):
-  return [f"--dataset=fashion_mnist", f"--data_dir={data_dir}", f"--workdir={workdir}", "--batch_size=8",
-          "--latent_dim=32", f"--num_steps={num_steps}", "--checkpoint_every=2", "--log_every=4",
+  return ["--dataset=fashion_mnist", f"--data_dir={data_dir}", f"--workdir={workdir}", "--batch_size=8",
+          "--preset=dcgan", "--image_size=32", "--base_width=8", "--latent_dim=32", f"--num_steps={num_steps}", "--checkpoint_every=2", "--log_every=4",
           "--sample_every=1000"]
 
 

@@ -68,3 +68,21 @@ def test_download_failure_names_the_offline_command(monkeypatch):
   with pytest.raises(input_pipeline.DataUnavailableError) as e:
     input_pipeline._builder(Config(dataset="mnist", data_dir="/nonexistent/tfds"))
   assert "python -m dcgan_jax.prepare_data --dataset=mnist" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_benchmark_prints_one_json_line_without_tensorflow():
+  import subprocess
+  import sys
+  from helpers import ROOT, cli_env
+  code = ("import sys, runpy; sys.argv = ['benchmark', '--batch_size=8', '--steps=2', '--warmup=0', "
+          "'--num_examples=64']; runpy.run_module('dcgan_jax.benchmark', run_name='__main__')\n")
+  # Poison TensorFlow and tfds: the training core and the benchmark must not import them.
+  code = "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n" + code
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(2), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(r.stdout.strip().splitlines()[-1])
+  for key in ("images_per_sec", "sec_per_step", "compile_sec", "backend", "device_kind", "batch_size",
+              "peak_memory_bytes"):
+    assert key in result
+  assert result["batch_size"] == 8 and result["devices"] == 2 and result["finite"]

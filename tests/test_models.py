@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +84,26 @@ def test_dropout_mask_depends_only_on_the_examples_key():
   np.testing.assert_allclose(jnp.unique(full), [0.0, 2.0])  # inverted dropout scaling
   assert not bool(jnp.all(full[0] == full[1]))  # different keys, different masks
   np.testing.assert_array_equal(drop.apply({}, x, None), x)  # no keys: identity
+
+
+@pytest.mark.parametrize("shape,features,kernel,strides,padding", [
+    ((2, 7, 7, 16), 16, (5, 5), (2, 2), "SAME"),  # the mnist preset's 7x7 -> 14x14 layer, scaled down
+    ((2, 4, 4, 8), 16, (4, 4), (2, 2), "SAME"),  # the dcgan preset's layers
+    ((2, 5, 6, 3), 16, (3, 3), (2, 2), "SAME"),
+    ((2, 5, 5, 3), 16, (4, 4), (2, 2), "VALID"),
+    ((2, 5, 5, 3), 16, (5, 5), (3, 3), "SAME"),
+    ((2, 5, 5, 3), 2, (5, 5), (1, 1), "SAME"),
+])
+def test_conv_transpose_matches_flax_in_outputs_and_gradients(shape, features, kernel, strides, padding):
+  from dcgan_jax import ops
+  ours = models.ConvTranspose(features, kernel, strides, padding)
+  ref = nn.ConvTranspose(features, kernel, strides, padding)
+  x = jax.random.normal(jax.random.key(0), shape)
+  variables = ref.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+  assert ops.use_tap_gradient(strides, features) == (max(strides) > 1)  # the CPU path is exercised
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), g_ours, g_ref)

@@ -61,7 +61,7 @@ def offline_hint(name: str) -> str:
           f"--idx_dir=DIR_WITH_IDX_FILES --data_dir=DATA_DIR, then pass --data_dir=DATA_DIR")
 
 
-def _builder(config: Config):
+def get_builder(config: Config):
   """The tfds builder, downloaded and prepared if needed, or a one-line error saying what to do."""
   tfds = _tfds()
   try:
@@ -86,7 +86,7 @@ def _builder(config: Config):
 
 
 def dataset_spec(config: Config, builder=None) -> DatasetSpec:
-  builder = builder or _builder(config)
+  builder = builder or get_builder(config)
   split = builder.info.splits.get(config.split) if builder.info.splits else None
   return DatasetSpec(config.dataset, config.split, split.num_examples if split else None,
                      tuple(builder.info.features["image"].shape), str(builder.info.file_format.value))
@@ -133,7 +133,7 @@ def preprocess(images: np.ndarray, dataset: str, image_shape: tuple) -> np.ndarr
 
 def load_in_memory(config: Config, image_shape: tuple, builder=None) -> np.ndarray:
   """The whole split as uint8 (N, H, W, C) at image_shape = (H, W, C)."""
-  builder = builder or _builder(config)
+  builder = builder or get_builder(config)
   tfds = _tfds()
   array_record = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
   if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
@@ -164,7 +164,7 @@ def stream_batches(config: Config, image_shape: tuple, local_devices: int, per_d
   Seeded (file order, shuffle buffer) but, unlike the in-memory path, its position is not a pure
   function of the step: a resumed run sees a different order.
   """
-  builder = builder or _builder(config)
+  builder = builder or get_builder(config)
   tfds, tf = _tfds(), _tf()
   size, _, channels = image_shape
   crop = CENTER_CROP.get(config.dataset)

@@ -279,7 +279,7 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
   per_device = config.batch_size // (n_dev * jax.process_count())
 
   # ---- Data ----------------------------------------------------------------------------------------
-  builder = input_pipeline._builder(config)  # pylint: disable=protected-access
+  builder = input_pipeline.get_builder(config)
   spec = input_pipeline.dataset_spec(config, builder)
   channels = input_pipeline.dataset_channels(spec, config.channels)
   shape = image_shape(config, channels)

@@ -66,7 +66,7 @@ def test_download_failure_names_the_offline_command(monkeypatch):
 
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
   with pytest.raises(input_pipeline.DataUnavailableError) as e:
-    input_pipeline._builder(Config(dataset="mnist", data_dir="/nonexistent/tfds"))
+    input_pipeline.get_builder(Config(dataset="mnist", data_dir="/nonexistent/tfds"))
   assert "python -m dcgan_jax.prepare_data --dataset=mnist" in str(e.value) and "\n" not in str(e.value)
 
 

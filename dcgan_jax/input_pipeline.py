@@ -37,7 +37,6 @@ class DatasetSpec:
   split: str
   num_examples: Optional[int]  # None when the metadata does not say (tfds.testing.mock_data)
   source_shape: tuple  # (h, w, c) as stored; h, w may be None for variable-size images
-  file_format: str
 
 
 def _tfds():
@@ -89,7 +88,7 @@ def dataset_spec(config: Config, builder=None) -> DatasetSpec:
   builder = builder or get_builder(config)
   split = builder.info.splits.get(config.split) if builder.info.splits else None
   return DatasetSpec(config.dataset, config.split, split.num_examples if split else None,
-                     tuple(builder.info.features["image"].shape), str(builder.info.file_format.value))
+                     tuple(builder.info.features["image"].shape))
 
 
 def choose_in_memory(config: Config, spec: DatasetSpec, image_shape: tuple) -> bool:

@@ -350,8 +350,9 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
       save = done or step % config.checkpoint_every == 0
       log = done or step % config.log_every == 0
       if save or log:  # never checkpoint a state that is not finite
-        fetched += jax.device_get(pending)
-        _check_finite(fetched[-len(pending):] if pending else [], pending_start)
+        host = jax.device_get(pending)
+        _check_finite(host, pending_start)
+        fetched += host
         pending, pending_start = [], step
       if log:
         now = time.time()

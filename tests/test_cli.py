@@ -6,9 +6,6 @@ import pytest
 
 from helpers import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 run = run_cli
 
 

@@ -32,7 +32,8 @@ from dcgan_jax.config import Config, ConfigError
 # Settings that may change between a run and its resumption: they steer the run but do not change what
 # a step computes. Any other difference means a different run, and the checkpoint is refused.
 RUN_CONTROL = frozenset({"num_steps", "log_every", "sample_every", "num_samples", "sample_bn", "data_dir",
-                         "in_memory", "max_in_memory_mb", "checkpoint_every", "keep_checkpoints"})
+                         "in_memory", "max_in_memory_mb", "checkpoint_every", "keep_checkpoints",
+                         "eval_every", "eval_samples", "evaluator_dir"})
 
 
 def provenance(config: Config) -> dict:
@@ -97,22 +98,36 @@ def _from_saveable(state, like):
 class Checkpointer:
   """Saves and restores TrainStates under <workdir>/checkpoints."""
 
-  def __init__(self, workdir: str, config: Config):
+  def __init__(self, workdir: str, config: Config, subdir: str = "checkpoints",
+               max_to_keep: Optional[int] = None):
+    """subdir "checkpoints": the rolling checkpoints; "best": the best one by FID (max_to_keep=1)."""
     self.config = config
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+    self.directory = os.path.abspath(os.path.join(workdir, subdir))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or config.keep_checkpoints, create=True,
                                            cleanup_tmp_directories=True, enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "config", "provenance"))
+                                         item_names=("state", "config", "provenance", "score"))
 
-  def save(self, state, step: int) -> None:
-    """Starts an asynchronous save of `state` as checkpoint `step` (returns once arrays are off device)."""
+  def save(self, state, step: int, score: Optional[dict] = None) -> None:
+    """Starts an asynchronous save of `state` as checkpoint `step` (returns once arrays are off device).
+    `score`: evaluation results stored beside it (JSON), e.g. {"fid": ...} for the best checkpoint."""
     if step in self.manager.all_steps():
       return
     self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_to_saveable(state)),
         config=ocp.args.JsonSave(dataclasses.asdict(self.config)),
-        provenance=ocp.args.JsonSave(provenance(self.config))))
+        provenance=ocp.args.JsonSave(provenance(self.config)),
+        score=ocp.args.JsonSave(score or {})))
+
+  def latest_score(self) -> Optional[dict]:
+    """The score saved with the newest checkpoint here, or None (no checkpoint, or none saved)."""
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(score=ocp.args.JsonRestore())).score
+    except Exception:  # pylint: disable=broad-except
+      return None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -154,12 +169,13 @@ class Checkpointer:
     return None, None
 
 
-def read_state_numpy(workdir: str, step: Optional[int] = None) -> Tuple[dict, int]:
+def read_state_numpy(workdir: str, step: Optional[int] = None,
+                     subdir: str = "checkpoints") -> Tuple[dict, int]:
   """A checkpoint's state as a tree of numpy arrays, on any machine (no devices or shardings needed).
 
-  Returns (tree, step); `step` None reads the newest. For comparisons and inspection.
+  Returns (tree, step); `step` None reads the newest. For comparisons, inspection and the CLIs.
   """
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(workdir, subdir)
   if step is None:
     step = max(int(d) for d in os.listdir(directory) if d.isdigit())
   path = os.path.abspath(os.path.join(directory, str(step), "state"))
@@ -186,11 +202,12 @@ def relative_l2(a: dict, b: dict) -> float:
 def export_generator(workdir: str, state, config: Config, channels: int) -> str:
   """Writes <workdir>/generator: G's params and batch_stats, and the config that rebuilds G."""
   path = os.path.abspath(os.path.join(workdir, "generator"))
-  variables = _global({"params": state.g.params, "batch_stats": state.g.batch_stats})
+  g = state.generator()  # the EMA weights when --g_ema_decay > 0
+  variables = _global({"params": g.params, "batch_stats": g.batch_stats})
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, "variables"), variables, force=True)
   with open(os.path.join(path, "generator.json"), "w") as f:
-    json.dump({"config": dataclasses.asdict(config), "channels": channels,
+    json.dump({"config": dataclasses.asdict(config), "channels": channels, "ema": state.g_ema is not None,
                "step": int(jax.device_get(state.step))}, f, indent=2, sort_keys=True)
   return path
 
@@ -205,3 +222,40 @@ def load_generator(path: str):
   with ocp.StandardCheckpointer() as checkpointer:
     variables = checkpointer.restore(os.path.join(os.path.abspath(path), "variables"))
   return generator, variables, config, meta["step"]
+
+
+def load_run_generator(path: str, step: Optional[int] = None, use_ema: bool = True,
+                       best: bool = False):
+  """G from a workdir (its newest checkpoint, checkpoint `step`, or with best=True its best-by-FID one),
+  or from a generator export (<workdir>/generator, or the export directory itself) when there is no
+  checkpoint.
+
+  Returns (generator module, variables {"params", "batch_stats"}, config, step, used_ema).
+  """
+  from dcgan_jax import models  # pylint: disable=g-import-not-at-top
+  subdir = "best" if best else "checkpoints"
+  directory = os.path.join(path, subdir)
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+  if steps:
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ConfigError(f"--step={step}: no such checkpoint in {directory}; it has {steps}")
+    with open(os.path.join(path, "config.json")) as f:
+      run = json.load(f)
+    config = Config(**run["config"])
+    tree, step = read_state_numpy(path, step, subdir=subdir)
+    used_ema = bool(use_ema and tree.get("g_ema"))
+    params = tree["g_ema"] if used_ema else tree["g"]["params"]
+    generator, _ = models.build_models(config, run["run"]["channels"])
+    return generator, {"params": params, "batch_stats": tree["g"]["batch_stats"]}, config, step, used_ema
+  if step is not None or best:
+    what = f"checkpoint {step}" if step is not None else "best checkpoint (train with --eval_every)"
+    raise ConfigError(f"--workdir={path}: has no {what}; pass the --workdir of a run that has one")
+  export = path if os.path.exists(os.path.join(path, "generator.json")) else os.path.join(path, "generator")
+  if not os.path.exists(os.path.join(export, "generator.json")):
+    raise ConfigError(f"--workdir={path}: has neither checkpoints nor a generator export; pass the "
+                      "--workdir of a training run")
+  generator, variables, config, export_step = load_generator(export)
+  with open(os.path.join(export, "generator.json")) as f:
+    return generator, variables, config, export_step, json.load(f).get("ema", False)

@@ -64,6 +64,7 @@ class Config:
   beta2: float = 0.999
   loss: str = "non_saturating"
   d_steps: int = 1  # Discriminator updates per generator update.
+  g_ema_decay: float = 0.0  # Exponential moving average of G's weights; 0 = off.
 
   # Outputs.
   log_every: int = 100
@@ -72,6 +73,11 @@ class Config:
   sample_bn: str = "running"  # BatchNorm statistics used when sampling: "running" or "batch".
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
+
+  # Evaluation during training (evaluator.py).
+  eval_every: int = 0  # Steps between FID/KID evaluations; 0 = off.
+  eval_samples: int = 2000  # Generated images per evaluation.
+  evaluator_dir: Optional[str] = None  # Cache of trained evaluator networks; None: ~/.cache/dcgan_jax.
 
   # ---------------------------------------------------------------------------------------------
   def resolved(self) -> "Config":
@@ -108,6 +114,12 @@ class Config:
                  "sample_every", "num_samples", "max_in_memory_mb", "shuffle_buffer", "checkpoint_every",
                  "keep_checkpoints"):
       positive(name)
+    if not isinstance(self.eval_every, int) or self.eval_every < 0:
+      fail("eval_every", "must be >= 0", "pass 0 (off) or a number of steps")
+    if not isinstance(self.eval_samples, int) or self.eval_samples < 10:
+      fail("eval_samples", "must be >= 10", "pass e.g. 2000 (more samples: less noisy FID)")
+    if not 0 <= self.g_ema_decay < 1:
+      fail("g_ema_decay", "must be in [0, 1)", "pass 0 (off) or e.g. 0.999")
     if not self.dataset:
       fail("dataset", "is empty", "name a tfds image dataset, e.g. mnist or fashion_mnist")
     for name in ("learning_rate_g", "learning_rate_d"):

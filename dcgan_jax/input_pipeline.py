@@ -130,9 +130,12 @@ def preprocess(images: np.ndarray, dataset: str, image_shape: tuple) -> np.ndarr
   return np.ascontiguousarray(images)
 
 
-def load_in_memory(config: Config, image_shape: tuple, builder=None) -> np.ndarray:
-  """The whole split as uint8 (N, H, W, C) at image_shape = (H, W, C)."""
-  builder = builder or get_builder(config)
+def read_split(builder, split: str, features=("image",)) -> dict:
+  """Whole split as numpy arrays {feature: (N, ...)}, in the stored order. Images are raw (as stored).
+
+  Read through `tfds.data_source` when the prepared files include array_record (no TensorFlow needed),
+  else through `tfds.load`'s tf.data path.
+  """
   tfds = _tfds()
   array_record = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
   if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
@@ -141,19 +144,42 @@ def load_in_memory(config: Config, image_shape: tuple, builder=None) -> np.ndarr
     builder = tfds.builder_from_directory(builder.data_dir)
   if array_record in builder.info.available_file_formats():
     # Random-access reader: no TensorFlow needed.
-    source = builder.as_data_source(split=config.split, file_format=array_record)
+    source = builder.as_data_source(split=split, file_format=array_record)
     n = len(source)
-    chunks = [np.stack([ex["image"] for ex in source.__getitems__(list(range(i, min(i + 4096, n))))])
-              for i in range(0, n, 4096)]
-    raw = np.concatenate(chunks)
-  else:
-    _tf()
-    # Batches of 4096 rather than batch_size=-1: TF 2.21 aborts (std::length_error) on the latter.
-    ds = builder.as_dataset(split=config.split).map(lambda ex: ex["image"]).batch(4096)
-    raw = np.concatenate(list(tfds.as_numpy(ds)))
+    chunks = [source.__getitems__(list(range(i, min(i + 4096, n)))) for i in range(0, n, 4096)]
+    return {f: np.concatenate([np.stack([ex[f] for ex in c]) for c in chunks]) for f in features}
+  _tf()
+  # Batches of 4096 rather than batch_size=-1: TF 2.21 aborts (std::length_error) on the latter.
+  ds = builder.as_dataset(split=split).map(lambda ex: {f: ex[f] for f in features}).batch(4096)
+  batches = list(tfds.as_numpy(ds))
+  return {f: np.concatenate([b[f] for b in batches]) for f in features}
+
+
+def load_in_memory(config: Config, image_shape: tuple, builder=None) -> np.ndarray:
+  """The whole split as uint8 (N, H, W, C) at image_shape = (H, W, C)."""
+  builder = builder or get_builder(config)
+  raw = read_split(builder, config.split)["image"]
   if raw.ndim == 3:
     raw = raw[..., None]
   return preprocess(raw.astype(np.uint8), config.dataset, image_shape)
+
+
+def load_labeled(dataset: str, split: str, data_dir: Optional[str], image_shape: tuple):
+  """(uint8 images (N, H, W, C) at image_shape, int32 labels (N,), number of classes) of a labelled
+  image dataset (one with a ClassLabel 'label' feature), for the evaluator network."""
+  config = Config(dataset=dataset, split=split, data_dir=data_dir)
+  builder = get_builder(config)
+  label = builder.info.features["label"] if "label" in builder.info.features else None
+  num_classes = getattr(label, "num_classes", None)
+  if not num_classes:
+    raise ConfigError(f"--dataset={dataset!r}: has no class 'label' feature, so there is no classifier to "
+                      "evaluate with; evaluate on a labelled dataset (mnist, fashion_mnist, cifar10, ...)")
+  arrays = read_split(builder, split, ("image", "label"))
+  raw = arrays["image"]
+  if raw.ndim == 3:
+    raw = raw[..., None]
+  return (preprocess(raw.astype(np.uint8), dataset, image_shape), arrays["label"].astype(np.int32),
+          int(num_classes))
 
 
 def stream_batches(config: Config, image_shape: tuple, local_devices: int, per_device_batch: int,

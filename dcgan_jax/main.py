@@ -57,6 +57,14 @@ HELP = {
     "checkpoint_every": "Steps between checkpoints (<workdir>/checkpoints/<step>); one is also written "
                         "at the end and on SIGTERM/SIGINT. A rerun with the same workdir resumes.",
     "keep_checkpoints": "How many of the newest checkpoints to keep.",
+    "g_ema_decay": "Exponential moving average of the generator's weights (e.g. 0.999); 0 = off. When on, "
+                   "sample grids, evaluation and the export use the EMA generator (the raw one is logged "
+                   "too).",
+    "eval_every": "Steps between FID/KID evaluations against the test split (metrics.jsonl, TensorBoard); "
+                  "the best checkpoint by FID is kept in <workdir>/best. 0 = off. Needs a labelled dataset.",
+    "eval_samples": "Generated images per in-training evaluation.",
+    "evaluator_dir": "Cache of the evaluator classifiers (trained once per dataset); default "
+                     "~/.cache/dcgan_jax/evaluators.",
 }
 
 flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, TensorBoard events and samples.")

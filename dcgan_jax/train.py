@@ -62,6 +62,13 @@ class TrainState:
   key: jax.Array  # typed PRNG key: jax.random.key(seed); every other key is derived from it
   g: NetState
   d: NetState
+  g_ema: Any = None  # EMA of G's params (--g_ema_decay > 0), else None (no leaves: not checkpointed)
+
+  def generator(self, use_ema: bool = True) -> NetState:
+    """G for sampling: the EMA params when there are any (and use_ema), with G's BatchNorm statistics."""
+    if use_ema and self.g_ema is not None:
+      return self.g.replace(params=self.g_ema)
+    return self.g
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,8 +98,11 @@ def create_train_state(config: Config, channels: int) -> TrainState:
     params = variables["params"]
     return NetState(params, variables.get("batch_stats", {}), make_optimizer(config, lr).init(params))
 
-  return TrainState(step=jnp.zeros((), jnp.int32), key=key, g=net(g_vars, config.learning_rate_g),
-                    d=net(d_vars, config.learning_rate_d))
+  g = net(g_vars, config.learning_rate_g)
+  # A copy, not the same arrays: the state's buffers are donated, and one buffer cannot be donated twice.
+  g_ema = jax.tree.map(jnp.copy, g.params) if config.g_ema_decay > 0 else None
+  return TrainState(step=jnp.zeros((), jnp.int32), key=key, g=g, d=net(d_vars, config.learning_rate_d),
+                    g_ema=g_ema)
 
 
 def to_float(images: jax.Array) -> jax.Array:
@@ -183,7 +193,10 @@ def make_train_step(config: Config, channels: int,
     metrics["d_param_norm"] = optax.tree.norm(d.params)
     finite = [jnp.isfinite(metrics[k]) for k in ("d_loss", "g_loss", "g_param_norm", "d_param_norm")]
     metrics["finite"] = jnp.all(jnp.stack(finite)).astype(jnp.float32)
-    return TrainState(step=state.step + 1, key=state.key, g=g, d=d), metrics
+    g_ema = state.g_ema
+    if g_ema is not None:  # ema = decay * ema + (1 - decay) * params, after each G update
+      g_ema = optax.incremental_update(g.params, g_ema, step_size=1.0 - config.g_ema_decay)
+    return TrainState(step=state.step + 1, key=state.key, g=g, d=d, g_ema=g_ema), metrics
 
   return train_step
 
@@ -195,17 +208,17 @@ def pmap_train_step(train_step: Callable, in_memory: bool) -> Callable:
                   out_axes=(None, None), donate_argnums=(0,))
 
 
-def make_sampler(config: Config, channels: int) -> Callable:
-  """sample(g: NetState, z (n, latent_dim)) -> float32 images (n, H, W, C) in [-1, 1], jitted.
+def make_sampler(generator, sample_bn: str = "running") -> Callable:
+  """sample(g, z (n, latent_dim)) -> float32 images (n, H, W, C) in [-1, 1], jitted; `g` has `.params`
+  and `.batch_stats` (a NetState) of the flax `generator` module.
 
-  config.sample_bn = "running" (default): BatchNorm uses the running statistics (inference mode), so each
+  sample_bn = "running" (default): BatchNorm uses the running statistics (inference mode), so each
   image depends only on its own z, and a grid is the same whatever else is in the batch.
   "batch": BatchNorm uses the statistics of the sampled batch itself, as in pytorch/examples (which never
   switches G to eval mode); early in training this can look better, but an image then depends on the
   other latents in its batch. Running statistics are never modified by sampling.
   """
-  generator, _ = models.build_models(config, channels)
-  train = config.sample_bn == "batch"
+  train = sample_bn == "batch"
 
   @jax.jit
   def sample(g: NetState, z):
@@ -330,8 +343,16 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
                       "uninterrupted run's (use --in_memory=true for exact resumption).")
   p_train_step = pmap_train_step(
       make_train_step(config, channels, num_examples if in_memory else None), in_memory)
-  sample = make_sampler(config, channels)
-  eval_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
+  sample = make_sampler(models.build_models(config, channels)[0], config.sample_bn)
+  grid_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
+  ema = state.g_ema is not None
+
+  # ---- Evaluation during training (optional): FID/KID, and the best checkpoint by FID ----------------
+  if config.eval_every:
+    best_checkpointer = checkpoints.Checkpointer(workdir, config, subdir="best", max_to_keep=1)
+    best = (best_checkpointer.latest_score() or {}).get("fid", float("inf"))
+    scorer = _make_scorer(config, shape) if writer.enabled else None
+    eval_z = randomness.eval_latents(jax.random.key(config.seed), config.eval_samples, config.latent_dim)
 
   # ---- Train ----------------------------------------------------------------------------------------
   step = int(state.step)
@@ -367,7 +388,23 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
         fetched, t_last, step_last = [], now, step
       if (step % config.sample_every == 0 or done) and writer.enabled:
         # From a host copy of G, on this process's default device: only process 0 draws samples.
-        writer.write_samples(step, np.asarray(sample(jax.device_get(state.g), eval_z)))
+        writer.write_samples(step, np.asarray(sample(jax.device_get(state.generator()), grid_z)))
+        if ema:
+          writer.write_samples(step, np.asarray(sample(jax.device_get(state.g), grid_z)), prefix="raw_")
+      if config.eval_every and (step % config.eval_every == 0 or done):
+        results = {}
+        if scorer is not None:
+          results = _evaluate(scorer, sample, state.generator(), eval_z)
+          if ema:
+            results.update({f"{k}_raw": v for k, v in _evaluate(scorer, sample, state.g, eval_z).items()})
+          writer.write_metrics(step, results)
+          logging.info("step %d | %s", step, " ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        fid = _broadcast(results.get("fid", 0.0))  # every process takes the same decision
+        if fid < best:
+          best = fid
+          best_checkpointer.save(state, step, score=dict(fid=fid, step=step, ema=ema))
+          logging.info("New best FID %.4g at step %d: checkpoint in %s.", fid, step,
+                       best_checkpointer.directory)
       if save:
         checkpointer.save(state, step)  # asynchronous: returns once the arrays are off the devices
       if stop.signal is not None:
@@ -378,11 +415,46 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
 
   # ---- Finish ---------------------------------------------------------------------------------------
   checkpointer.close()
+  if config.eval_every:
+    best_checkpointer.close()
   if step == config.num_steps:
     path = checkpoints.export_generator(workdir, state, config, channels)
     logging.info("Done: %d steps. Generator exported to %s.", step, path)
+    gif = writer.write_progress_gif()
+    if gif:
+      logging.info("Sample grids over training: %s", gif)
   writer.close()
   return state
+
+
+def _make_scorer(config: Config, shape: tuple):
+  """The evaluator for config.dataset (trained and cached on first use) and its test-split features."""
+  from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
+  ev = evaluator.load_or_train(config.dataset, config.data_dir, shape, config.evaluator_dir)
+  logging.info("Evaluator %s: test accuracy %.4f.", ev.path, ev.test_accuracy)
+  return evaluator.Scorer(ev, config.data_dir, kid_subsets=20)
+
+
+def sample_images(sample: Callable, g: NetState, z: jax.Array, chunk: int = 500) -> np.ndarray:
+  """float32 images (n, H, W, C) in [-1, 1] for latents z (n, latent_dim), from a host copy of G, in
+  chunks (sample_bn=batch: each chunk is one batch)."""
+  g = jax.device_get(g)
+  return np.concatenate([np.asarray(sample(g, z[i:i + chunk])) for i in range(0, len(z), chunk)])
+
+
+def _evaluate(scorer, sample: Callable, g: NetState, z: jax.Array) -> dict:
+  from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
+  images = evaluator.as_uint8_images(sample_images(sample, g, z), scorer.evaluator.image_shape)
+  report = scorer.score(images, precision_recall=False)
+  return {k: float(report[k]) for k in ("fid", "kid", "coverage", "class_kl")}
+
+
+def _broadcast(value: float) -> float:
+  """Process 0's value, on every process."""
+  if jax.process_count() == 1:
+    return float(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return float(multihost_utils.broadcast_one_to_all(np.float32(value)))
 
 
 class _StopOnSignal:

@@ -33,6 +33,21 @@ def save_png(grid: np.ndarray, path: str) -> None:
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
+def load_png(path: str) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as image:
+    array = np.asarray(image)
+  return array[..., None] if array.ndim == 2 else array
+
+
+def save_gif(frames: list, path: str, frame_ms: int = 300, last_frame_ms: int = 2000) -> None:
+  """uint8 frames (H, W, C), all one size -> a looping animated GIF."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+  durations = [frame_ms] * (len(images) - 1) + [last_frame_ms]
+  images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+
+
 class RunWriter:
   """Writes one run's outputs. All methods are no-ops when not enabled (processes other than 0)."""
 
@@ -73,15 +88,27 @@ class RunWriter:
       f.writelines(keep)
     os.replace(path + ".tmp", path)
 
-  def write_samples(self, step: int, images: np.ndarray) -> str:
-    """images: float (n, H, W, C) in [-1, 1]. Returns the PNG's path."""
-    path = os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
+  def write_samples(self, step: int, images: np.ndarray, prefix: str = "") -> str:
+    """images: float (n, H, W, C) in [-1, 1] -> samples/<prefix>step_XXXXXXXX.png. Returns its path."""
+    path = os.path.join(self.workdir, "samples", f"{prefix}step_{step:08d}.png")
     if not self.enabled:
       return path
     grid = image_grid(images)
     save_png(grid, path)
     if self._tb:
-      self._tb.add_image("samples", grid, step, dataformats="HWC")
+      self._tb.add_image(f"{prefix}samples", grid, step, dataformats="HWC")
+    return path
+
+  def write_progress_gif(self, frame_ms: int = 300) -> Optional[str]:
+    """samples/progress.gif: every samples/step_*.png grid in step order (those of earlier, resumed
+    runs included), looping, the last frame held longer. Returns its path, or None with no grids."""
+    folder = os.path.join(self.workdir, "samples")
+    names = sorted(n for n in os.listdir(folder) if n.startswith("step_") and n.endswith(".png")) \
+        if self.enabled else []
+    if not names:
+      return None
+    path = os.path.join(folder, "progress.gif")
+    save_gif([load_png(os.path.join(folder, n)) for n in names], path, frame_ms)
     return path
 
   def close(self) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dcgan_jax import checkpoints
+from dcgan_jax import models
 from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
 from helpers import ROOT, cli_env, run_cli
@@ -80,7 +81,7 @@ def test_provenance_and_generator_export(tiny_data_dir, tmp_path):
   z = jax.random.normal(jax.random.key(0), (5, 32))
   images = generator.apply(variables, z, train=False)
   assert images.shape == (5, 32, 32, 1)
-  np.testing.assert_allclose(images, train.make_sampler(config.resolved(), 1)(state.g, z), atol=1e-5)
+  np.testing.assert_allclose(images, train.make_sampler(models.build_models(config.resolved(), 1)[0])(state.g, z), atol=1e-5)
 
 
 def start(args):

@@ -5,6 +5,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
+from dcgan_jax import models
 from dcgan_jax import train
 from dcgan_jax.config import Config
 
@@ -91,11 +92,12 @@ def test_sampler_bn_modes():
   config = Config(batch_size=8, latent_dim=16).resolved()
   state = train.create_train_state(config, 1)
   z = jax.random.normal(jax.random.key(0), (4, 16))
-  running = train.make_sampler(config, 1)(state.g, z)
-  batch = train.make_sampler(Config(batch_size=8, latent_dim=16, sample_bn="batch").resolved(), 1)(state.g, z)
+  generator = models.build_models(config, 1)[0]
+  running = train.make_sampler(generator)(state.g, z)
+  batch = train.make_sampler(generator, "batch")(state.g, z)
   assert running.shape == batch.shape == (4, 28, 28, 1)
   assert not np.allclose(running, batch)
-  np.testing.assert_allclose(running[:1], train.make_sampler(config, 1)(state.g, z[:1]), atol=1e-5)
+  np.testing.assert_allclose(running[:1], train.make_sampler(generator)(state.g, z[:1]), atol=1e-5)
 
 
 def test_streaming_tf_data_path_trains_under_mock_data(tmp_path):

@@ -1,0 +1,177 @@
+"""The evaluator, in-training evaluation, EMA, and the evaluate / sample command lines on a tiny run.
+
+Data: the session's 64-image synthetic fashion_mnist (prepare_data, with labels; conftest.py).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dcgan_jax import checkpoints
+from dcgan_jax import evaluator
+from dcgan_jax import train
+from dcgan_jax.config import Config, ConfigError
+from helpers import ROOT, cli_env, run_cli
+
+
+def run_tool(module, args, timeout=300):
+  return subprocess.run([sys.executable, "-m", f"dcgan_jax.{module}"] + args, cwd=ROOT, env=cli_env(2),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def evaluator_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("evaluators"))
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_data_dir, evaluator_dir):
+  ev = evaluator.load_or_train("fashion_mnist", tiny_data_dir, (28, 28, 1), evaluator_dir)
+  return evaluator.Scorer(ev, tiny_data_dir, kid_subsets=5)
+
+
+def test_evaluator_is_trained_once_then_loaded_from_its_cache(scorer, tiny_data_dir, evaluator_dir):
+  ev = scorer.evaluator
+  assert 0.0 <= ev.test_accuracy <= 1.0 and ev.feature_scale > 0
+  meta = json.load(open(os.path.join(ev.path, "evaluator.json")))
+  assert meta["train_examples"] == 64 and meta["num_classes"] == 10
+  again = evaluator.load_or_train("fashion_mnist", tiny_data_dir, (28, 28, 1), evaluator_dir)
+  assert again.test_accuracy == ev.test_accuracy and again.feature_scale == ev.feature_scale
+  for a, b in zip(jax.tree.leaves(again.variables), jax.tree.leaves(ev.variables)):
+    np.testing.assert_array_equal(a, b)
+  feats, probs = ev.embed(np.zeros((3, 28, 28, 1), np.uint8))
+  assert feats.shape == (3, 128) and probs.shape == (3, 10)
+  np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+
+
+def test_scores_of_real_and_collapsed_samples(scorer, tiny_data_dir):
+  from dcgan_jax import input_pipeline
+  test_x, _, _ = input_pipeline.load_labeled("fashion_mnist", "test", tiny_data_dir, (28, 28, 1))
+  same = scorer.score(test_x)  # the test split against itself
+  assert same["fid"] == pytest.approx(0.0, abs=1e-6)
+  assert same["precision"] == same["recall"] == 1.0
+  collapsed = scorer.score(np.repeat(test_x[:1], 8, axis=0))  # one image, 8 times
+  assert collapsed["coverage"] == 1 and collapsed["fid"] > 0.1 and collapsed["recall"] <= 0.25
+  for key in ("fid", "kid", "kid_std", "precision", "recall", "coverage", "num_classes", "class_kl",
+              "classifier_score", "num_samples", "num_real"):
+    assert key in collapsed
+
+
+def test_sample_formats_are_normalised_to_uint8():
+  u8 = np.random.default_rng(0).integers(0, 256, (4, 28, 28), np.uint8)
+  as_float = u8.astype(np.float32) / 127.5 - 1
+  expected = u8[..., None]
+  for variant in (u8, u8[..., None], u8[:, None], as_float, as_float[:, None], u8.astype(np.int64)):
+    np.testing.assert_array_equal(evaluator.as_uint8_images(variant, (28, 28, 1)), expected)
+  with pytest.raises(ConfigError, match=r"outside \[-1, 1\]"):
+    evaluator.as_uint8_images(u8.astype(np.float32), (28, 28, 1))  # floats in [0, 255]
+  with pytest.raises(ConfigError, match="needs \\(n, 28, 28, 1\\)"):
+    evaluator.as_uint8_images(np.zeros((4, 32, 32, 3), np.uint8), (28, 28, 1))
+  with pytest.raises(ConfigError, match="NaN"):
+    evaluator.as_uint8_images(np.full((1, 28, 28), np.nan), (28, 28, 1))
+
+
+def test_ema_generator_is_the_moving_average_of_the_generator():
+  config = Config(batch_size=8, latent_dim=16, g_ema_decay=0.9).resolved()
+  mesh = train.global_mesh()
+  data = np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1), np.uint8)
+  state = train.replicate(train.create_train_state(config, 1), mesh)
+  step = train.pmap_train_step(train.make_train_step(config, 1, len(data)), in_memory=True)
+  before = jax.device_get(state.g.params)
+  state, _ = step(state, train.device_slots(mesh, 2), train.replicate(data, mesh))
+  after = jax.device_get(state.g.params)
+  expected = jax.tree.map(lambda b, a: 0.9 * b + 0.1 * a, before, after)
+  for e, got in zip(jax.tree.leaves(expected), jax.tree.leaves(jax.device_get(state.g_ema))):
+    np.testing.assert_allclose(got, e, rtol=1e-6, atol=1e-7)
+  assert state.generator().params is state.g_ema and state.generator(use_ema=False) is state.g
+  assert train.create_train_state(Config(latent_dim=16).resolved(), 1).g_ema is None  # off by default
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data_dir, evaluator_dir, tmp_path_factory):
+  """A 6-step CLI run with EMA and in-training evaluation every 2 steps."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  result = run_cli([f"--workdir={workdir}", "--dataset=fashion_mnist", f"--data_dir={tiny_data_dir}",
+                    "--num_steps=6", "--batch_size=8", "--latent_dim=16", "--log_every=2",
+                    "--sample_every=2", "--num_samples=4", "--eval_every=2", "--eval_samples=16",
+                    "--g_ema_decay=0.5", f"--evaluator_dir={evaluator_dir}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_training_logs_evaluations_keeps_the_best_and_writes_a_gif(tiny_run):
+  lines = [json.loads(l) for l in open(os.path.join(tiny_run, "metrics.jsonl"))]
+  evals = [l for l in lines if "fid" in l]
+  assert [l["step"] for l in evals] == [2, 4, 6]
+  for l in evals:
+    assert {"fid", "kid", "coverage", "fid_raw", "kid_raw"} <= set(l) and np.isfinite(l["fid"])
+  best_fid = min(l["fid"] for l in evals)
+  best_step = min(l["step"] for l in evals if l["fid"] == best_fid)
+  assert sorted(os.listdir(os.path.join(tiny_run, "best"))) == [str(best_step)]
+  samples = set(os.listdir(os.path.join(tiny_run, "samples")))
+  assert {"step_00000006.png", "raw_step_00000006.png", "progress.gif"} <= samples
+  from PIL import Image
+  with Image.open(os.path.join(tiny_run, "samples", "progress.gif")) as gif:
+    assert gif.n_frames == 3  # steps 2, 4, 6
+  tree, _ = checkpoints.read_state_numpy(tiny_run)
+  assert "g_ema" in tree and json.load(open(os.path.join(tiny_run, "generator", "generator.json")))["ema"]
+
+
+def test_sample_cli(tiny_run, tmp_path):
+  out = str(tmp_path / "s.npy")
+  result = run_tool("sample", [f"--workdir={tiny_run}", "--num=5", f"--out={out}"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  images = np.load(out)
+  assert images.shape == (5, 28, 28, 1) and images.dtype == np.float32
+  assert -1 <= images.min() and images.max() <= 1
+  # The same images from the generator export (EMA weights) as from the newest checkpoint's EMA weights.
+  export = str(tmp_path / "e.npy")
+  assert run_tool("sample", [f"--workdir={tiny_run}/generator", "--num=5", f"--out={export}"]).returncode == 0
+  np.testing.assert_allclose(np.load(export), images, atol=1e-6)
+  png = str(tmp_path / "walk.png")
+  result = run_tool("sample", [f"--workdir={tiny_run}", "--interpolate", "--num=2",
+                               "--interpolation_steps=4", f"--out={png}", "--use_ema=false"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  from PIL import Image
+  with Image.open(png) as grid:
+    assert grid.size == (4 * 30 + 2, 2 * 30 + 2)
+  with Image.open(str(tmp_path / "walk.gif")) as gif:
+    assert gif.n_frames == 6  # 4 forth, 2 back
+  bad = run_tool("sample", [f"--workdir={tiny_run}", f"--out={tmp_path / 'x.jpg'}"])
+  assert bad.returncode == 2 and bad.stderr.startswith("error: --out=") and len(bad.stderr.splitlines()) == 1
+
+
+def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
+  common = [f"--data_dir={tiny_data_dir}", f"--evaluator_dir={evaluator_dir}", "--num_samples=16"]
+  result = run_tool("evaluate", [f"--workdir={tiny_run}"] + common)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for key in ("fid", "kid", "precision", "recall", "coverage", "num_samples", "reference", "evaluator"):
+    assert key in report
+  assert report["num_samples"] == 16 and report["step"] == 6 and report["ema"] is True
+  assert report["evaluator"]["test_accuracy"] >= 0 and report["reference"]["num_samples"] == 16
+  # The in-training FID at step 6 used the same evaluator, noise (16) and generator.
+  logged = [json.loads(l) for l in open(os.path.join(tiny_run, "metrics.jsonl"))]
+  assert report["fid"] == pytest.approx([l for l in logged if l.get("step") == 6 and "fid" in l][0]["fid"],
+                                        rel=1e-4)
+  # Samples made elsewhere, as uint8 without a channel axis in an .npz of several arrays.
+  np.savez(tmp_path / "other.npz", train=np.zeros((16, 28, 28), np.uint8),
+           eval=np.load(_sample(tiny_run, tmp_path)).squeeze(-1))
+  result = run_tool("evaluate", ["--samples=" + str(tmp_path / "other.npz"), "--samples_key=eval",
+                                 "--dataset=fashion_mnist"] + common)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads(result.stdout.strip().splitlines()[-1])["fid"] == pytest.approx(report["fid"], rel=1e-4)
+  bad = run_tool("evaluate", ["--samples=" + str(tmp_path / "other.npz"), "--dataset=fashion_mnist"] + common)
+  assert bad.returncode == 2 and "--samples_key" in bad.stderr and len(bad.stderr.splitlines()) == 1
+  best = run_tool("evaluate", [f"--workdir={tiny_run}", "--best", "--reference=false"] + common)
+  assert best.returncode == 0, best.stderr[-2000:]
+
+
+def _sample(workdir, tmp_path):
+  out = str(tmp_path / "ours.npy")
+  assert run_tool("sample", [f"--workdir={workdir}", "--num=16", f"--out={out}"]).returncode == 0
+  return out

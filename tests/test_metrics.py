@@ -1,0 +1,115 @@
+"""Sample-quality metrics against closed forms, brute force and constructed cases (numpy only)."""
+import itertools
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from dcgan_jax import metrics
+
+
+def random_spd(rng, d):
+  a = rng.standard_normal((d, d))
+  return a @ a.T + 0.1 * np.eye(d)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+  x = np.random.default_rng(0).standard_normal((500, 16))
+  assert metrics.fid(x, x) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_distance_closed_forms():
+  rng = np.random.default_rng(1)
+  # Diagonal covariances: tr(S1 + S2 - 2 sqrt(S1 S2)) = sum (sqrt(a) - sqrt(b))^2.
+  a, b = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+  mu1, mu2 = rng.standard_normal(8), rng.standard_normal(8)
+  expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+  # Non-commuting covariances: the textbook formula with scipy's general matrix square root.
+  s1, s2 = random_spd(rng, 12), random_spd(rng, 12)
+  textbook = np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+  assert metrics.frechet_distance(np.zeros(12), s1, np.zeros(12), s2) == pytest.approx(textbook, rel=1e-8)
+
+
+def test_fid_of_shifted_gaussians():
+  """N(0, I) vs N(mu, I): FID = ||mu||^2, up to sampling error (std ~0.014 here: the mean term)."""
+  rng = np.random.default_rng(2)
+  mu = np.full(4, 0.5)  # ||mu||^2 = 1
+  x, y = rng.standard_normal((40000, 4)), rng.standard_normal((40000, 4)) + mu
+  assert metrics.fid(x, y) == pytest.approx(1.0, abs=0.05)
+
+
+def brute_force_mmd2(x, y):
+  k = lambda a, b: (a @ b / len(a) + 1) ** 3
+  m, n = len(x), len(y)
+  kxx = sum(k(x[i], x[j]) for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
+  kyy = sum(k(y[i], y[j]) for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
+  kxy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+  return kxx + kyy - 2 * kxy
+
+
+def test_mmd2_matches_the_definition():
+  rng = np.random.default_rng(3)
+  x, y = rng.standard_normal((7, 3)), rng.standard_normal((5, 3)) + 0.3
+  assert metrics.mmd2_unbiased(x, y) == pytest.approx(brute_force_mmd2(x, y), rel=1e-10)
+
+
+def test_kid_is_unbiased():
+  """Two samples of one distribution: the estimator averages to 0 (a biased V-statistic that keeps
+  the kernel diagonals would average clearly above 0)."""
+  rng = np.random.default_rng(4)
+  values, biased = [], []
+  for _ in range(3000):
+    x, y = rng.standard_normal((6, 2)), rng.standard_normal((6, 2))
+    values.append(metrics.mmd2_unbiased(x, y))
+    kxx, kyy, kxy = (metrics._polynomial_kernel(a, b) for a, b in ((x, x), (y, y), (x, y)))
+    biased.append(kxx.mean() + kyy.mean() - 2 * kxy.mean())
+  values = np.array(values)
+  stderr = values.std() / np.sqrt(len(values))
+  assert abs(values.mean()) < 4 * stderr
+  assert np.mean(biased) > 10 * stderr
+
+
+def test_kid_separates_distributions_and_reports_a_spread():
+  rng = np.random.default_rng(5)
+  x, y, z = (rng.standard_normal((300, 8)) for _ in range(3))
+  same, same_std = metrics.kid(x, y, num_subsets=20, subset_size=100)
+  shifted, _ = metrics.kid(x, z + 1.0, num_subsets=20, subset_size=100)
+  assert same_std > 0
+  assert abs(same) < 3 * same_std and shifted > 10 * same_std
+
+
+def test_knn_radii_exclude_the_point_itself():
+  x = np.array([[0.0], [1.0], [3.0], [6.0]])
+  np.testing.assert_allclose(metrics.knn_radii(x, k=1), [1, 1, 2, 3])
+  np.testing.assert_allclose(metrics.knn_radii(x, k=2), [3, 2, 3, 5])
+
+
+def test_precision_recall_on_constructed_manifolds():
+  rng = np.random.default_rng(6)
+  blob = lambda center, n: center + 0.1 * rng.standard_normal((n, 2))
+  real = np.concatenate([blob([0, 0], 200), blob([10, 0], 200)])
+  assert metrics.precision_recall(real, real) == (1.0, 1.0)
+  # Samples of one of the two modes: all realistic, half the data covered.
+  precision, recall = metrics.precision_recall(real, blob([0, 0], 200))
+  assert precision > 0.95 and 0.4 < recall < 0.6
+  # Samples far from the data: neither realistic nor covering.
+  assert metrics.precision_recall(real, blob([5, 20], 200)) == (0.0, 0.0)
+
+
+def one_hot(classes, num=10):
+  return np.eye(num)[classes]
+
+
+def test_class_coverage_kl_and_score():
+  balanced = one_hot(np.arange(1000) % 10)
+  collapsed = one_hot(np.full(1000, 3))
+  uniform = np.full(10, 0.1)
+  assert metrics.class_coverage(balanced) == 10
+  assert metrics.class_coverage(collapsed) == 1  # a collapsed generator covers one class
+  assert metrics.class_coverage(one_hot(np.r_[np.zeros(990, int), np.arange(1, 11) % 10])) == 1  # <2%
+  assert metrics.class_kl(balanced, uniform) == pytest.approx(0.0, abs=1e-12)
+  assert metrics.class_kl(collapsed, uniform) == pytest.approx(np.log(10))
+  assert metrics.classifier_score(balanced) == pytest.approx(10.0)
+  assert metrics.classifier_score(collapsed) == pytest.approx(1.0)
+  assert metrics.classifier_score(np.full((50, 10), 0.1)) == pytest.approx(1.0)

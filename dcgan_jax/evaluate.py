@@ -34,7 +34,8 @@ def define_flags():
   flags.DEFINE_string("data_dir", None, "tfds data directory holding the dataset (see prepare_data).")
   flags.DEFINE_string("dataset", None, "Dataset to compare with (default: the run's).")
   flags.DEFINE_integer("num_samples", 10000, "Generated images to score (and real ones for the reference).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest; 0: the untrained "
+                       "generator, rebuilt from the run's seed).")
   flags.DEFINE_bool("best", False, "Score the best checkpoint by FID (runs with --eval_every).")
   flags.DEFINE_bool("use_ema", True, "Score the EMA generator when the run has one.")
   flags.DEFINE_enum("sample_bn", None, ["running", "batch"], "BatchNorm statistics when sampling "

@@ -37,7 +37,8 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "A training run's --workdir, or a generator export directory.")
   flags.DEFINE_string("out", None, "Output file: .png (a grid) or .npy (float32 (N, H, W, C) in [-1, 1]).")
   flags.DEFINE_integer("num", 64, "Number of images (with --interpolate: number of rows).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest; 0: the untrained "
+                       "generator).")
   flags.DEFINE_bool("best", False, "Use the best checkpoint by FID (runs with --eval_every).")
   flags.DEFINE_integer("seed", None, "Noise seed (default: the run's, i.e. its sample grids' noise).")
   flags.DEFINE_bool("use_ema", True, "Use the EMA generator when the run has one.")
@@ -50,12 +51,37 @@ FLAGS = flags.FLAGS
 
 
 def load(workdir, step=None, best=False, use_ema=True, sample_bn=None):
-  """(sample(z) -> float32 images in [-1, 1], config, step, used_ema) for a run or an export."""
-  generator, variables, config, step, used_ema = checkpoints.load_run_generator(workdir, step, use_ema, best)
+  """(sample(z) -> float32 images in [-1, 1], config, step, used_ema) for a run or an export.
+
+  step=0 without a checkpoint 0 is the untrained generator, rebuilt from the run's config (the initial
+  weights are a function of the seed): the baseline that training should improve on.
+  """
+  if step == 0 and not os.path.isdir(os.path.join(workdir, "checkpoints", "0")):
+    generator, variables, config = _initial_generator(workdir)
+    used_ema = False
+  else:
+    generator, variables, config, step, used_ema = checkpoints.load_run_generator(workdir, step, use_ema,
+                                                                                  best)
   sampler = train.make_sampler(generator, sample_bn or config.sample_bn)
   g = train.NetState(jax.tree.map(jnp.asarray, variables["params"]),
                      jax.tree.map(jnp.asarray, variables["batch_stats"]), None)
   return (lambda z: train.sample_images(sampler, g, z)), config, step, used_ema
+
+
+def _initial_generator(workdir):
+  import json  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import models  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.config import Config  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"--workdir={workdir}: no config.json to rebuild the step-0 generator from; pass the "
+                      "--workdir of a training run")
+  with open(path) as f:
+    run = json.load(f)
+  config = Config(**run["config"]).resolved()
+  state = train.create_train_state(config, run["run"]["channels"])
+  generator, _ = models.build_models(config, run["run"]["channels"])
+  return generator, {"params": state.g.params, "batch_stats": state.g.batch_stats}, config
 
 
 def latents(config, num: int, seed=None) -> jax.Array:

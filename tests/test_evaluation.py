@@ -132,6 +132,15 @@ def test_sample_cli(tiny_run, tmp_path):
   export = str(tmp_path / "e.npy")
   assert run_tool("sample", [f"--workdir={tiny_run}/generator", "--num=5", f"--out={export}"]).returncode == 0
   np.testing.assert_allclose(np.load(export), images, atol=1e-6)
+  # Step 0: the untrained generator, rebuilt from the run's seed.
+  init = str(tmp_path / "init.npy")
+  assert run_tool("sample", [f"--workdir={tiny_run}", "--num=5", "--step=0", f"--out={init}"]).returncode == 0
+  config = Config(**json.load(open(os.path.join(tiny_run, "config.json")))["config"]).resolved()
+  from dcgan_jax import models, randomness
+  expected = models.build_models(config, 1)[0].apply(
+      {"params": (s := train.create_train_state(config, 1)).g.params, "batch_stats": s.g.batch_stats},
+      randomness.eval_latents(jax.random.key(config.seed), 5, config.latent_dim), train=False)
+  np.testing.assert_allclose(np.load(init), expected, atol=1e-5)
   png = str(tmp_path / "walk.png")
   result = run_tool("sample", [f"--workdir={tiny_run}", "--interpolate", "--num=2",
                                "--interpolation_steps=4", f"--out={png}", "--use_ema=false"])

@@ -33,7 +33,7 @@ from dcgan_jax.config import Config, ConfigError
 # a step computes. Any other difference means a different run, and the checkpoint is refused.
 RUN_CONTROL = frozenset({"num_steps", "log_every", "sample_every", "num_samples", "sample_bn", "data_dir",
                          "in_memory", "max_in_memory_mb", "checkpoint_every", "keep_checkpoints",
-                         "eval_every", "eval_samples", "evaluator_dir"})
+                         "eval_every", "eval_samples", "evaluator_dir", "steps_per_call"})
 
 
 def provenance(config: Config) -> dict:

@@ -65,6 +65,7 @@ class Config:
   loss: str = "non_saturating"
   d_steps: int = 1  # Discriminator updates per generator update.
   g_ema_decay: float = 0.0  # Exponential moving average of G's weights; 0 = off.
+  steps_per_call: int = 1  # Training steps per dispatch (lax.scan); the same math.
 
   # Outputs.
   log_every: int = 100
@@ -112,7 +113,7 @@ class Config:
     choice("in_memory", IN_MEMORY_MODES)
     for name in ("batch_size", "num_steps", "latent_dim", "base_width", "d_steps", "log_every",
                  "sample_every", "num_samples", "max_in_memory_mb", "shuffle_buffer", "checkpoint_every",
-                 "keep_checkpoints"):
+                 "keep_checkpoints", "steps_per_call"):
       positive(name)
     if not isinstance(self.eval_every, int) or self.eval_every < 0:
       fail("eval_every", "must be >= 0", "pass 0 (off) or a number of steps")

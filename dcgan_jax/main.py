@@ -57,6 +57,9 @@ HELP = {
     "checkpoint_every": "Steps between checkpoints (<workdir>/checkpoints/<step>); one is also written "
                         "at the end and on SIGTERM/SIGINT. A rerun with the same workdir resumes.",
     "keep_checkpoints": "How many of the newest checkpoints to keep.",
+    "steps_per_call": "Training steps per dispatch (lax.scan on the device): the same results, fewer "
+                      "host round trips (for fast accelerators). Logging, sampling and checkpoints happen "
+                      "after the call that reaches their step.",
     "g_ema_decay": "Exponential moving average of the generator's weights (e.g. 0.999); 0 = off. When on, "
                    "sample grids, evaluation and the export use the EMA generator (the raw one is logged "
                    "too).",

@@ -201,6 +201,38 @@ def make_train_step(config: Config, channels: int,
   return train_step
 
 
+def make_multi_step(train_step: Callable, num_steps: int, in_memory: bool,
+                    unroll: Optional[bool] = None) -> Callable:
+  """`num_steps` training steps in one call: fewer dispatches and host round trips, the same math.
+
+  Returns multi_step(state, slots, data) -> (state, metrics with a leading (num_steps,) axis: every
+  step's scalars, still on device). In-memory: `data` is the dataset, the same for every step. Streaming:
+  `data` has a leading (num_steps,) axis, one batch per step.
+
+  unroll (default: on the CPU backend only): the steps are written out one after another, separated by
+  optimization barriers so that XLA compiles each exactly like a single step. On XLA:CPU a convolution
+  inside a loop body takes a far slower code path (jax-ml/jax#12868; measured 12x per step here), and
+  rounds differently; unrolled, the results equal single steps (params and optimizer states bitwise) at
+  the price of compile time x num_steps. Elsewhere: lax.scan, compiled once.
+  """
+  if unroll is None:
+    unroll = jax.default_backend() == "cpu"
+
+  def multi_step(state, slots, data):
+    if not unroll:
+      if in_memory:
+        return lax.scan(lambda s, _: train_step(s, slots, data), state, None, length=num_steps)
+      return lax.scan(lambda s, batch: train_step(s, slots, batch), state, data)
+    history = []
+    for i in range(num_steps):
+      state = lax.optimization_barrier(state)
+      state, metrics = train_step(state, slots, data if in_memory else data[i])
+      history.append(metrics)
+    return state, jax.tree.map(lambda *x: jnp.stack(x), *history)
+
+  return multi_step
+
+
 def pmap_train_step(train_step: Callable, in_memory: bool) -> Callable:
   """pmaps the step: state and metrics replicated (in/out_axes None), slots mapped, data replicated
   (in-memory) or mapped (streaming). The input state's buffers are donated."""
@@ -265,6 +297,18 @@ def device_slots(mesh: Mesh, per_device: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
+def _per_step(fetched: list) -> list:
+  """Host metrics of single calls (dicts of scalars) and multi-step calls (dicts of (k,) arrays) ->
+  one dict of scalars per step."""
+  out = []
+  for m in fetched:
+    if np.ndim(m["d_loss"]) == 0:
+      out.append(m)
+    else:
+      out += [{name: v[i] for name, v in m.items()} for i in range(len(m["d_loss"]))]
+  return out
+
+
 def _check_finite(history, first_step):
   """history: host metrics dicts of consecutive steps starting at first_step (state step before it)."""
   for i, m in enumerate(history):
@@ -341,8 +385,20 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
     if not in_memory:
       logging.warning("Streaming data path: the data order after a resume differs from an "
                       "uninterrupted run's (use --in_memory=true for exact resumption).")
-  p_train_step = pmap_train_step(
-      make_train_step(config, channels, num_examples if in_memory else None), in_memory)
+  one_step = make_train_step(config, channels, num_examples if in_memory else None)
+  step_fns = {}
+
+  def run_steps(state, k):
+    """k training steps in one dispatch (a separately compiled function per k, made on first use)."""
+    if k not in step_fns:
+      step_fns[k] = pmap_train_step(one_step if k == 1 else make_multi_step(one_step, k, in_memory),
+                                    in_memory)
+    if in_memory or k == 1:
+      data = next_data()
+    else:  # (n_dev, k, d_steps, b, H, W, C): one streamed batch per step
+      data = np.stack([next_data() for _ in range(k)], axis=1)
+    return step_fns[k](state, slots, data)
+
   sample = make_sampler(models.build_models(config, channels)[0], config.sample_bn)
   grid_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
   ema = state.g_ema is not None
@@ -361,17 +417,20 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
   t_last, step_last = None, step
   with _StopOnSignal() as stop:
     while step < config.num_steps:
-      state, metrics = p_train_step(state, slots, next_data())
+      k = min(config.steps_per_call, config.num_steps - step)
+      state, metrics = run_steps(state, k)
       pending.append(metrics)
-      step += 1
-      if t_last is None:  # the first step compiles: start the clock after it
+      step += k
+      if t_last is None:  # the first call compiles: start the clock after it
         jax.block_until_ready(metrics)
         t_last, step_last = time.time(), step
+      # Did this call's steps (step - k, step] reach a multiple of `every`?
+      reached = lambda every: step // every > (step - k) // every
       done = step == config.num_steps or stop.signal is not None
-      save = done or step % config.checkpoint_every == 0
-      log = done or step % config.log_every == 0
+      save = done or reached(config.checkpoint_every)
+      log = done or reached(config.log_every)
       if save or log:  # never checkpoint a state that is not finite
-        host = jax.device_get(pending)
+        host = _per_step(jax.device_get(pending))
         _check_finite(host, pending_start)
         fetched += host
         pending, pending_start = [], step
@@ -386,12 +445,12 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
                      "%.0f img/s | ETA %s", step, config.num_steps, mean["d_loss"], mean["g_loss"],
                      mean["d_real"], mean["d_fake"], rate, rate * config.batch_size, _fmt_eta(eta))
         fetched, t_last, step_last = [], now, step
-      if (step % config.sample_every == 0 or done) and writer.enabled:
+      if (reached(config.sample_every) or done) and writer.enabled:
         # From a host copy of G, on this process's default device: only process 0 draws samples.
         writer.write_samples(step, np.asarray(sample(jax.device_get(state.generator()), grid_z)))
         if ema:
           writer.write_samples(step, np.asarray(sample(jax.device_get(state.g), grid_z)), prefix="raw_")
-      if config.eval_every and (step % config.eval_every == 0 or done):
+      if config.eval_every and (reached(config.eval_every) or done):
         results = {}
         if scorer is not None:
           results = _evaluate(scorer, sample, state.generator(), eval_z)

@@ -194,8 +194,8 @@ def make_train_step(config: Config, channels: int,
     finite = [jnp.isfinite(metrics[k]) for k in ("d_loss", "g_loss", "g_param_norm", "d_param_norm")]
     metrics["finite"] = jnp.all(jnp.stack(finite)).astype(jnp.float32)
     g_ema = state.g_ema
-    if g_ema is not None:  # ema = decay * ema + (1 - decay) * params, after each G update
-      g_ema = optax.incremental_update(g.params, g_ema, step_size=1.0 - config.g_ema_decay)
+    if g_ema is not None:
+      g_ema = optax.incremental_update(g.params, g_ema, 1.0 - ema_decay(config.g_ema_decay, state.step + 1))
     return TrainState(step=state.step + 1, key=state.key, g=g, d=d, g_ema=g_ema), metrics
 
   return train_step
@@ -231,6 +231,15 @@ def make_multi_step(train_step: Callable, num_steps: int, in_memory: bool,
     return state, jax.tree.map(lambda *x: jnp.stack(x), *history)
 
   return multi_step
+
+
+def ema_decay(decay: float, num_updates: jax.Array) -> jax.Array:
+  """The EMA's decay after `num_updates` G updates: min(decay, (1 + n) / (10 + n)), the warm-up of
+  tf.train.ExponentialMovingAverage. Without it the average would hold the random initial weights for
+  ~1/(1 - decay) steps (63% of them after 468 steps at 0.999); with it, early on it averages over the
+  steps taken so far.  ema <- d * ema + (1 - d) * params."""
+  n = num_updates.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
 def pmap_train_step(train_step: Callable, in_memory: bool) -> Callable:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -84,11 +85,13 @@ def test_ema_generator_is_the_moving_average_of_the_generator():
   before = jax.device_get(state.g.params)
   state, _ = step(state, train.device_slots(mesh, 2), train.replicate(data, mesh))
   after = jax.device_get(state.g.params)
-  expected = jax.tree.map(lambda b, a: 0.9 * b + 0.1 * a, before, after)
+  d = min(0.9, 2 / 11)  # the warm-up: (1 + n) / (10 + n) after n = 1 update
+  expected = jax.tree.map(lambda b, a: d * b + (1 - d) * a, before, after)
   for e, got in zip(jax.tree.leaves(expected), jax.tree.leaves(jax.device_get(state.g_ema))):
     np.testing.assert_allclose(got, e, rtol=1e-6, atol=1e-7)
   assert state.generator().params is state.g_ema and state.generator(use_ema=False) is state.g
   assert train.create_train_state(Config(latent_dim=16).resolved(), 1).g_ema is None  # off by default
+  assert float(train.ema_decay(0.999, jnp.int32(10_000))) == pytest.approx(0.999)
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,8 @@ def _git_commit() -> Optional[str]:
 def config_differences(saved: dict, config: Config) -> list:
   """'name: saved -> now' for every setting outside RUN_CONTROL that differs."""
   now = dataclasses.asdict(config)
+  # A setting added after the checkpoint was written counts as its default (what the old code did).
+  saved = {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}
   return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(saved))
           if k not in RUN_CONTROL and saved.get(k) != now.get(k)]
 

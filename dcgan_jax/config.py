@@ -17,6 +17,7 @@ LOSSES = ("non_saturating", "minimax")
 OPTIMIZERS = ("adam", "rmsprop")
 SAMPLE_BN_MODES = ("running", "batch")
 IN_MEMORY_MODES = ("auto", "true", "false")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # Preset defaults that differ between the seed's Keras model and the DCGAN paper's.
 #   mnist: Keras BatchNormalization(momentum=0.8) -> running = 0.8*running + 0.2*batch, epsilon 1e-3.
@@ -52,6 +53,7 @@ class Config:
   bn_momentum: Optional[float] = None  # None: the preset's default (flax convention).
   bn_epsilon: Optional[float] = None
   dropout_rate: Optional[float] = None  # D's dropout; None: the preset's default.
+  compute_dtype: str = "float32"  # "bfloat16": mixed precision (float32 params, optimizer, BN stats, loss).
 
   # Optimisation.
   batch_size: int = 128  # Global: summed over all devices and hosts.
@@ -111,6 +113,7 @@ class Config:
     choice("optimizer", OPTIMIZERS)
     choice("sample_bn", SAMPLE_BN_MODES)
     choice("in_memory", IN_MEMORY_MODES)
+    choice("compute_dtype", COMPUTE_DTYPES)
     for name in ("batch_size", "num_steps", "latent_dim", "base_width", "d_steps", "log_every",
                  "sample_every", "num_samples", "max_in_memory_mb", "shuffle_buffer", "checkpoint_every",
                  "keep_checkpoints", "steps_per_call"):

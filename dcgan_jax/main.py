@@ -40,6 +40,8 @@ HELP = {
                    "(1-m)*batch); default: mnist 0.8 (Keras momentum=0.8), dcgan 0.9 (PyTorch's 0.1).",
     "bn_epsilon": "BatchNorm epsilon; default: mnist 1e-3 (Keras), dcgan 1e-5 (PyTorch).",
     "dropout_rate": "Discriminator dropout; default: mnist 0.3 (the seed), dcgan 0.",
+    "compute_dtype": "float32, or bfloat16 for mixed precision: convolutions and activations in bfloat16; "
+                     "parameters, optimizer states, BatchNorm statistics and losses stay float32.",
     "batch_size": "Global batch size (all devices and hosts together).",
     "num_steps": "Generator updates to train for.",
     "seed": "Seeds initialisation, noise, dropout and data order.",

@@ -17,7 +17,7 @@ Conventions shared by every module here:
 
 import functools
 import zlib
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -25,6 +25,10 @@ import jax.numpy as jnp
 
 from dcgan_jax import ops
 from dcgan_jax.config import Config
+
+# The seed's Keras layers initialise kernels with Keras' default, glorot_uniform (biases zero); flax's
+# default would be lecun_normal (8x larger for the seed's Dense(100 -> 12544)).
+_keras_init = nn.initializers.glorot_uniform()
 
 # DCGAN paper, section 4: "All weights were initialized from a zero-centered Normal distribution with
 # standard deviation 0.02." (BatchNorm scale: N(1, 0.02) as in pytorch/examples.)
@@ -62,11 +66,13 @@ class ConvTranspose(nn.Module):
   use_bias: bool = True
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
+  dtype: Any = jnp.float32  # computation dtype; the parameters stay float32
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, tuple(self.kernel_size) + (x.shape[-1], self.features))
-    y = ops.conv_transpose(x, kernel.astype(x.dtype), tuple(self.strides), self.padding)
+    x = x.astype(self.dtype)
+    y = ops.conv_transpose(x, kernel.astype(self.dtype), tuple(self.strides), self.padding)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
     return y
@@ -87,16 +93,20 @@ class MnistGenerator(nn.Module):
   bn_momentum: float = 0.8
   bn_epsilon: float = 1e-3
   bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32  # computation dtype (parameters and BatchNorm statistics stay float32)
 
   @nn.compact
   def __call__(self, z, train: bool):
     bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                           epsilon=self.bn_epsilon, axis_name=self.bn_axis_name)
-    x = bn()(nn.leaky_relu(nn.Dense(7 * 7 * 256)(z), 0.2))
+                           epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype)
+    convt = functools.partial(ConvTranspose, kernel_size=(5, 5), padding="SAME", use_bias=False,
+                              kernel_init=_keras_init, dtype=self.dtype)
+    dense = nn.Dense(7 * 7 * 256, kernel_init=_keras_init, dtype=self.dtype)
+    x = bn()(nn.leaky_relu(dense(z.astype(self.dtype)), 0.2))
     x = x.reshape(-1, 7, 7, 256)
-    x = nn.leaky_relu(bn()(ConvTranspose(128, (5, 5), (1, 1), "SAME", use_bias=False)(x)), 0.2)
-    x = nn.leaky_relu(bn()(ConvTranspose(64, (5, 5), (2, 2), "SAME", use_bias=False)(x)), 0.2)
-    return jnp.tanh(ConvTranspose(self.channels, (5, 5), (2, 2), "SAME", use_bias=False)(x))
+    x = nn.leaky_relu(bn()(convt(128, strides=(1, 1))(x)), 0.2)
+    x = nn.leaky_relu(bn()(convt(64, strides=(2, 2))(x)), 0.2)
+    return jnp.tanh(convt(self.channels, strides=(2, 2))(x)).astype(jnp.float32)
 
 
 class MnistDiscriminator(nn.Module):
@@ -107,13 +117,17 @@ class MnistDiscriminator(nn.Module):
   """
 
   dropout_rate: float = 0.3
+  dtype: Any = jnp.float32  # computation dtype; the logits are always float32
 
   @nn.compact
   def __call__(self, x, train: bool, dropout_keys: Optional[jax.Array] = None):
     keys = dropout_keys if train else None
-    x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(nn.Conv(64, (5, 5), (2, 2), "SAME")(x), 0.2), keys)
-    x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(nn.Conv(128, (5, 5), (2, 2), "SAME")(x), 0.2), keys)
-    return nn.Dense(1)(x.reshape(x.shape[0], -1))
+    conv = functools.partial(nn.Conv, kernel_size=(5, 5), strides=(2, 2), padding="SAME",
+                             kernel_init=_keras_init, dtype=self.dtype)
+    x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(conv(64)(x.astype(self.dtype)), 0.2), keys)
+    x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(conv(128)(x), 0.2), keys)
+    logits = nn.Dense(1, kernel_init=_keras_init, dtype=self.dtype)(x.reshape(x.shape[0], -1))
+    return logits.astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,21 +151,24 @@ class DCGANGenerator(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32  # computation dtype (parameters and BatchNorm statistics stay float32)
 
   @nn.compact
   def __call__(self, z, train: bool):
     bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                           epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, scale_init=_scale_init)
+                           epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, scale_init=_scale_init,
+                           dtype=self.dtype)
+    convt = functools.partial(ConvTranspose, kernel_size=(4, 4), strides=(2, 2), padding="SAME",
+                              use_bias=False, kernel_init=_dcgan_init, dtype=self.dtype)
     n_up = _num_upsamplings(self.image_size)
     width = self.base_width * 2 ** (n_up - 1)  # 64x64, base 64: 512 feature maps at 4x4
-    x = nn.Dense(4 * 4 * width, use_bias=False, kernel_init=_dcgan_init)(z).reshape(-1, 4, 4, width)
+    x = nn.Dense(4 * 4 * width, use_bias=False, kernel_init=_dcgan_init, dtype=self.dtype)(
+        z.astype(self.dtype)).reshape(-1, 4, 4, width)
     x = nn.relu(bn()(x))
     for _ in range(n_up - 1):
       width //= 2
-      x = ConvTranspose(width, (4, 4), (2, 2), "SAME", use_bias=False, kernel_init=_dcgan_init)(x)
-      x = nn.relu(bn()(x))
-    x = ConvTranspose(self.channels, (4, 4), (2, 2), "SAME", use_bias=False, kernel_init=_dcgan_init)(x)
-    return jnp.tanh(x)
+      x = nn.relu(bn()(convt(width)(x)))
+    return jnp.tanh(convt(self.channels)(x)).astype(jnp.float32)
 
 
 class DCGANDiscriminator(nn.Module):
@@ -167,20 +184,25 @@ class DCGANDiscriminator(nn.Module):
   bn_epsilon: float = 1e-5
   bn_axis_name: Optional[str] = None
   dropout_rate: float = 0.0
+  dtype: Any = jnp.float32  # computation dtype; the logits are always float32
 
   @nn.compact
   def __call__(self, x, train: bool, dropout_keys: Optional[jax.Array] = None):
     bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                           epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, scale_init=_scale_init)
+                           epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, scale_init=_scale_init,
+                           dtype=self.dtype)
+    conv = functools.partial(nn.Conv, kernel_size=(4, 4), use_bias=False, kernel_init=_dcgan_init,
+                             dtype=self.dtype)
     keys = dropout_keys if train else None
+    x = x.astype(self.dtype)
     width = self.base_width
     for i in range(_num_upsamplings(self.image_size)):
-      x = nn.Conv(width, (4, 4), (2, 2), "SAME", use_bias=False, kernel_init=_dcgan_init)(x)
+      x = conv(width, strides=(2, 2), padding="SAME")(x)
       x = nn.leaky_relu(x if i == 0 else bn()(x), 0.2)
       x = ExampleDropout(self.dropout_rate)(x, keys)
       width *= 2
-    x = nn.Conv(1, (4, 4), (1, 1), "VALID", use_bias=False, kernel_init=_dcgan_init)(x)
-    return x.reshape(x.shape[0], 1)
+    x = conv(1, strides=(1, 1), padding="VALID")(x)
+    return x.reshape(x.shape[0], 1).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,11 +213,13 @@ def build_models(config: Config, channels: int, bn_axis_name: Optional[str] = No
   training step, None for sampling outside pmap).
   """
   c = config
+  dtype = jnp.dtype(c.compute_dtype)
   if c.preset == "mnist":
-    return (MnistGenerator(channels, c.bn_momentum, c.bn_epsilon, bn_axis_name),
-            MnistDiscriminator(c.dropout_rate))
+    return (MnistGenerator(channels, c.bn_momentum, c.bn_epsilon, bn_axis_name, dtype),
+            MnistDiscriminator(c.dropout_rate, dtype))
   if c.preset == "dcgan":
-    return (DCGANGenerator(c.image_size, channels, c.base_width, c.bn_momentum, c.bn_epsilon, bn_axis_name),
+    return (DCGANGenerator(c.image_size, channels, c.base_width, c.bn_momentum, c.bn_epsilon, bn_axis_name,
+                           dtype),
             DCGANDiscriminator(c.image_size, c.base_width, c.bn_momentum, c.bn_epsilon, bn_axis_name,
-                               c.dropout_rate))
+                               c.dropout_rate, dtype))
   raise ValueError(f"unknown preset {c.preset!r}")  # unreachable after Config.validate()

@@ -12,8 +12,12 @@ WORKDIR=$1; REF_NPZ=${2:-}
 PY=${PYTHON:-python}
 run() { local label=$1; shift; echo "$label $($PY -m dcgan_jax.evaluate --data_dir=data/tfds "$@" 2>/dev/null)"; }
 run untrained --workdir="$WORKDIR" --step=0
+# The run's default generator (its EMA one with --g_ema_decay), with running and with batch BatchNorm
+# statistics, then the raw generator.
 run trained_running_bn --workdir="$WORKDIR"
 run trained_batch_bn --workdir="$WORKDIR" --sample_bn=batch
+run trained_raw_running_bn --workdir="$WORKDIR" --use_ema=false
+run trained_raw_batch_bn --workdir="$WORKDIR" --use_ema=false --sample_bn=batch
 if [ -n "$REF_NPZ" ]; then
   run torch_eval_bn --samples="$REF_NPZ" --samples_key=eval --dataset=fashion_mnist
   run torch_train_bn --samples="$REF_NPZ" --samples_key=train --dataset=fashion_mnist

@@ -72,7 +72,8 @@ def test_benchmark_prints_one_json_line_without_tensorflow():
   import sys
   from helpers import ROOT, cli_env
   code = ("import sys, runpy; sys.argv = ['benchmark', '--batch_size=8', '--steps=2', '--warmup=0', "
-          "'--num_examples=64']; runpy.run_module('dcgan_jax.benchmark', run_name='__main__')\n")
+          "'--num_examples=64', '--compute_dtype=bfloat16', '--steps_per_call=2']; "
+          "runpy.run_module('dcgan_jax.benchmark', run_name='__main__')\n")
   # Poison TensorFlow and tfds: the training core and the benchmark must not import them.
   code = "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n" + code
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(2), capture_output=True, text=True,
@@ -83,3 +84,4 @@ def test_benchmark_prints_one_json_line_without_tensorflow():
               "peak_memory_bytes"):
     assert key in result
   assert result["batch_size"] == 8 and result["devices"] == 2 and result["finite"]
+  assert result["compute_dtype"] == "bfloat16" and result["steps"] == 2 and result["steps_per_call"] == 2

@@ -125,6 +125,7 @@ def test_training_logs_evaluations_keeps_the_best_and_writes_a_gif(tiny_run):
 
 
 def test_sample_cli(tiny_run, tmp_path):
+  from dcgan_jax import sample
   out = str(tmp_path / "s.npy")
   result = run_tool("sample", [f"--workdir={tiny_run}", "--num=5", f"--out={out}"])
   assert result.returncode == 0, result.stderr[-2000:]
@@ -132,18 +133,17 @@ def test_sample_cli(tiny_run, tmp_path):
   assert images.shape == (5, 28, 28, 1) and images.dtype == np.float32
   assert -1 <= images.min() and images.max() <= 1
   # The same images from the generator export (EMA weights) as from the newest checkpoint's EMA weights.
-  export = str(tmp_path / "e.npy")
-  assert run_tool("sample", [f"--workdir={tiny_run}/generator", "--num=5", f"--out={export}"]).returncode == 0
-  np.testing.assert_allclose(np.load(export), images, atol=1e-6)
+  generate, config, step, used_ema = sample.load(os.path.join(tiny_run, "generator"))
+  assert step == 6 and used_ema
+  np.testing.assert_allclose(generate(sample.latents(config, 5)), images, atol=1e-6)
   # Step 0: the untrained generator, rebuilt from the run's seed.
-  init = str(tmp_path / "init.npy")
-  assert run_tool("sample", [f"--workdir={tiny_run}", "--num=5", "--step=0", f"--out={init}"]).returncode == 0
-  config = Config(**json.load(open(os.path.join(tiny_run, "config.json")))["config"]).resolved()
+  generate, config, step, _ = sample.load(tiny_run, step=0)
   from dcgan_jax import models, randomness
+  state = train.create_train_state(config, 1)
   expected = models.build_models(config, 1)[0].apply(
-      {"params": (s := train.create_train_state(config, 1)).g.params, "batch_stats": s.g.batch_stats},
+      {"params": state.g.params, "batch_stats": state.g.batch_stats},
       randomness.eval_latents(jax.random.key(config.seed), 5, config.latent_dim), train=False)
-  np.testing.assert_allclose(np.load(init), expected, atol=1e-5)
+  np.testing.assert_allclose(generate(sample.latents(config, 5)), expected, atol=1e-5)
   png = str(tmp_path / "walk.png")
   result = run_tool("sample", [f"--workdir={tiny_run}", "--interpolate", "--num=2",
                                "--interpolation_steps=4", f"--out={png}", "--use_ema=false"])
@@ -158,6 +158,7 @@ def test_sample_cli(tiny_run, tmp_path):
 
 
 def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
+  from dcgan_jax import evaluate, sample
   common = [f"--data_dir={tiny_data_dir}", f"--evaluator_dir={evaluator_dir}", "--num_samples=16"]
   result = run_tool("evaluate", [f"--workdir={tiny_run}"] + common)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -171,19 +172,15 @@ def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
   assert report["fid"] == pytest.approx([l for l in logged if l.get("step") == 6 and "fid" in l][0]["fid"],
                                         rel=1e-4)
   # Samples made elsewhere, as uint8 without a channel axis in an .npz of several arrays.
-  np.savez(tmp_path / "other.npz", train=np.zeros((16, 28, 28), np.uint8),
-           eval=np.load(_sample(tiny_run, tmp_path)).squeeze(-1))
+  generate, config, _, _ = sample.load(tiny_run)
+  ours = evaluator.as_uint8_images(generate(sample.latents(config, 16)), (28, 28, 1))
+  np.savez(tmp_path / "other.npz", train=np.zeros((16, 28, 28), np.uint8), eval=ours[..., 0])
   result = run_tool("evaluate", ["--samples=" + str(tmp_path / "other.npz"), "--samples_key=eval",
                                  "--dataset=fashion_mnist"] + common)
   assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads(result.stdout.strip().splitlines()[-1])["fid"] == pytest.approx(report["fid"], rel=1e-4)
-  bad = run_tool("evaluate", ["--samples=" + str(tmp_path / "other.npz"), "--dataset=fashion_mnist"] + common)
-  assert bad.returncode == 2 and "--samples_key" in bad.stderr and len(bad.stderr.splitlines()) == 1
-  best = run_tool("evaluate", [f"--workdir={tiny_run}", "--best", "--reference=false"] + common)
-  assert best.returncode == 0, best.stderr[-2000:]
-
-
-def _sample(workdir, tmp_path):
-  out = str(tmp_path / "ours.npy")
-  assert run_tool("sample", [f"--workdir={workdir}", "--num=16", f"--out={out}"]).returncode == 0
-  return out
+  kwargs = dict(data_dir=tiny_data_dir, evaluator_dir=evaluator_dir, num_samples=16)
+  with pytest.raises(ConfigError, match="--samples_key"):
+    evaluate.evaluate(samples=str(tmp_path / "other.npz"), dataset="fashion_mnist", **kwargs)
+  best = evaluate.evaluate(workdir=tiny_run, best=True, reference=False, **kwargs)
+  assert best["fid"] == pytest.approx(min(l["fid"] for l in logged if "fid" in l), rel=1e-4)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -107,3 +109,26 @@ def test_conv_transpose_matches_flax_in_outputs_and_gradients(shape, features, k
   g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), g_ours, g_ref)
+
+
+@pytest.mark.parametrize("preset,size", [("mnist", 28), ("dcgan", 32)])
+def test_bfloat16_compute_keeps_float32_state_and_close_outputs(preset, size):
+  """--compute_dtype=bfloat16: the same parameters (shapes, dtype float32, values at init), float32
+  outputs and BatchNorm statistics, and outputs within bfloat16 rounding of the float32 model's."""
+  f32 = Config(preset=preset, image_size=size, base_width=8, latent_dim=16).resolved()
+  bf16 = dataclasses.replace(f32, compute_dtype="bfloat16")
+  (g32, d32), (g16, d16) = models.build_models(f32, 1), models.build_models(bf16, 1)
+  z = jax.random.normal(jax.random.key(0), (8, 16))
+  v32 = g32.init(jax.random.key(1), z, train=False)
+  v16 = g16.init(jax.random.key(1), z, train=False)
+  jax.tree.map(np.testing.assert_array_equal, v32, v16)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(v16))
+  x32, s32 = g32.apply(v32, z, train=True, mutable=["batch_stats"])
+  x16, s16 = g16.apply(v16, z, train=True, mutable=["batch_stats"])
+  assert x16.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16))
+  np.testing.assert_allclose(x16, x32, atol=0.05)
+  assert not np.array_equal(x16, x32)  # it did compute in bfloat16
+  dv = d32.init(jax.random.key(2), x32, train=False)
+  l32, l16 = d32.apply(dv, x32, train=False), d16.apply(dv, x32, train=False)
+  assert l16.dtype == jnp.float32
+  np.testing.assert_allclose(l16, l32, atol=0.05 * float(np.abs(l32).max()) + 1e-3)

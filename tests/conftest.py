@@ -12,6 +12,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dcgan_jax_xla_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# Evaluator networks trained by the tests go to a temporary cache, not the user's ~/.cache.
+if "XDG_CACHE_HOME" not in os.environ:
+  import tempfile
+  os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dcgan_jax_cache_")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402

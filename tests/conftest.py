@@ -1,6 +1,7 @@
 """Test setup: 4 virtual CPU devices (before JAX starts), quiet TensorFlow, the repo on sys.path."""
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -8,14 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the session and its CLI subprocesses: the same step function
 # is compiled by many short runs (resume, kill, topology tests); caching cuts most of their time.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import tempfile
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dcgan_jax_xla_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-# Evaluator networks trained by the tests go to a temporary cache, not the user's ~/.cache.
-if "XDG_CACHE_HOME" not in os.environ:
-  import tempfile
-  os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dcgan_jax_cache_")
+# Evaluator networks trained by the tests go to a temporary cache, never the user's (~/.cache).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dcgan_jax_cache_")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402

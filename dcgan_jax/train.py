@@ -416,7 +416,10 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
   if config.eval_every:
     best_checkpointer = checkpoints.Checkpointer(workdir, config, subdir="best", max_to_keep=1)
     best = (best_checkpointer.latest_score() or {}).get("fid", float("inf"))
-    scorer = _make_scorer(config, shape) if writer.enabled else None
+    # Every process evaluates (the same computation on the same data), so that all arrive at the
+    # best-checkpoint decision together: a process waiting on another's minute-long evaluation would
+    # time out in the collective (gloo: 30 s). Process 0's FID decides; only process 0 writes.
+    scorer = _make_scorer(config, shape)
     eval_z = randomness.eval_latents(jax.random.key(config.seed), config.eval_samples, config.latent_dim)
 
   # ---- Train ----------------------------------------------------------------------------------------
@@ -460,14 +463,13 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
         if ema:
           writer.write_samples(step, np.asarray(sample(jax.device_get(state.g), grid_z)), prefix="raw_")
       if config.eval_every and (reached(config.eval_every) or done):
-        results = {}
-        if scorer is not None:
-          results = _evaluate(scorer, sample, state.generator(), eval_z)
-          if ema:
-            results.update({f"{k}_raw": v for k, v in _evaluate(scorer, sample, state.g, eval_z).items()})
-          writer.write_metrics(step, results)
+        results = _evaluate(scorer, sample, state.generator(), eval_z)
+        if ema:
+          results.update({f"{k}_raw": v for k, v in _evaluate(scorer, sample, state.g, eval_z).items()})
+        writer.write_metrics(step, results)
+        if writer.enabled:
           logging.info("step %d | %s", step, " ".join(f"{k} {v:.4g}" for k, v in results.items()))
-        fid = _broadcast(results.get("fid", 0.0))  # every process takes the same decision
+        fid = _broadcast(results["fid"])  # every process takes the same decision
         if fid < best:
           best = fid
           best_checkpointer.save(state, step, score=dict(fid=fid, step=step, ema=ema))

@@ -126,13 +126,21 @@ def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
   """The cached evaluator for (dataset, image shape, train size), trained and cached first if absent."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.config import Config  # pylint: disable=g-import-not-at-top
   cache_dir = cache_dir or DEFAULT_DIR
-  train_x, train_y, num_classes = input_pipeline.load_labeled(dataset, "train", data_dir, image_shape)
-  path = os.path.abspath(cache_path(cache_dir, dataset, image_shape, len(train_x)))
+  # The train size keys the cache; read it from the metadata, so that a cached evaluator is loaded
+  # without reading the train split (only tfds.testing.mock_data has no sizes: then count).
+  train = None
+  num_train = input_pipeline.dataset_spec(Config(dataset=dataset, data_dir=data_dir)).num_examples
+  if num_train is None:
+    train = input_pipeline.load_labeled(dataset, "train", data_dir, image_shape)
+    num_train = len(train[0])
+  path = os.path.abspath(cache_path(cache_dir, dataset, image_shape, num_train))
   meta_path = os.path.join(path, "evaluator.json")
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
+    num_classes = meta["num_classes"]
     like = {"params": Classifier(num_classes).init(jax.random.key(0), jnp.zeros((1,) + image_shape))[
         "params"]}
     with ocp.StandardCheckpointer() as checkpointer:
@@ -143,6 +151,8 @@ def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
   # ---- Train, test, and cache (written to a temporary directory, then renamed: never half-written) --
   logging.info("Training the %s evaluator (cached in %s afterwards).", dataset, path)
   t0 = time.time()
+  train_x, train_y, num_classes = train or input_pipeline.load_labeled(dataset, "train", data_dir,
+                                                                       image_shape)
   variables = train_classifier(train_x, train_y, num_classes, TRAIN["seed"], TRAIN["epochs"],
                                TRAIN["batch_size"], TRAIN["learning_rate"])
   test_x, test_y, _ = input_pipeline.load_labeled(dataset, _test_split(dataset, data_dir), data_dir,

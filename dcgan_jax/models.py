@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dcgan_jax import ops
+from dcgan_jax import randomness
 from dcgan_jax.config import Config
 
 # The seed's Keras layers initialise kernels with Keras' default, glorot_uniform (biases zero); flax's
@@ -51,7 +52,7 @@ class ExampleDropout(nn.Module):
     # Fold in a stable hash of this layer's name so two dropout layers never share a mask
     # (crc32, not hash(): Python salts str hashes per process).
     layer_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, zlib.crc32((self.name or "").encode()))
-    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, x.shape[1:]))(layer_keys)
+    keep = randomness.example_bernoulli(layer_keys, 1.0 - self.rate, x.shape[1:])
     return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 
@@ -73,6 +74,29 @@ class ConvTranspose(nn.Module):
     kernel = self.param("kernel", self.kernel_init, tuple(self.kernel_size) + (x.shape[-1], self.features))
     x = x.astype(self.dtype)
     y = ops.conv_transpose(x, kernel.astype(self.dtype), tuple(self.strides), self.padding)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
+    return y
+
+
+class Conv(nn.Module):
+  """flax.linen.Conv (same `kernel` (kh, kw, cin, cout) and `bias` parameters, same output) computed by
+  ops.conv, whose input and weight gradients are fast on XLA:CPU (see ops.py)."""
+
+  features: int
+  kernel_size: tuple
+  strides: tuple = (1, 1)
+  padding: str = "SAME"
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+  dtype: Any = jnp.float32  # computation dtype; the parameters stay float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, tuple(self.kernel_size) + (x.shape[-1], self.features))
+    x = x.astype(self.dtype)
+    y = ops.conv(x, kernel.astype(self.dtype), tuple(self.strides), self.padding)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
     return y
@@ -122,7 +146,7 @@ class MnistDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool, dropout_keys: Optional[jax.Array] = None):
     keys = dropout_keys if train else None
-    conv = functools.partial(nn.Conv, kernel_size=(5, 5), strides=(2, 2), padding="SAME",
+    conv = functools.partial(Conv, kernel_size=(5, 5), strides=(2, 2), padding="SAME",
                              kernel_init=_keras_init, dtype=self.dtype)
     x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(conv(64)(x.astype(self.dtype)), 0.2), keys)
     x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(conv(128)(x), 0.2), keys)
@@ -191,7 +215,7 @@ class DCGANDiscriminator(nn.Module):
     bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                            epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, scale_init=_scale_init,
                            dtype=self.dtype)
-    conv = functools.partial(nn.Conv, kernel_size=(4, 4), use_bias=False, kernel_init=_dcgan_init,
+    conv = functools.partial(Conv, kernel_size=(4, 4), use_bias=False, kernel_init=_dcgan_init,
                              dtype=self.dtype)
     keys = dropout_keys if train else None
     x = x.astype(self.dtype)

@@ -1,20 +1,33 @@
-"""A transposed convolution whose weight gradient is fast on XLA:CPU.
+"""Strided convolutions whose slow XLA:CPU code paths are replaced by equivalent fast ones.
 
 `conv_transpose(x, kernel, strides, padding)` computes exactly `jax.lax.conv_transpose` (flax's
-`nn.ConvTranspose`, transpose_kernel=False). Only its weight gradient differs in *how* it is computed.
+`nn.ConvTranspose`, transpose_kernel=False), and `conv(x, kernel, strides, padding)` exactly
+`jax.lax.conv_general_dilated` (flax's `nn.Conv`). What differs is *how* they are computed on the CPU
+backend; elsewhere (cuDNN on GPU, TPU) both are XLA's own ops.
 
-Why: XLA:CPU computes the weight gradient of a strided transposed convolution (a convolution with
-lhs_dilation) very slowly: ~0.5 s of the seed model's ~1 s training step at batch 128 on 2 cores, where
-PyTorch takes ~60 ms for the whole layer (jax-ml/jax#23783, jax-ml/jax#31662, openxla/xla#34273).
-Writing the dilation out explicitly does not help (the weight gradient becomes a convolution with a huge
-window, just as slow). What is fast everywhere is a matrix product, so the custom VJP computes
+Why: XLA:CPU runs a convolution with lhs_dilation (the forward pass of a strided transposed convolution,
+and the input gradient of a strided convolution) and the weight gradient of a strided transposed
+convolution over the zeros of the dilated input. In the seed model at batch 128 on 2 cores the
+7x7x128 -> 14x14x64 weight gradient alone took ~0.5 s of a ~1 s step, where PyTorch takes ~60 ms for the
+whole layer (jax-ml/jax#23783, jax-ml/jax#31662, openxla/xla#34273). Writing the dilation out explicitly
+does not help: the zeros are still multiplied. Three rewrites multiply no zeros:
 
-    dW[kh, kw] = sum over (b, y, x) of  x_dilated_padded[b, y + kh, x + kw, :]^T  g[b, y, x, :]
+* Sub-pixel form (forward of conv_transpose, input gradient of conv). A stride-s transposed correlation
+  splits into s*s output phases: output pixel s*m + p only meets the kernel taps a with
+  (p + a - before) divisible by s, at input pixel m + (p + a - before) / s. Each phase is a *stride-1*
+  convolution with a sub-kernel, and the phases interleave (depth-to-space) into the output. When the
+  phases' tap offsets line up (5x5 kernels, stride 2: at most 1.44x the exact FLOPs) one convolution
+  with s*s*cout output channels computes them all; otherwise (4x4 kernels: 2.25x) one per phase.
+* Tap-wise weight gradient (conv_transpose): dW[kh, kw] = sum over (b, y, x) of
+  x_dilated_padded[b, y + kh, x + kw, :]^T g[b, y, x, :]. For each tap only the output positions of one
+  residue class mod s meet real input pixels, so tap (kh, kw) is one (cin x N) @ (N x cout) matmul over
+  the N = batch * h * w input pixels.
+* Patch weight gradient (conv with few input channels, e.g. an image layer): XLA:CPU is slow at the
+  weight gradient of a convolution with 1-3 input channels (33 ms at 2 x 128 x 28 x 28 x 1 -> 64); as
+  one matmul of the (kh * kw * cin)-wide image patches with the output gradient it takes 10 ms.
 
-tap by tap. x_dilated_padded is zero except on a stride-s lattice, so for each tap only the output
-positions of one residue class mod s meet real input pixels: tap (kh, kw) is one (cin x N) @ (N x cout)
-product over N = batch * h * w input pixels, with no zeros multiplied (s*s fewer FLOPs than the dilated
-form). The input gradient stays XLA's own (it is a plain strided convolution, already fast).
+Measured per layer by experiments/conv_bench.py; each rewrite is tested against XLA's
+formulation in outputs and gradients (tests/test_models.py).
 """
 
 import functools
@@ -22,10 +35,78 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+# --------------------------------------------------------------------------------------------------
+# Sub-pixel form of a stride-s transposed correlation
+# --------------------------------------------------------------------------------------------------
+def _phase_taps(k: int, s: int, before: int):
+  """Per output phase p in [0, s): the (tap a, input offset d) pairs with p + a - before = s * d."""
+  return [[(a, (p + a - before) // s) for a in range(k) if (p + a - before) % s == 0] for p in range(s)]
+
+
+def _sub_kernel(kernel, taps_y, taps_x, lo_y, lo_x, n_y, n_x):
+  """kernel (kh, kw, cin, cout) -> (n_y, n_x, len(taps_y), len(taps_x), cin, cout): for each pair of
+  phases, the taps placed at their offsets (minus lo), zeros where a phase has no tap. A gather with
+  constant indices, so its gradient is a scatter-add back onto the kernel."""
+  def index(taps, lo, n):
+    idx, mask = np.zeros((n, len(taps)), np.int32), np.zeros((n, len(taps)), bool)
+    for p, pairs in enumerate(taps):
+      for a, d in pairs:
+        idx[d - lo, p], mask[d - lo, p] = a, True
+    return idx, mask
+  (iy, my), (ix, mx) = index(taps_y, lo_y, n_y), index(taps_x, lo_x, n_x)
+  k = kernel[iy[:, None, :, None], ix[None, :, None, :]]
+  return jnp.where((my[:, None, :, None] & mx[None, :, None, :])[..., None, None], k, 0).astype(kernel.dtype)
+
+
+def _offset_range(taps):
+  """(lo, n): the offsets of all phases' taps, widened to include 0 so the padding is never negative."""
+  offsets = [d for pairs in taps for _, d in pairs] + [0]
+  return min(offsets), max(offsets) - min(offsets) + 1
+
+
+def subpixel_transposed(x, kernel, strides, before):
+  """y[s*m + p] = sum over taps a with (p + a - before) % s == 0 of x[m + (p + a - before) / s] @ kernel[a]
+  per spatial axis (x is zero outside its extent), for m in [0, h): x (B, h, w, cin), kernel
+  (kh, kw, cin, cout) -> y (B, sy*h, sx*w, cout). With before = the transposed convolution's padding this
+  is lax.conv_transpose(x, kernel, strides, 'SAME'); see the module docstring."""
+  (kh, kw, cin, cout), (sy, sx) = kernel.shape, strides
+  b, h, w, _ = x.shape
+  taps_y, taps_x = _phase_taps(kh, sy, before[0]), _phase_taps(kw, sx, before[1])
+  conv = lambda k, lo_y, n_y, lo_x, n_x: jax.lax.conv_general_dilated(
+      x, k, (1, 1), [(-lo_y, lo_y + n_y - 1), (-lo_x, lo_x + n_x - 1)], dimension_numbers=_DN)
+  (lo_y, n_y), (lo_x, n_x) = _offset_range(taps_y), _offset_range(taps_x)
+  if n_y * n_x * sy * sx <= 1.5 * kh * kw:  # one convolution computes every phase
+    k = _sub_kernel(kernel, taps_y, taps_x, lo_y, lo_x, n_y, n_x)  # (n_y, n_x, sy, sx, cin, cout)
+    y = conv(k.transpose(0, 1, 4, 2, 3, 5).reshape(n_y, n_x, cin, sy * sx * cout), lo_y, n_y, lo_x, n_x)
+    y = y.reshape(b, h, w, sy, sx, cout)
+  else:  # one convolution per phase, each with exactly its own taps
+    phases = []
+    for ty in taps_y:
+      row = []
+      for tx in taps_x:
+        if not ty or not tx:
+          row.append(jnp.zeros((b, h, w, cout), x.dtype))
+          continue
+        (ly, ny), (lx, nx) = _offset_range([ty]), _offset_range([tx])
+        k = _sub_kernel(kernel, [ty], [tx], ly, lx, ny, nx)[:, :, 0, 0]
+        row.append(conv(k, ly, ny, lx, nx))
+      phases.append(jnp.stack(row, axis=3))  # (B, h, w, sx, cout)
+    y = jnp.stack(phases, axis=3)  # (B, h, w, sy, sx, cout)
+  return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * sy, w * sx, cout)
+
+
+# --------------------------------------------------------------------------------------------------
+# conv_transpose: sub-pixel forward, tap-wise weight gradient
+# --------------------------------------------------------------------------------------------------
 def _padding(k: int, s: int, padding: str):
   """(before, after) padding of the dilated input, exactly as jax.lax.conv_transpose computes it."""
   if padding == "SAME":
@@ -50,10 +131,23 @@ def _tap_range(tap: int, before: int, stride: int, n_in: int, n_out: int):
   return y0, i0, count
 
 
+def _lax_conv_transpose(x, kernel, strides, padding):
+  return jax.lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
+
+
+def use_subpixel_forward(strides, padding: str) -> bool:
+  """conv_transpose's forward pass in sub-pixel form: strided 'SAME' layers on XLA:CPU (the seed model,
+  batch 128: 7x7x128 -> 14x14x64 52 -> 36 ms)."""
+  return max(strides) > 1 and padding == "SAME" and _on_cpu()
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_transpose(x, kernel, strides, padding):
   """x (B, h, w, cin), kernel (kh, kw, cin, cout) -> (B, H, W, cout); = jax.lax.conv_transpose."""
-  return jax.lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
+  if use_subpixel_forward(strides, padding):
+    before = tuple(_padding(k, s, padding)[0] for k, s in zip(kernel.shape[:2], strides))
+    return subpixel_transposed(x, kernel, strides, before)
+  return _lax_conv_transpose(x, kernel, strides, padding)
 
 
 def _fwd(x, kernel, strides, padding):
@@ -62,18 +156,18 @@ def _fwd(x, kernel, strides, padding):
 
 def use_tap_gradient(strides, features: int) -> bool:
   """Where the tap-wise weight gradient pays off on XLA:CPU (measured by
-  experiments/conv_transpose_bench.py): strided layers with >= 16 output channels (seed model, batch
+  experiments/conv_bench.py): strided layers with >= 16 output channels (seed model, batch
   128, 7x7x128 -> 14x14x64: 0.90 s -> 0.13 s). With 1 output channel (14x14x64 -> 28x28x1) both take
   ~12 ms, and XLA's is kept. Other backends keep XLA's (cuDNN on GPU)."""
-  return max(strides) > 1 and features >= 16 and jax.default_backend() == "cpu"
+  return max(strides) > 1 and features >= 16 and _on_cpu()
 
 
 def _bwd(strides, padding, residuals, g):
   x, kernel = residuals
-  xla = lambda x_, k_: jax.lax.conv_transpose(x_, k_, strides, padding, dimension_numbers=_DN)
+  xla = lambda x_, k_: _lax_conv_transpose(x_, k_, strides, padding)
   if not use_tap_gradient(strides, kernel.shape[-1]):
     return jax.vjp(xla, x, kernel)[1](g)
-  (dx,) = jax.vjp(lambda x_: xla(x_, kernel), x)[1](g)
+  (dx,) = jax.vjp(lambda x_: xla(x_, kernel), x)[1](g)  # a plain strided convolution: fast
   kh, kw = kernel.shape[:2]
   (bh, _), (bw, _) = _padding(kh, strides[0], padding), _padding(kw, strides[1], padding)
   rows = []
@@ -94,3 +188,65 @@ def _bwd(strides, padding, residuals, g):
 
 
 conv_transpose.defvjp(_fwd, _bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# conv: XLA's forward; sub-pixel input gradient, patch weight gradient
+# --------------------------------------------------------------------------------------------------
+def _lax_conv(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
+
+
+def _same_before(n_in: int, k: int, s: int) -> int:
+  """The leading padding of a 'SAME' convolution (lax.padtype_to_pads)."""
+  n_out = -(-n_in // s)
+  return max((n_out - 1) * s + k - n_in, 0) // 2
+
+
+def use_subpixel_input_gradient(in_hw, strides, padding: str) -> bool:
+  """conv's input gradient in sub-pixel form: strided 'SAME' layers whose input size is a multiple of
+  the stride, on XLA:CPU (seed D, 2 x 128 x 14x14x64 -> 7x7x128: 120 -> 83 ms)."""
+  return (max(strides) > 1 and padding == "SAME" and _on_cpu()
+          and all(n % s == 0 for n, s in zip(in_hw, strides)))
+
+
+def use_patch_gradient(kernel_shape) -> bool:
+  """conv's weight gradient as one matmul of image patches: few input channels (patch width <= 256) on
+  XLA:CPU (seed D's 28x28x1 -> 64 layer: 33 -> 10 ms). With 64 input channels XLA's is faster."""
+  kh, kw, cin, _ = kernel_shape
+  return kh * kw * cin <= 256 and _on_cpu()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x, kernel, strides, padding):
+  """x (B, H, W, cin), kernel (kh, kw, cin, cout) -> (B, H', W', cout); = lax.conv_general_dilated."""
+  return _lax_conv(x, kernel, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+  return conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_bwd(strides, padding, residuals, g):
+  x, kernel = residuals
+  xla = jax.vjp(lambda x_, k_: _lax_conv(x_, k_, strides, padding), x, kernel)[1]
+  kh, kw, cin, cout = kernel.shape
+  if use_subpixel_input_gradient(x.shape[1:3], strides, padding):
+    # dx[s*j + r] = sum over taps a with (r + b - a) % s == 0 of g[j + (r + b - a) / s] @ kernel[a]^T:
+    # the transposed correlation with the flipped kernel and leading padding k - 1 - b.
+    before = tuple(k - 1 - _same_before(n, k, s) for n, k, s in zip(x.shape[1:3], (kh, kw), strides))
+    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)  # (kh, kw, cout, cin)
+    dx = subpixel_transposed(g, flipped, strides, before)
+  else:
+    dx = xla(g)[0]
+  if use_patch_gradient(kernel.shape):
+    # patches: (B, H', W', cin * kh * kw), ordered (cin, kh, kw) as lax documents.
+    patches = jax.lax.conv_general_dilated_patches(x, (kh, kw), strides, padding, dimension_numbers=_DN)
+    dw = jnp.einsum("byxp,byxo->po", patches, g, preferred_element_type=jnp.float32)
+    dw = dw.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3).astype(kernel.dtype)
+  else:
+    dw = xla(g)[1]
+  return dx, dw
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)

@@ -47,3 +47,22 @@ def test_latents_depend_only_on_the_global_slot():
   assert not np.allclose(z_all, z_next)
   assert not np.allclose(z_all, randomness.latents(step_keys.z(1), 100))
   assert abs(float(jnp.std(z_all)) - 1.0) < 0.1
+
+
+def test_permuted_index_is_a_seeded_bijection_that_shuffles():
+  key = randomness.purpose_key(jax.random.key(0), randomness.DATA)
+  for n in (1, 2, 3, 7, 64, 1000, 60001):
+    perm = np.asarray(randomness.permuted_index(key, jnp.arange(n), n))
+    assert sorted(perm) == list(range(n)), n
+  n = 60000
+  perm = np.asarray(randomness.permuted_index(key, jnp.arange(n), n))
+  # Statistics of a uniform random permutation: no order kept, ~1 fixed point, mean |step| ~ n/3.
+  assert abs(np.corrcoef(np.arange(n), perm)[0, 1]) < 0.02
+  assert (perm == np.arange(n)).sum() < 10
+  assert 0.32 < np.abs(np.diff(perm)).mean() / n < 0.35
+  other = np.asarray(randomness.permuted_index(jax.random.fold_in(key, 1), jnp.arange(n), n))
+  assert (perm == other).mean() < 0.01  # another key, another permutation
+  # Element-wise: any subset of offsets, with per-element keys, gives the same images.
+  np.testing.assert_array_equal(
+      randomness.permuted_index(jnp.stack([key] * 5), jnp.array([4, 0, 59999, 17, 4]), n),
+      perm[[4, 0, 59999, 17, 4]])

@@ -91,24 +91,53 @@ def test_dropout_mask_depends_only_on_the_examples_key():
 @pytest.mark.parametrize("shape,features,kernel,strides,padding", [
     ((2, 7, 7, 16), 16, (5, 5), (2, 2), "SAME"),  # the mnist preset's 7x7 -> 14x14 layer, scaled down
     ((2, 4, 4, 8), 16, (4, 4), (2, 2), "SAME"),  # the dcgan preset's layers
+    ((2, 14, 14, 1), 16, (5, 5), (2, 2), "SAME"),  # an image layer (patch weight gradient in conv)
     ((2, 5, 6, 3), 16, (3, 3), (2, 2), "SAME"),
     ((2, 5, 5, 3), 16, (4, 4), (2, 2), "VALID"),
     ((2, 5, 5, 3), 16, (5, 5), (3, 3), "SAME"),
+    ((2, 3, 4, 3), 4, (2, 3), (2, 3), "SAME"),
+    ((2, 3, 3, 4), 5, (1, 1), (2, 2), "SAME"),  # a phase with no tap at all
     ((2, 5, 5, 3), 2, (5, 5), (1, 1), "SAME"),
 ])
-def test_conv_transpose_matches_flax_in_outputs_and_gradients(shape, features, kernel, strides, padding):
+@pytest.mark.parametrize("layer", ["ConvTranspose", "Conv"])
+def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features, kernel, strides, padding):
+  """models.ConvTranspose / models.Conv (ops.py's CPU formulations) = flax's nn.ConvTranspose / nn.Conv:
+  same parameters, outputs and gradients (w.r.t. parameters and input) within float32 rounding."""
   from dcgan_jax import ops
-  ours = models.ConvTranspose(features, kernel, strides, padding)
-  ref = nn.ConvTranspose(features, kernel, strides, padding)
+  if layer == "Conv":  # the input of the strided convolution that a transposed one would invert
+    shape = (shape[0], shape[1] * strides[0], shape[2] * strides[1], shape[3])
+  ours = getattr(models, layer)(features, kernel, strides, padding)
+  ref = getattr(nn, layer)(features, kernel, strides, padding)
   x = jax.random.normal(jax.random.key(0), shape)
   variables = ref.init(jax.random.key(1), x)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
-  assert ops.use_tap_gradient(strides, features) == (max(strides) > 1)  # the CPU path is exercised
-  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+  # The CPU rewrites are exercised (not XLA's own ops) wherever they apply.
+  strided = max(strides) > 1
+  if layer == "ConvTranspose":
+    assert ops.use_subpixel_forward(strides, padding) == (strided and padding == "SAME")
+    assert ops.use_tap_gradient(strides, features) == (strided and features >= 16)
+  else:
+    assert ops.use_subpixel_input_gradient(shape[1:3], strides, padding) == (strided and padding == "SAME")
+    assert ops.use_patch_gradient(kernel + (shape[-1], features)) == (np.prod(kernel) * shape[-1] <= 256)
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=2e-5, rtol=1e-5)
   loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
   g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), g_ours, g_ref)
+
+
+def test_subpixel_form_takes_both_branches():
+  """One convolution for all phases when it wastes little (5x5, stride 2), one per phase otherwise (4x4);
+  both equal lax.conv_transpose."""
+  from dcgan_jax import ops
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  for k in (5, 4):
+    w = jax.random.normal(jax.random.key(1), (k, k, 3, 2))
+    before = ops._padding(k, 2, "SAME")[0]
+    jaxpr = str(jax.make_jaxpr(lambda x, w: ops.subpixel_transposed(x, w, (2, 2), (before, before)))(x, w))
+    assert jaxpr.count("conv_general_dilated") == (1 if k == 5 else 4)
+    ref = jax.lax.conv_transpose(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(ops.subpixel_transposed(x, w, (2, 2), (before, before)), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset,size", [("mnist", 28), ("dcgan", 32)])

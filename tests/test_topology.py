@@ -11,7 +11,7 @@ from helpers import ROOT, cli_env, run_cli
 
 def args(data_dir, workdir):
   return ["--dataset=fashion_mnist", f"--data_dir={data_dir}", f"--workdir={workdir}", "--batch_size=8",
-          "--latent_dim=32", "--num_steps=20", "--checkpoint_every=20", "--log_every=5",
+          "--latent_dim=32", "--num_steps=20", "--checkpoint_every=20", "--log_every=1",
           "--sample_every=1000"]
 
 
@@ -56,16 +56,23 @@ def test_1_2_4_8_devices_and_2_processes_agree(tiny_data_dir, tmp_path):
     state, step = checkpoints.read_state_numpy(workdir)
     assert step == 20
     gaps[name] = checkpoints.relative_l2(parameters(state), parameters(reference))
-    for (d, g), (d_ref, g_ref) in zip(losses(workdir), ref_losses):
-      assert abs(d - d_ref) < 1e-3 and abs(g - g_ref) < 1e-3, name
+    loss_gaps = [max(abs(d - d_ref), abs(g - g_ref)) for (d, g), (d_ref, g_ref) in zip(losses(workdir), ref_losses)]
+    assert len(loss_gaps) == 20
+    # Steps 1 and 2 (before any update; after one) agree to rounding: the data, noise, dropout masks and
+    # BatchNorm statistics are those of the global batch on every topology (a per-device BatchNorm, key or
+    # data order would differ here by ~1e-2). Measured: <= 1.2e-7 and <= 6e-7.
+    assert loss_gaps[0] < 1e-6 and loss_gaps[1] < 1e-5, (name, loss_gaps)
+    assert max(loss_gaps) < 1e-2, (name, loss_gaps)
   print("relative L2 vs 1x4 after 20 steps:", gaps)
-  # Not the 1e-4: after one step the runs differ by rounding only (~1e-9), but Adam turns the
-  # rounding noise of near-zero gradients into full-size steps (lr * sign) and GAN training spreads it.
-  # Measured with the mnist preset (Keras initialisation): 1x1 8.0e-4, 1x2 7.8e-4, 1x8 5.8e-4, 2x2 7.8e-4.
+  # Not the 1e-4. The runs differ by rounding only (parameters after one step: ~5e-7), but Adam
+  # turns the rounding noise of near-zero gradients (e.g. a bias that BatchNorm cancels) into full
+  # lr-sized steps, and GAN training amplifies the difference ~1.5x per step (loss gaps of 1e-7, 6e-7,
+  # 8e-6, 1e-4, 3e-4 at steps 1, 2, 3, 6, 9 on 8 vs 4 devices). Measured after 20 steps with the mnist
+  # preset: 1x1 1.0e-3 to 1.2e-3, 1x2 9.3e-4, 1x8 1.3e-3, 2x2 1.3e-3 (the value depends on the trajectory).
   assert gaps["1x4"] == 0.0
-  assert max(gaps.values()) <= 2e-3, gaps
+  assert max(gaps.values()) <= 5e-3, gaps
   # Only process 0 wrote logs: one line per log step, not two.
-  assert [json.loads(l)["step"] for l in open(os.path.join(runs["2x2"], "metrics.jsonl"))] == [5, 10, 15, 20]
+  assert [json.loads(l)["step"] for l in open(os.path.join(runs["2x2"], "metrics.jsonl"))] == list(range(1, 21))
 
 
 def test_two_identical_cli_runs_are_bitwise_identical(tiny_data_dir, tmp_path):

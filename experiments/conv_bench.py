@@ -1,0 +1,75 @@
+"""Per layer of the seed model, XLA's own convolution vs ops.py's CPU formulation, in each direction
+that ops.py rewrites (forward, input gradient, weight gradient). One JSON line per measurement.
+
+    python experiments/conv_bench.py [--batch 128] [--repeats 10]
+
+The generator's layers run at the batch size, the discriminator's at twice it (D's update sees a real
+and a fake batch). `used` says whether the models use ops.py's version for that direction here.
+"""
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcgan_jax import ops
+
+p = argparse.ArgumentParser()
+p.add_argument("--batch", type=int, default=128)
+p.add_argument("--repeats", type=int, default=10)
+a = p.parse_args()
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def median_seconds(f, *args):
+  f = jax.jit(f)
+  jax.block_until_ready(f(*args))  # compile
+  times = []
+  for _ in range(a.repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def directions(f):
+  return {"forward": lambda x, w, g: f(x, w),
+          "input_gradient": lambda x, w, g: jax.vjp(lambda x_: f(x_, w), x)[1](g)[0],
+          "weight_gradient": lambda x, w, g: jax.vjp(lambda w_: f(x, w_), w)[1](g)[0]}
+
+
+def compare(layer, xla, ours, x, w, used):
+  g = jax.random.normal(jax.random.key(2), jax.eval_shape(xla, x, w).shape)
+  for direction, f_xla in directions(xla).items():
+    f_ours = directions(ours)[direction]
+    if not used.get(direction):
+      continue
+    t_xla, t_ours = median_seconds(f_xla, x, w, g), median_seconds(f_ours, x, w, g)
+    err = float(jnp.max(jnp.abs(f_xla(x, w, g) - f_ours(x, w, g))) / jnp.max(jnp.abs(f_xla(x, w, g))))
+    print(json.dumps(dict(layer=layer, direction=direction, xla_ms=round(1e3 * t_xla, 1),
+                          ops_ms=round(1e3 * t_ours, 1), speedup=round(t_xla / t_ours, 2),
+                          max_relative_difference=err, used=used[direction], batch=a.batch,
+                          backend=jax.default_backend())), flush=True)
+
+
+key = jax.random.key(0)
+# Generator: the stride-2 transposed convolutions (5x5 kernels).
+for h, cin, cout in [(7, 128, 64), (14, 64, 1)]:
+  x = jax.random.normal(key, (a.batch, h, h, cin))
+  w = 0.05 * jax.random.normal(jax.random.key(1), (5, 5, cin, cout))
+  compare(f"G ConvTranspose {h}x{h}x{cin} -> {2*h}x{2*h}x{cout}",
+          lambda x, w: jax.lax.conv_transpose(x, w, (2, 2), "SAME", dimension_numbers=DN),
+          lambda x, w: ops.conv_transpose(x, w, (2, 2), "SAME"), x, w,
+          used={"forward": ops.use_subpixel_forward((2, 2), "SAME"),
+                "weight_gradient": ops.use_tap_gradient((2, 2), cout)})
+# Discriminator: the stride-2 convolutions (5x5 kernels), real and fake batch.
+for h, cin, cout in [(28, 1, 64), (14, 64, 128)]:
+  x = jax.random.normal(key, (2 * a.batch, h, h, cin))
+  w = 0.05 * jax.random.normal(jax.random.key(1), (5, 5, cin, cout))
+  compare(f"D Conv {h}x{h}x{cin} -> {h//2}x{h//2}x{cout}",
+          lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=DN),
+          lambda x, w: ops.conv(x, w, (2, 2), "SAME"), x, w,
+          used={"input_gradient": ops.use_subpixel_input_gradient((h, h), (2, 2), "SAME"),
+                "weight_gradient": ops.use_patch_gradient((5, 5, cin, cout))})

@@ -8,6 +8,7 @@ timed calls. `compile_sec` is the first call (tracing + XLA compilation + one ex
 """
 
 import json
+import os
 import resource
 import sys
 import time
@@ -17,6 +18,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from dcgan_jax import ops
 from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
 
@@ -30,6 +32,9 @@ flags.DEFINE_integer("num_examples", 60000, "Synthetic dataset size (the data or
 flags.DEFINE_integer("base_width", 64, "dcgan preset width.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
 flags.DEFINE_integer("steps_per_call", 1, "Training steps per dispatch.")
+flags.DEFINE_enum("xla_cpu_convolutions", "eigen", ["eigen", "ynnpack"],
+                  "XLA:CPU's convolution library: eigen (what dcgan_jax's programs choose, "
+                  "ops.configure_xla_cpu) or ynnpack (jaxlib 0.10's default).")
 FLAGS = flags.FLAGS
 
 
@@ -74,7 +79,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   kind, peak = peak_memory_bytes()
   return dict(impl="dcgan_jax", preset=config.preset, image_size=config.image_size,
               batch_size=config.batch_size, steps=steps, steps_per_call=k,
-              compute_dtype=config.compute_dtype,
+              compute_dtype=config.compute_dtype, xla_flags=os.environ.get("XLA_FLAGS", ""),
               sec_per_step=elapsed / steps, images_per_sec=config.batch_size * steps / elapsed,
               compile_sec=compile_sec, backend=jax.default_backend(),
               device_kind=jax.local_devices()[0].device_kind, devices=n_dev, jax=jax.__version__,
@@ -85,6 +90,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
 
 def main(argv):
   del argv
+  ops.configure_xla_cpu(FLAGS.xla_cpu_convolutions)  # before JAX starts a backend
   config = Config(preset=FLAGS.preset, image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
                   base_width=FLAGS.base_width, dataset="synthetic", compute_dtype=FLAGS.compute_dtype,
                   steps_per_call=FLAGS.steps_per_call)

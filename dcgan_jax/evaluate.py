@@ -130,6 +130,8 @@ def main(argv):
   if FLAGS.num_samples < 10:
     _die(f"--num_samples={FLAGS.num_samples}: too few for FID/KID; pass at least 10 (10000 is standard)")
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import ops  # pylint: disable=g-import-not-at-top
+  ops.configure_xla_cpu()  # before JAX starts a backend
   try:
     report = evaluate(FLAGS.workdir, FLAGS.data_dir, FLAGS.dataset, FLAGS.num_samples, FLAGS.step,
                       FLAGS.best, FLAGS.use_ema, FLAGS.sample_bn, FLAGS.seed, FLAGS.samples,

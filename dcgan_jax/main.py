@@ -167,8 +167,10 @@ def main(argv):
     _die("--workdir is required; pass a directory for the run's outputs, e.g. --workdir=/tmp/dcgan")
   # Imported after flag parsing so that --help is fast and JAX starts with the final environment.
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import ops  # pylint: disable=g-import-not-at-top
   from dcgan_jax import train  # pylint: disable=g-import-not-at-top
   from dcgan_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  ops.configure_xla_cpu()  # before JAX starts a backend
   try:
     config = config_from_flags().resolved()
     _init_distributed()

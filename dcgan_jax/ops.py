@@ -10,7 +10,7 @@ and the input gradient of a strided convolution) and the weight gradient of a st
 convolution over the zeros of the dilated input. In the seed model at batch 128 on 2 cores the
 7x7x128 -> 14x14x64 weight gradient alone took ~0.5 s of a ~1 s step, where PyTorch takes ~60 ms for the
 whole layer (jax-ml/jax#23783, jax-ml/jax#31662, openxla/xla#34273). Writing the dilation out explicitly
-does not help: the zeros are still multiplied. Three rewrites multiply no zeros:
+does not help: the zeros are still multiplied. Two rewrites multiply no zeros:
 
 * Sub-pixel form (forward of conv_transpose, input gradient of conv). A stride-s transposed correlation
   splits into s*s output phases: output pixel s*m + p only meets the kernel taps a with
@@ -22,22 +22,45 @@ does not help: the zeros are still multiplied. Three rewrites multiply no zeros:
   x_dilated_padded[b, y + kh, x + kw, :]^T g[b, y, x, :]. For each tap only the output positions of one
   residue class mod s meet real input pixels, so tap (kh, kw) is one (cin x N) @ (N x cout) matmul over
   the N = batch * h * w input pixels.
-* Patch weight gradient (conv with few input channels, e.g. an image layer): XLA:CPU is slow at the
-  weight gradient of a convolution with 1-3 input channels (33 ms at 2 x 128 x 28 x 28 x 1 -> 64); as
-  one matmul of the (kh * kw * cin)-wide image patches with the output gradient it takes 10 ms.
+Which convolution library XLA:CPU calls matters as much: jaxlib 0.10 hands convolutions to YNNPACK,
+and for this model Eigen's are faster (`configure_xla_cpu`, called first by every entry point).
 
-Measured per layer by experiments/conv_bench.py; each rewrite is tested against XLA's
-formulation in outputs and gradients (tests/test_models.py).
+Measured per layer by experiments/conv_bench.py, and per step by dcgan_jax.benchmark; each rewrite is
+tested against XLA's formulation in outputs and gradients (tests/test_models.py).
 """
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 _DN = ("NHWC", "HWIO", "NHWC")
+
+# jaxlib 0.10's XLA:CPU runs convolutions through YNNPACK; this leaves it the matrix products only, and
+# convolutions go to Eigen. Seed model, batch 128, 2 cores: ~150 -> ~195 images/s (python -m
+# dcgan_jax.benchmark with and without --xla_cpu_convolutions=ynnpack).
+EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+_FLAG_CHECKED_JAXLIB = "0.10."  # the flag's name is XLA-internal; an unknown XLA flag aborts the process
+
+
+def configure_xla_cpu(convolutions: str = "eigen") -> bool:
+  """Chooses XLA:CPU's convolution library ("eigen" or "ynnpack", jaxlib's default) through XLA_FLAGS.
+
+  Must run before JAX initialises its backends (first thing in a program's main; jax may be imported).
+  Changes nothing, and returns False, when the choice is already in XLA_FLAGS (the user's wins), for
+  "ynnpack", once backends are up, or on a jaxlib whose flags were not checked (e.g. 0.11 on the GPU
+  machine; the flag only concerns the CPU backend anyway). Returns True when it set the flag."""
+  import jaxlib  # the installed jaxlib's version, without initialising a backend
+  from jax._src import xla_bridge
+  flags = os.environ.get("XLA_FLAGS", "")
+  if (convolutions != "eigen" or "xla_cpu_experimental_ynn_fusion_type" in flags
+      or not jaxlib.__version__.startswith(_FLAG_CHECKED_JAXLIB) or xla_bridge.backends_are_initialized()):
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS}".strip()
+  return True
 
 
 def _on_cpu() -> bool:
@@ -135,16 +158,21 @@ def _lax_conv_transpose(x, kernel, strides, padding):
   return jax.lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
 
 
-def use_subpixel_forward(strides, padding: str) -> bool:
-  """conv_transpose's forward pass in sub-pixel form: strided 'SAME' layers on XLA:CPU (the seed model,
-  batch 128: 7x7x128 -> 14x14x64 52 -> 36 ms)."""
-  return max(strides) > 1 and padding == "SAME" and _on_cpu()
+# The rewrites pay off for layers with many channels on the rewritten side; with 1 channel (the image
+# layers) XLA's own ops are as fast or faster (experiments/conv_bench.py).
+MIN_CHANNELS = 16
+
+
+def use_subpixel_forward(strides, padding: str, features: int) -> bool:
+  """conv_transpose's forward pass in sub-pixel form: strided 'SAME' layers with >= MIN_CHANNELS output
+  channels on XLA:CPU (seed model, batch 128: 7x7x128 -> 14x14x64 65 -> 31 ms)."""
+  return max(strides) > 1 and padding == "SAME" and features >= MIN_CHANNELS and _on_cpu()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_transpose(x, kernel, strides, padding):
   """x (B, h, w, cin), kernel (kh, kw, cin, cout) -> (B, H, W, cout); = jax.lax.conv_transpose."""
-  if use_subpixel_forward(strides, padding):
+  if use_subpixel_forward(strides, padding, kernel.shape[-1]):
     before = tuple(_padding(k, s, padding)[0] for k, s in zip(kernel.shape[:2], strides))
     return subpixel_transposed(x, kernel, strides, before)
   return _lax_conv_transpose(x, kernel, strides, padding)
@@ -159,7 +187,7 @@ def use_tap_gradient(strides, features: int) -> bool:
   experiments/conv_bench.py): strided layers with >= 16 output channels (seed model, batch
   128, 7x7x128 -> 14x14x64: 0.90 s -> 0.13 s). With 1 output channel (14x14x64 -> 28x28x1) both take
   ~12 ms, and XLA's is kept. Other backends keep XLA's (cuDNN on GPU)."""
-  return max(strides) > 1 and features >= 16 and _on_cpu()
+  return max(strides) > 1 and features >= MIN_CHANNELS and _on_cpu()
 
 
 def _bwd(strides, padding, residuals, g):
@@ -191,7 +219,7 @@ conv_transpose.defvjp(_fwd, _bwd)
 
 
 # --------------------------------------------------------------------------------------------------
-# conv: XLA's forward; sub-pixel input gradient, patch weight gradient
+# conv: XLA's forward and weight gradient; sub-pixel input gradient
 # --------------------------------------------------------------------------------------------------
 def _lax_conv(x, kernel, strides, padding):
   return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
@@ -203,18 +231,12 @@ def _same_before(n_in: int, k: int, s: int) -> int:
   return max((n_out - 1) * s + k - n_in, 0) // 2
 
 
-def use_subpixel_input_gradient(in_hw, strides, padding: str) -> bool:
+def use_subpixel_input_gradient(in_hw, strides, padding: str, in_features: int) -> bool:
   """conv's input gradient in sub-pixel form: strided 'SAME' layers whose input size is a multiple of
-  the stride, on XLA:CPU (seed D, 2 x 128 x 14x14x64 -> 7x7x128: 120 -> 83 ms)."""
-  return (max(strides) > 1 and padding == "SAME" and _on_cpu()
+  the stride and that have >= MIN_CHANNELS input channels, on XLA:CPU (seed D, 2 x 128 x 14x14x64 ->
+  7x7x128: 115 -> 61 ms)."""
+  return (max(strides) > 1 and padding == "SAME" and in_features >= MIN_CHANNELS and _on_cpu()
           and all(n % s == 0 for n, s in zip(in_hw, strides)))
-
-
-def use_patch_gradient(kernel_shape) -> bool:
-  """conv's weight gradient as one matmul of image patches: few input channels (patch width <= 256) on
-  XLA:CPU (seed D's 28x28x1 -> 64 layer: 33 -> 10 ms). With 64 input channels XLA's is faster."""
-  kh, kw, cin, _ = kernel_shape
-  return kh * kw * cin <= 256 and _on_cpu()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -230,8 +252,8 @@ def _conv_fwd(x, kernel, strides, padding):
 def _conv_bwd(strides, padding, residuals, g):
   x, kernel = residuals
   xla = jax.vjp(lambda x_, k_: _lax_conv(x_, k_, strides, padding), x, kernel)[1]
-  kh, kw, cin, cout = kernel.shape
-  if use_subpixel_input_gradient(x.shape[1:3], strides, padding):
+  kh, kw = kernel.shape[:2]
+  if use_subpixel_input_gradient(x.shape[1:3], strides, padding, x.shape[-1]):
     # dx[s*j + r] = sum over taps a with (r + b - a) % s == 0 of g[j + (r + b - a) / s] @ kernel[a]^T:
     # the transposed correlation with the flipped kernel and leading padding k - 1 - b.
     before = tuple(k - 1 - _same_before(n, k, s) for n, k, s in zip(x.shape[1:3], (kh, kw), strides))
@@ -239,13 +261,7 @@ def _conv_bwd(strides, padding, residuals, g):
     dx = subpixel_transposed(g, flipped, strides, before)
   else:
     dx = xla(g)[0]
-  if use_patch_gradient(kernel.shape):
-    # patches: (B, H', W', cin * kh * kw), ordered (cin, kh, kw) as lax documents.
-    patches = jax.lax.conv_general_dilated_patches(x, (kh, kw), strides, padding, dimension_numbers=_DN)
-    dw = jnp.einsum("byxp,byxo->po", patches, g, preferred_element_type=jnp.float32)
-    dw = dw.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3).astype(kernel.dtype)
-  else:
-    dw = xla(g)[1]
+  dw = xla(g)[1]
   return dx, dw
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcgan_jax import checkpoints
+from dcgan_jax import ops
 from dcgan_jax import randomness
 from dcgan_jax import train
 from dcgan_jax import writers
@@ -98,6 +99,7 @@ def interpolation_latents(config, rows: int, steps: int, seed=None) -> jax.Array
 
 
 def main(argv):
+  ops.configure_xla_cpu()  # before JAX starts a backend
   if len(argv) > 1:
     _die(f"unexpected arguments {argv[1:]}; flags look like --name=value")
   for name in ("workdir", "out"):

@@ -45,7 +45,7 @@ def _threefry_per_key():
   sharded over devices without communication. Here every draw is already per example (vmapped over
   one key per example), so that property buys nothing, and on XLA:CPU it costs 3x: a 128 x 14x14x64
   dropout mask takes 14 ms with it and 4.3 ms without. The choice is fixed here (not left to the global
-  flag) so a run's random numbers do not depend on the user's jax configuration."""
+  flag) so the noise and the masks do not depend on the user's jax configuration."""
   scoped = getattr(jax, "threefry_partitionable", None)  # a config context manager in jax >= 0.4.x
   return scoped(False) if scoped is not None else contextlib.nullcontext()
 

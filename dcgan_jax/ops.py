@@ -57,7 +57,8 @@ def configure_xla_cpu(convolutions: str = "eigen") -> bool:
   from jax._src import xla_bridge
   flags = os.environ.get("XLA_FLAGS", "")
   if (convolutions != "eigen" or "xla_cpu_experimental_ynn_fusion_type" in flags
-      or not jaxlib.__version__.startswith(_FLAG_CHECKED_JAXLIB) or xla_bridge.backends_are_initialized()):
+      or not jaxlib.__version__.startswith(_FLAG_CHECKED_JAXLIB)
+      or getattr(xla_bridge, "backends_are_initialized", lambda: False)()):
     return False
   os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS}".strip()
   return True

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -164,3 +165,20 @@ def test_bfloat16_compute_keeps_float32_state_and_close_outputs(preset, size):
   l32, l16 = d32.apply(dv, x32, train=False), d16.apply(dv, x32, train=False)
   assert l16.dtype == jnp.float32
   np.testing.assert_allclose(l16, l32, atol=0.05 * float(np.abs(l32).max()) + 1e-3)
+
+
+def test_configure_xla_cpu_respects_the_user_and_a_started_backend(monkeypatch):
+  from dcgan_jax import ops
+  assert ops.EIGEN_CONVOLUTIONS in os.environ["XLA_FLAGS"]  # set by conftest.py, before JAX started
+  jax.devices()  # the backend is up: too late to change XLA_FLAGS
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  assert not ops.configure_xla_cpu()
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+  # An explicit choice in XLA_FLAGS wins, and "ynnpack" (jaxlib's default) adds nothing.
+  mine = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+  monkeypatch.setenv("XLA_FLAGS", mine)
+  monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: False)
+  assert not ops.configure_xla_cpu() and os.environ["XLA_FLAGS"] == mine
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert not ops.configure_xla_cpu("ynnpack") and os.environ["XLA_FLAGS"] == ""
+  assert ops.configure_xla_cpu() and os.environ["XLA_FLAGS"] == ops.EIGEN_CONVOLUTIONS

@@ -56,9 +56,10 @@ class ExampleDropout(nn.Module):
     return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 
-class ConvTranspose(nn.Module):
-  """flax.linen.ConvTranspose (same `kernel` (kh, kw, cin, cout) and `bias` parameters, same output)
-  computed by ops.conv_transpose, whose weight gradient is fast on XLA:CPU (see ops.py)."""
+class _Convolution(nn.Module):
+  """flax.linen's convolution parameters (`kernel` (kh, kw, cin, cout), `bias`) and outputs, computed by
+  an ops.py function (`_op`) that is fast on XLA:CPU. Subclasses keep flax's class names, so parameter
+  trees (ConvTranspose_0, Conv_0, ...) and checkpoints are those of the flax layers."""
 
   features: int
   kernel_size: tuple
@@ -69,37 +70,30 @@ class ConvTranspose(nn.Module):
   bias_init: Callable = nn.initializers.zeros_init()
   dtype: Any = jnp.float32  # computation dtype; the parameters stay float32
 
+  def _op(self, x, kernel):
+    raise NotImplementedError
+
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, tuple(self.kernel_size) + (x.shape[-1], self.features))
-    x = x.astype(self.dtype)
-    y = ops.conv_transpose(x, kernel.astype(self.dtype), tuple(self.strides), self.padding)
+    y = self._op(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
     return y
 
 
-class Conv(nn.Module):
-  """flax.linen.Conv (same `kernel` (kh, kw, cin, cout) and `bias` parameters, same output) computed by
-  ops.conv, whose input and weight gradients are fast on XLA:CPU (see ops.py)."""
+class ConvTranspose(_Convolution):
+  """= flax.linen.ConvTranspose (transpose_kernel=False), through ops.conv_transpose."""
 
-  features: int
-  kernel_size: tuple
-  strides: tuple = (1, 1)
-  padding: str = "SAME"
-  use_bias: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros_init()
-  dtype: Any = jnp.float32  # computation dtype; the parameters stay float32
+  def _op(self, x, kernel):
+    return ops.conv_transpose(x, kernel, tuple(self.strides), self.padding)
 
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, tuple(self.kernel_size) + (x.shape[-1], self.features))
-    x = x.astype(self.dtype)
-    y = ops.conv(x, kernel.astype(self.dtype), tuple(self.strides), self.padding)
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
-    return y
+
+class Conv(_Convolution):
+  """= flax.linen.Conv, through ops.conv."""
+
+  def _op(self, x, kernel):
+    return ops.conv(x, kernel, tuple(self.strides), self.padding)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -226,12 +226,6 @@ def _lax_conv(x, kernel, strides, padding):
   return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
 
 
-def _same_before(n_in: int, k: int, s: int) -> int:
-  """The leading padding of a 'SAME' convolution (lax.padtype_to_pads)."""
-  n_out = -(-n_in // s)
-  return max((n_out - 1) * s + k - n_in, 0) // 2
-
-
 def use_subpixel_input_gradient(in_hw, strides, padding: str, in_features: int) -> bool:
   """conv's input gradient in sub-pixel form: strided 'SAME' layers whose input size is a multiple of
   the stride and that have >= MIN_CHANNELS input channels, on XLA:CPU (seed D, 2 x 128 x 14x14x64 ->
@@ -257,7 +251,8 @@ def _conv_bwd(strides, padding, residuals, g):
   if use_subpixel_input_gradient(x.shape[1:3], strides, padding, x.shape[-1]):
     # dx[s*j + r] = sum over taps a with (r + b - a) % s == 0 of g[j + (r + b - a) / s] @ kernel[a]^T:
     # the transposed correlation with the flipped kernel and leading padding k - 1 - b.
-    before = tuple(k - 1 - _same_before(n, k, s) for n, k, s in zip(x.shape[1:3], (kh, kw), strides))
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)  # the forward's (lo, hi)
+    before = tuple(k - 1 - lo for k, (lo, _) in zip((kh, kw), pads))
     flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)  # (kh, kw, cout, cin)
     dx = subpixel_transposed(g, flipped, strides, before)
   else:

@@ -32,12 +32,6 @@ def per_example(key: jax.Array, slots: jax.Array) -> jax.Array:
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, slots)
 
 
-def latents(keys: jax.Array, latent_dim: int) -> jax.Array:
-  """z ~ N(0, I): keys (b,) -> float32 (b, latent_dim); row i depends on keys[i] only."""
-  with _threefry_per_key():
-    return jax.vmap(lambda k: jax.random.normal(k, (latent_dim,), jnp.float32))(keys)
-
-
 def _threefry_per_key():
   """Threefry's original (non-partitionable) bit layout, scoped to the draws below.
 
@@ -48,6 +42,12 @@ def _threefry_per_key():
   flag) so the noise and the masks do not depend on the user's jax configuration."""
   scoped = getattr(jax, "threefry_partitionable", None)  # a config context manager in jax >= 0.4.x
   return scoped(False) if scoped is not None else contextlib.nullcontext()
+
+
+def latents(keys: jax.Array, latent_dim: int) -> jax.Array:
+  """z ~ N(0, I): keys (b,) -> float32 (b, latent_dim); row i depends on keys[i] only."""
+  with _threefry_per_key():
+    return jax.vmap(lambda k: jax.random.normal(k, (latent_dim,), jnp.float32))(keys)
 
 
 def example_bernoulli(keys: jax.Array, p: float, shape: tuple) -> jax.Array:

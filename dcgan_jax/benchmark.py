@@ -32,6 +32,8 @@ flags.DEFINE_integer("num_examples", 60000, "Synthetic dataset size (the data or
 flags.DEFINE_integer("base_width", 64, "dcgan preset width.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
 flags.DEFINE_integer("steps_per_call", 1, "Training steps per dispatch.")
+flags.DEFINE_integer("invariant_groups", 0, "Groups of --invariant_groups (0: off): the cost of results "
+                     "that are bitwise the same on any device count.")
 flags.DEFINE_enum("xla_cpu_convolutions", "eigen", ["eigen", "ynnpack"],
                   "XLA:CPU's convolution library: eigen (what dcgan_jax's programs choose, "
                   "ops.configure_xla_cpu) or ynnpack (jaxlib 0.10's default).")
@@ -49,8 +51,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   config = config.resolved()
   mesh = train.global_mesh()
   n_dev = mesh.devices.size
-  if config.batch_size % n_dev:
-    raise ConfigError(f"--batch_size={config.batch_size}: must be divisible by {n_dev} devices")
+  train.check_devices(config, n_dev)
   rng = np.random.default_rng(0)
   data = train.replicate(rng.integers(0, 256, (num_examples, config.image_size, config.image_size,
                                                channels), np.uint8), mesh)
@@ -79,6 +80,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   kind, peak = peak_memory_bytes()
   return dict(impl="dcgan_jax", preset=config.preset, image_size=config.image_size,
               batch_size=config.batch_size, steps=steps, steps_per_call=k,
+              invariant_groups=config.invariant_groups,
               compute_dtype=config.compute_dtype, xla_flags=os.environ.get("XLA_FLAGS", ""),
               sec_per_step=elapsed / steps, images_per_sec=config.batch_size * steps / elapsed,
               compile_sec=compile_sec, backend=jax.default_backend(),
@@ -93,7 +95,7 @@ def main(argv):
   ops.configure_xla_cpu(FLAGS.xla_cpu_convolutions)  # before JAX starts a backend
   config = Config(preset=FLAGS.preset, image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
                   base_width=FLAGS.base_width, dataset="synthetic", compute_dtype=FLAGS.compute_dtype,
-                  steps_per_call=FLAGS.steps_per_call)
+                  steps_per_call=FLAGS.steps_per_call, invariant_groups=FLAGS.invariant_groups)
   try:
     result = run(config, FLAGS.channels, FLAGS.steps, FLAGS.warmup, FLAGS.num_examples)
   except ConfigError as e:

@@ -68,6 +68,7 @@ class Config:
   d_steps: int = 1  # Discriminator updates per generator update.
   g_ema_decay: float = 0.0  # Exponential moving average of G's weights; 0 = off.
   steps_per_call: int = 1  # Training steps per dispatch (lax.scan); the same math.
+  invariant_groups: int = 0  # > 0: bitwise the same results on any device count dividing it (invariant.py).
 
   # Outputs.
   log_every: int = 100
@@ -122,6 +123,11 @@ class Config:
       fail("eval_every", "must be >= 0", "pass 0 (off) or a number of steps")
     if not isinstance(self.eval_samples, int) or self.eval_samples < 10:
       fail("eval_samples", "must be >= 10", "pass e.g. 2000 (more samples: less noisy FID)")
+    if not isinstance(self.invariant_groups, int) or self.invariant_groups < 0:
+      fail("invariant_groups", "must be >= 0", "pass 0 (off) or a number of groups such as 8")
+    if self.invariant_groups and self.batch_size % self.invariant_groups:
+      fail("invariant_groups", f"must divide --batch_size={self.batch_size}",
+           "pick a divisor of the batch size that every device count you use divides, e.g. 8")
     if not 0 <= self.g_ema_decay < 1:
       fail("g_ema_decay", "must be in [0, 1)", "pass 0 (off) or e.g. 0.999")
     if not self.dataset:

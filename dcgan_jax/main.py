@@ -62,6 +62,10 @@ HELP = {
     "steps_per_call": "Training steps per dispatch (lax.scan on the device): the same results, fewer "
                       "host round trips (for fast accelerators). Logging, sampling and checkpoints happen "
                       "after the call that reaches their step.",
+    "invariant_groups": "0 (default, fastest) or G > 0: split the global batch into G fixed groups and "
+                        "sum gradients and BatchNorm statistics group by group in one fixed order, so the "
+                        "run is bitwise identical on every number of devices and processes that divides G "
+                        "(slower: see the README, 'Many devices').",
     "g_ema_decay": "Exponential moving average of the generator's weights (e.g. 0.999); 0 = off. When on, "
                    "sample grids, evaluation and the export use the EMA generator (the raw one is logged "
                    "too).",

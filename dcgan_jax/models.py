@@ -7,7 +7,7 @@ Two presets:
 Conventions shared by every module here:
   * images are NHWC float32 in [-1, 1]; latents are (batch, latent_dim) float32;
   * BatchNorm running statistics live in the `batch_stats` collection. `train=True` normalises with the
-    statistics of the batch (averaged over `bn_axis_name`, so over the *global* batch under pmap) and
+    statistics of the batch (averaged over `axis_name`, so over the *global* batch under pmap) and
     returns updated running statistics; `train=False` uses the running statistics, so an example's output
     does not depend on the rest of its batch;
   * the discriminator returns logits of shape (batch, 1); its dropout takes one typed PRNG key per example
@@ -21,8 +21,10 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
+from dcgan_jax import invariant
 from dcgan_jax import ops
 from dcgan_jax import randomness
 from dcgan_jax.config import Config
@@ -56,11 +58,64 @@ class ExampleDropout(nn.Module):
     return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 
-class _Convolution(nn.Module):
-  """flax.linen's convolution parameters (`kernel` (kh, kw, cin, cout), `bias`) and outputs, computed by
-  an ops.py function (`_op`) that is fast on XLA:CPU. Subclasses keep flax's class names, so parameter
-  trees (ConvTranspose_0, Conv_0, ...) and checkpoints are those of the flax layers."""
+class _Layer(nn.Module):
+  """A per-example layer with flax's parameters (`kernel`, `bias`) and outputs, computed by `_op`.
 
+  Subclasses keep flax's class names and field order, so parameter trees (Dense_0, ConvTranspose_0,
+  Conv_0, ...), checkpoints and positional arguments are those of the flax layers. With `group_size` > 0
+  (--invariant_groups) the layer runs group by group and its weight gradient is summed in one fixed order
+  over all devices (invariant.grouped_layer, over pmap axis `axis_name`). Subclasses declare the fields
+  features, use_bias, kernel_init, bias_init, dtype (computation; parameters stay float32), group_size
+  and axis_name.
+  """
+
+  def _kernel_shape(self, in_features: int) -> tuple:
+    raise NotImplementedError
+
+  def _op(self, x, kernel):
+    raise NotImplementedError
+
+  def _exact_op(self, x, kernel):  # --invariant_groups: results independent of XLA's per-process plans
+    return self._op(x, kernel)
+
+  def _apply(self, params, x):
+    kernel, bias = params
+    op = self._exact_op if self.group_size else self._op
+    y = op(x.astype(self.dtype), kernel.astype(self.dtype))
+    return y if bias is None else y + bias.astype(y.dtype)
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, self._kernel_shape(x.shape[-1]))
+    bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    if self.group_size and not self.is_initializing():
+      return invariant.grouped_layer(self._apply, (kernel, bias), x, self.group_size, self.axis_name)
+    return self._apply((kernel, bias), x)
+
+
+class Dense(_Layer):
+  """= flax.linen.Dense on (batch, features)."""
+
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+  dtype: Any = jnp.float32
+  group_size: int = 0
+  axis_name: Optional[str] = None
+
+  def _kernel_shape(self, in_features):
+    return (in_features, self.features)
+
+  def _op(self, x, kernel):
+    return jnp.dot(x, kernel)
+
+  def _exact_op(self, x, kernel):  # a 1x1 convolution in patches form (plain-layout products only)
+    y = ops.patches_conv(x[:, None, None, :], kernel[None, None], (1, 1), ((0, 0), (0, 0)))
+    return y[:, 0, 0, :]
+
+
+class _Convolution(_Layer):
   features: int
   kernel_size: tuple
   strides: tuple = (1, 1)
@@ -68,18 +123,12 @@ class _Convolution(nn.Module):
   use_bias: bool = True
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
-  dtype: Any = jnp.float32  # computation dtype; the parameters stay float32
+  dtype: Any = jnp.float32
+  group_size: int = 0
+  axis_name: Optional[str] = None
 
-  def _op(self, x, kernel):
-    raise NotImplementedError
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, tuple(self.kernel_size) + (x.shape[-1], self.features))
-    y = self._op(x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
-    return y
+  def _kernel_shape(self, in_features):
+    return tuple(self.kernel_size) + (in_features, self.features)
 
 
 class ConvTranspose(_Convolution):
@@ -88,12 +137,56 @@ class ConvTranspose(_Convolution):
   def _op(self, x, kernel):
     return ops.conv_transpose(x, kernel, tuple(self.strides), self.padding)
 
+  def _exact_op(self, x, kernel):
+    return ops.patches_conv_transpose(x, kernel, tuple(self.strides), self.padding)
+
 
 class Conv(_Convolution):
   """= flax.linen.Conv, through ops.conv."""
 
   def _op(self, x, kernel):
     return ops.conv(x, kernel, tuple(self.strides), self.padding)
+
+  def _exact_op(self, x, kernel):
+    return ops.patches_conv_2d(x, kernel, tuple(self.strides), self.padding)
+
+
+class BatchNorm(nn.Module):
+  """= flax.linen.BatchNorm (same parameters and statistics), with invariant sums (--invariant_groups).
+
+  Training mode normalises with the statistics of the global batch, summed group by group in one fixed
+  order over all devices (invariant.batch_norm); only used when `group_size` > 0, flax's otherwise.
+  """
+
+  use_running_average: bool
+  group_size: int
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  scale_init: Callable = nn.initializers.ones_init()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (c,))
+    bias = self.param("bias", nn.initializers.zeros_init(), (c,))
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    if self.use_running_average or self.is_initializing():
+      y = (x.astype(jnp.float32) - ra_mean.value) * (lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+      return y.astype(self.dtype)
+    y, mean, var = invariant.batch_norm(x.astype(self.dtype), scale, bias, self.epsilon, self.group_size,
+                                        self.axis_name)
+    ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+    ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
+    return y
+
+
+def _batch_norm(group_size: int, **kwargs):
+  """flax's BatchNorm, or ours with invariant sums when group_size > 0 (both named BatchNorm_i)."""
+  return functools.partial(BatchNorm, group_size=group_size, **kwargs) if group_size else \
+      functools.partial(nn.BatchNorm, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,16 +203,17 @@ class MnistGenerator(nn.Module):
   channels: int = 1
   bn_momentum: float = 0.8
   bn_epsilon: float = 1e-3
-  bn_axis_name: Optional[str] = None
+  axis_name: Optional[str] = None  # pmap axis of the global batch (BatchNorm statistics); None outside pmap
   dtype: Any = jnp.float32  # computation dtype (parameters and BatchNorm statistics stay float32)
+  group_size: int = 0  # --invariant_groups: examples per group (0: off)
 
   @nn.compact
   def __call__(self, z, train: bool):
-    bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                           epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype)
-    convt = functools.partial(ConvTranspose, kernel_size=(5, 5), padding="SAME", use_bias=False,
-                              kernel_init=_keras_init, dtype=self.dtype)
-    dense = nn.Dense(7 * 7 * 256, kernel_init=_keras_init, dtype=self.dtype)
+    bn = _batch_norm(self.group_size, use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon, axis_name=self.axis_name, dtype=self.dtype)
+    layer = dict(kernel_init=_keras_init, dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name)
+    convt = functools.partial(ConvTranspose, kernel_size=(5, 5), padding="SAME", use_bias=False, **layer)
+    dense = Dense(7 * 7 * 256, **layer)
     x = bn()(nn.leaky_relu(dense(z.astype(self.dtype)), 0.2))
     x = x.reshape(-1, 7, 7, 256)
     x = nn.leaky_relu(bn()(convt(128, strides=(1, 1))(x)), 0.2)
@@ -136,15 +230,17 @@ class MnistDiscriminator(nn.Module):
 
   dropout_rate: float = 0.3
   dtype: Any = jnp.float32  # computation dtype; the logits are always float32
+  axis_name: Optional[str] = None  # pmap axis of the global batch (only used with group_size)
+  group_size: int = 0  # --invariant_groups: examples per group (0: off)
 
   @nn.compact
   def __call__(self, x, train: bool, dropout_keys: Optional[jax.Array] = None):
     keys = dropout_keys if train else None
-    conv = functools.partial(Conv, kernel_size=(5, 5), strides=(2, 2), padding="SAME",
-                             kernel_init=_keras_init, dtype=self.dtype)
+    layer = dict(kernel_init=_keras_init, dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name)
+    conv = functools.partial(Conv, kernel_size=(5, 5), strides=(2, 2), padding="SAME", **layer)
     x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(conv(64)(x.astype(self.dtype)), 0.2), keys)
     x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(conv(128)(x), 0.2), keys)
-    logits = nn.Dense(1, kernel_init=_keras_init, dtype=self.dtype)(x.reshape(x.shape[0], -1))
+    logits = Dense(1, **layer)(x.reshape(x.shape[0], -1))
     return logits.astype(jnp.float32)
 
 
@@ -168,20 +264,21 @@ class DCGANGenerator(nn.Module):
   base_width: int = 64
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
-  bn_axis_name: Optional[str] = None
+  axis_name: Optional[str] = None  # pmap axis of the global batch (BatchNorm statistics); None outside pmap
   dtype: Any = jnp.float32  # computation dtype (parameters and BatchNorm statistics stay float32)
+  group_size: int = 0  # --invariant_groups: examples per group (0: off)
 
   @nn.compact
   def __call__(self, z, train: bool):
-    bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                           epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, scale_init=_scale_init,
-                           dtype=self.dtype)
-    convt = functools.partial(ConvTranspose, kernel_size=(4, 4), strides=(2, 2), padding="SAME",
-                              use_bias=False, kernel_init=_dcgan_init, dtype=self.dtype)
+    bn = _batch_norm(self.group_size, use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon, axis_name=self.axis_name, scale_init=_scale_init,
+                     dtype=self.dtype)
+    layer = dict(use_bias=False, kernel_init=_dcgan_init, dtype=self.dtype, group_size=self.group_size,
+                 axis_name=self.axis_name)
+    convt = functools.partial(ConvTranspose, kernel_size=(4, 4), strides=(2, 2), padding="SAME", **layer)
     n_up = _num_upsamplings(self.image_size)
     width = self.base_width * 2 ** (n_up - 1)  # 64x64, base 64: 512 feature maps at 4x4
-    x = nn.Dense(4 * 4 * width, use_bias=False, kernel_init=_dcgan_init, dtype=self.dtype)(
-        z.astype(self.dtype)).reshape(-1, 4, 4, width)
+    x = Dense(4 * 4 * width, **layer)(z.astype(self.dtype)).reshape(-1, 4, 4, width)
     x = nn.relu(bn()(x))
     for _ in range(n_up - 1):
       width //= 2
@@ -200,17 +297,18 @@ class DCGANDiscriminator(nn.Module):
   base_width: int = 64
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
-  bn_axis_name: Optional[str] = None
+  axis_name: Optional[str] = None  # pmap axis of the global batch (BatchNorm statistics); None outside pmap
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32  # computation dtype; the logits are always float32
+  group_size: int = 0  # --invariant_groups: examples per group (0: off)
 
   @nn.compact
   def __call__(self, x, train: bool, dropout_keys: Optional[jax.Array] = None):
-    bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                           epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, scale_init=_scale_init,
-                           dtype=self.dtype)
+    bn = _batch_norm(self.group_size, use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon, axis_name=self.axis_name, scale_init=_scale_init,
+                     dtype=self.dtype)
     conv = functools.partial(Conv, kernel_size=(4, 4), use_bias=False, kernel_init=_dcgan_init,
-                             dtype=self.dtype)
+                             dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name)
     keys = dropout_keys if train else None
     x = x.astype(self.dtype)
     width = self.base_width
@@ -224,20 +322,22 @@ class DCGANDiscriminator(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-def build_models(config: Config, channels: int, bn_axis_name: Optional[str] = None):
+def build_models(config: Config, channels: int, axis_name: Optional[str] = None):
   """Returns (generator, discriminator) for a resolved config.
 
-  `bn_axis_name` is the pmap axis over which BatchNorm averages batch statistics ("batch" inside the
-  training step, None for sampling outside pmap).
+  `axis_name` is the pmap axis of the global batch ("batch" inside the training step: BatchNorm
+  statistics, and with --invariant_groups every batch sum, run over it), None for sampling outside pmap.
   """
   c = config
-  dtype = jnp.dtype(c.compute_dtype)
+  common = dict(dtype=jnp.dtype(c.compute_dtype), axis_name=axis_name,
+                group_size=c.batch_size // c.invariant_groups if c.invariant_groups and axis_name else 0)
+  bn = dict(bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon)
   if c.preset == "mnist":
-    return (MnistGenerator(channels, c.bn_momentum, c.bn_epsilon, bn_axis_name, dtype),
-            MnistDiscriminator(c.dropout_rate, dtype))
+    return (MnistGenerator(channels=channels, **bn, **common),
+            MnistDiscriminator(dropout_rate=c.dropout_rate, **common))
   if c.preset == "dcgan":
-    return (DCGANGenerator(c.image_size, channels, c.base_width, c.bn_momentum, c.bn_epsilon, bn_axis_name,
-                           dtype),
-            DCGANDiscriminator(c.image_size, c.base_width, c.bn_momentum, c.bn_epsilon, bn_axis_name,
-                               c.dropout_rate, dtype))
+    return (DCGANGenerator(image_size=c.image_size, channels=channels, base_width=c.base_width, **bn,
+                           **common),
+            DCGANDiscriminator(image_size=c.image_size, base_width=c.base_width, dropout_rate=c.dropout_rate,
+                               **bn, **common))
   raise ValueError(f"unknown preset {c.preset!r}")  # unreachable after Config.validate()

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from dcgan_jax import checkpoints
+from dcgan_jax import invariant
 from dcgan_jax import losses
 from dcgan_jax import models
 from dcgan_jax import randomness
@@ -120,7 +121,18 @@ def make_train_step(config: Config, channels: int,
   num_examples: set for the in-memory path (data = the whole uint8 dataset (N, H, W, C));
                 None for the streaming path (data = uint8 (d_steps, per_device_batch, H, W, C)).
   """
-  generator, discriminator = models.build_models(config, channels, bn_axis_name=AXIS)
+  generator, discriminator = models.build_models(config, channels, axis_name=AXIS)
+  # --invariant_groups: the layers return gradients already summed over all devices in a fixed order,
+  # of a loss that is each device's share of the global mean (invariant.py); else the usual pmean.
+  grouped = config.invariant_groups > 0
+  if grouped:
+    group_size = config.batch_size // config.invariant_groups
+    share = lambda v: jnp.sum(v) / config.batch_size  # this device's share of the global mean
+    exact_mean = lambda v: invariant.global_mean(v, group_size, AXIS)  # metrics
+    average = lambda grads: grads
+  else:
+    share = exact_mean = jnp.mean
+    average = lambda grads: lax.pmean(grads, AXIS)
   g_tx = make_optimizer(config, config.learning_rate_g)
   d_tx = make_optimizer(config, config.learning_rate_d)
 
@@ -140,13 +152,14 @@ def make_train_step(config: Config, channels: int,
     def loss_fn(params):
       real_logits, bs = d_forward(params, d.batch_stats, real, keys.dropout_real(k))
       fake_logits, bs = d_forward(params, bs, fake, keys.dropout_fake_d(k))
-      return losses.d_loss(real_logits, fake_logits), (bs, real_logits, fake_logits)
+      return losses.d_loss(real_logits, fake_logits, share), (bs, real_logits, fake_logits)
 
-    (loss, (bs, real_logits, fake_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d.params)
-    grads = lax.pmean(grads, AXIS)
+    (_, (bs, real_logits, fake_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d.params)
+    grads = average(grads)
     updates, opt_state = d_tx.update(grads, d.opt_state, d.params)
-    metrics = dict(d_loss=loss, d_real=jnp.mean(jax.nn.sigmoid(real_logits)),
-                   d_fake=jnp.mean(jax.nn.sigmoid(fake_logits)), d_grad_norm=optax.tree.norm(grads))
+    metrics = dict(d_loss=losses.d_loss(real_logits, fake_logits, exact_mean),
+                   d_real=exact_mean(jax.nn.sigmoid(real_logits)),
+                   d_fake=exact_mean(jax.nn.sigmoid(fake_logits)), d_grad_norm=optax.tree.norm(grads))
     return NetState(optax.apply_updates(d.params, updates), bs, opt_state), metrics
 
   def g_step(g: NetState, g_vjp, g_batch_stats, fake, d: NetState, keys: randomness.StepKeys):
@@ -157,14 +170,15 @@ def make_train_step(config: Config, channels: int,
 
     def loss_fn(fake):
       logits, _ = d_forward(d.params, d.batch_stats, fake, keys.dropout_fake_g())
-      return losses.g_loss(logits, config.loss)
+      return losses.g_loss(logits, config.loss, share), logits
 
-    loss, fake_grad = jax.value_and_grad(loss_fn)(fake)
+    (_, logits), fake_grad = jax.value_and_grad(loss_fn, has_aux=True)(fake)
     (grads,) = g_vjp(fake_grad)
-    grads = lax.pmean(grads, AXIS)
+    grads = average(grads)
     updates, opt_state = g_tx.update(grads, g.opt_state, g.params)
     new_g = NetState(optax.apply_updates(g.params, updates), g_batch_stats, opt_state)
-    return new_g, dict(g_loss=loss, g_grad_norm=optax.tree.norm(grads))
+    return new_g, dict(g_loss=losses.g_loss(logits, config.loss, exact_mean),
+                       g_grad_norm=optax.tree.norm(grads))
 
   def train_step(state: TrainState, slots: jax.Array, data: jax.Array):
     keys = randomness.StepKeys(randomness.purpose_key(state.key, randomness.TRAIN), state.step, slots)
@@ -188,7 +202,9 @@ def make_train_step(config: Config, channels: int,
       d, d_metrics = d_step(d, real_batch(k), lax.stop_gradient(fake), keys, k)
     g, g_metrics = g_step(state.g, g_vjp, g_bs, fake, d, keys)
 
-    metrics = lax.pmean({**d_metrics, **g_metrics}, AXIS)
+    metrics = {**d_metrics, **g_metrics}
+    if not grouped:  # (grouped: already global means, from gradients that are the same everywhere)
+      metrics = lax.pmean(metrics, AXIS)
     metrics["g_param_norm"] = optax.tree.norm(g.params)
     metrics["d_param_norm"] = optax.tree.norm(d.params)
     finite = [jnp.isfinite(metrics[k]) for k in ("d_loss", "g_loss", "g_param_norm", "d_param_norm")]
@@ -306,6 +322,19 @@ def device_slots(mesh: Mesh, per_device: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
+def check_devices(config: Config, num_devices: int) -> None:
+  """ConfigError unless the global batch (and --invariant_groups) split evenly over all devices."""
+  if config.batch_size % num_devices:
+    raise ConfigError(f"--batch_size={config.batch_size}: must be divisible by the number of devices "
+                      f"({num_devices}); pick a multiple of it.")
+  if config.invariant_groups % (2 * num_devices):
+    # At least two groups per device: XLA:CPU fuses the per-group results of one group differently from
+    # those of several (no concatenation), and its FMA contraction then rounds differently.
+    raise ConfigError(f"--invariant_groups={config.invariant_groups}: must be a multiple of twice the "
+                      f"number of devices ({2 * num_devices}); pick one that twice every device count "
+                      "you compare divides, e.g. 16 for up to 8 devices.")
+
+
 def _per_step(fetched: list) -> list:
   """Host metrics of single calls (dicts of scalars) and multi-step calls (dicts of (k,) arrays) ->
   one dict of scalars per step."""
@@ -339,9 +368,7 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
   config = config.resolved()
   devices = jax.local_devices()
   n_dev = len(devices)
-  if config.batch_size % (n_dev * jax.process_count()):
-    raise ConfigError(f"--batch_size={config.batch_size}: must be divisible by the number of devices "
-                      f"({n_dev * jax.process_count()}); pick a multiple of it.")
+  check_devices(config, n_dev * jax.process_count())
   per_device = config.batch_size // (n_dev * jax.process_count())
 
   # ---- Data ----------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ reference, _ = checkpoints.read_state_numpy(runs["1x4"])
 
 
 def losses(workdir):
-  return [(m["step"], m["d_loss"], m["g_loss"]) for m in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))]
+  lines = map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+  return [(m["step"], m["d_loss"], m["g_loss"]) for m in lines if "d_loss" in m]  # (not evaluation lines)
 
 
 result = {"invariant_groups": a.invariant_groups}

@@ -40,11 +40,6 @@ def split(x: jax.Array, group_size: int) -> List[jax.Array]:
   return [x[i:i + group_size] for i in range(0, x.shape[0], group_size)]
 
 
-def concat(parts: List[jax.Array]) -> jax.Array:
-  """Inverse of `split`."""
-  return jnp.concatenate(parts)
-
-
 def ordered_sum(partials: List[jax.Array], axis_name: Optional[str]) -> jax.Array:
   """Sum of every device's per-group partial sums, added in global group order, on every device.
 
@@ -82,16 +77,16 @@ def grouped_layer(f: Callable, params, x: jax.Array, group_size: int, axis_name:
 
   @jax.custom_vjp
   def apply(params, x):
-    return concat([f(params, xg) for xg in split(x, group_size)])
+    return jnp.concatenate([f(params, xg) for xg in split(x, group_size)])
 
   def fwd(params, x):
     outs, vjps = zip(*(jax.vjp(f, params, xg) for xg in split(x, group_size)))
-    return concat(outs), list(vjps)  # vjp functions are pytrees: kept as residuals
+    return jnp.concatenate(outs), list(vjps)  # vjp functions are pytrees: kept as residuals
 
   def bwd(vjps, dy):
     grads, dxs = zip(*(vjp(dyg) for vjp, dyg in zip(vjps, split(dy, group_size))))
     dparams = jax.tree.map(lambda *g: ordered_sum(list(g), axis_name), *grads)
-    return dparams, concat(dxs)
+    return dparams, jnp.concatenate(dxs)
 
   apply.defvjp(fwd, bwd)
   return apply(params, x)
@@ -130,7 +125,7 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, 
     dscale = ordered_sum([jnp.sum(d * h, axes) for d, h in zip(dys, xhat)], axis_name)
     # x also moves the batch mean and variance, for every example: hence the two global terms.
     dx = [(scale * inv) * (d - dbias / n - h * (dscale / n)) for d, h in zip(dys, xhat)]
-    return concat(dx).astype(x.dtype), dscale, dbias
+    return jnp.concatenate(dx).astype(x.dtype), dscale, dbias
 
   normalize.defvjp(fwd, bwd)
   y, mean, var = normalize(x, scale, bias)

@@ -12,6 +12,7 @@ import os
 import resource
 import sys
 import time
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -31,7 +32,10 @@ flags.DEFINE_integer("warmup", 2, "Untimed calls after the compiling one.")
 flags.DEFINE_integer("num_examples", 60000, "Synthetic dataset size (the data order permutes it).")
 flags.DEFINE_integer("base_width", 64, "dcgan preset width.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
-flags.DEFINE_integer("steps_per_call", 1, "Training steps per dispatch.")
+flags.DEFINE_integer("steps_per_call", 1, "Training steps per call (train.make_steps_call).")
+flags.DEFINE_enum("multi_step", "auto", ["auto", "scan", "dispatch"],
+                  "With --steps_per_call > 1: one lax.scan per call, or one dispatch of the single "
+                  "step per step (auto: dispatch on CPU, scan elsewhere).")
 flags.DEFINE_integer("invariant_groups", 0, "Groups of --invariant_groups (0: off): the cost of results "
                      "that are bitwise the same on any device count.")
 flags.DEFINE_enum("xla_cpu_convolutions", "eigen", ["eigen", "ynnpack"],
@@ -47,7 +51,8 @@ def peak_memory_bytes():
   return "host_max_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU backend
 
 
-def run(config: Config, channels: int, steps: int, warmup: int, num_examples: int) -> dict:
+def run(config: Config, channels: int, steps: int, warmup: int, num_examples: int,
+        scan: Optional[bool] = None) -> dict:
   config = config.resolved()
   mesh = train.global_mesh()
   n_dev = mesh.devices.size
@@ -59,9 +64,10 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   state = train.replicate(train.create_train_state(config, channels), mesh)
   step = train.make_train_step(config, channels, num_examples)
   k = config.steps_per_call
-  if k > 1:
-    step = train.make_multi_step(step, k, in_memory=True)
-  step = train.pmap_train_step(step, in_memory=True)
+  if scan is None:
+    scan = jax.default_backend() != "cpu"
+  step = (train.pmap_train_step(step, in_memory=True) if k == 1 else
+          train.make_steps_call(step, k, in_memory=True, scan=scan))
   calls = -(-steps // k)  # the timed steps, rounded up to whole calls
   steps = calls * k
   t0 = time.perf_counter()
@@ -80,6 +86,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   kind, peak = peak_memory_bytes()
   return dict(impl="dcgan_jax", preset=config.preset, image_size=config.image_size,
               batch_size=config.batch_size, steps=steps, steps_per_call=k,
+              multi_step=None if k == 1 else ("scan" if scan else "dispatch"),
               invariant_groups=config.invariant_groups,
               compute_dtype=config.compute_dtype, xla_flags=os.environ.get("XLA_FLAGS", ""),
               sec_per_step=elapsed / steps, images_per_sec=config.batch_size * steps / elapsed,
@@ -97,7 +104,8 @@ def main(argv):
                   base_width=FLAGS.base_width, dataset="synthetic", compute_dtype=FLAGS.compute_dtype,
                   steps_per_call=FLAGS.steps_per_call, invariant_groups=FLAGS.invariant_groups)
   try:
-    result = run(config, FLAGS.channels, FLAGS.steps, FLAGS.warmup, FLAGS.num_examples)
+    result = run(config, FLAGS.channels, FLAGS.steps, FLAGS.warmup, FLAGS.num_examples,
+                 scan=None if FLAGS.multi_step == "auto" else FLAGS.multi_step == "scan")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

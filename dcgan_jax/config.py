@@ -67,7 +67,7 @@ class Config:
   loss: str = "non_saturating"
   d_steps: int = 1  # Discriminator updates per generator update.
   g_ema_decay: float = 0.0  # Exponential moving average of G's weights; 0 = off.
-  steps_per_call: int = 1  # Training steps per dispatch (lax.scan); the same math.
+  steps_per_call: int = 1  # Training steps per call (train.make_steps_call); the same math.
   invariant_groups: int = 0  # > 0: bitwise the same results on any device count dividing it (invariant.py).
 
   # Outputs.

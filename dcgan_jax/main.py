@@ -59,9 +59,9 @@ HELP = {
     "checkpoint_every": "Steps between checkpoints (<workdir>/checkpoints/<step>); one is also written "
                         "at the end and on SIGTERM/SIGINT. A rerun with the same workdir resumes.",
     "keep_checkpoints": "How many of the newest checkpoints to keep.",
-    "steps_per_call": "Training steps per dispatch (lax.scan on the device): the same results, fewer "
-                      "host round trips (for fast accelerators). Logging, sampling and checkpoints happen "
-                      "after the call that reaches their step.",
+    "steps_per_call": "Training steps per call, one host round trip (for fast accelerators: one "
+                      "lax.scan, the same math; on CPU bitwise the same results as single steps). "
+                      "Logging, sampling and checkpoints happen after the call that reaches their step.",
     "invariant_groups": "0 (default, fastest) or G > 0: split the global batch into G fixed groups and "
                         "sum gradients and BatchNorm statistics group by group in one fixed order, so the "
                         "run is bitwise identical on every number of devices and processes that divides G "

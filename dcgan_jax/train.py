@@ -217,36 +217,61 @@ def make_train_step(config: Config, channels: int,
   return train_step
 
 
-def make_multi_step(train_step: Callable, num_steps: int, in_memory: bool,
-                    unroll: Optional[bool] = None) -> Callable:
-  """`num_steps` training steps in one call: fewer dispatches and host round trips, the same math.
+def make_scan_step(train_step: Callable, num_steps: int, in_memory: bool) -> Callable:
+  """`num_steps` training steps as one `lax.scan`: one program, one dispatch (the accelerator path).
 
-  Returns multi_step(state, slots, data) -> (state, metrics with a leading (num_steps,) axis: every
-  step's scalars, still on device). In-memory: `data` is the dataset, the same for every step. Streaming:
-  `data` has a leading (num_steps,) axis, one batch per step.
-
-  unroll (default: on the CPU backend only): the steps are written out one after another, separated by
-  optimization barriers so that XLA compiles each exactly like a single step. On XLA:CPU a convolution
-  inside a loop body takes a far slower code path (jax-ml/jax#12868; measured 12x per step here), and
-  rounds differently; unrolled, the results equal single steps (params and optimizer states bitwise) at
-  the price of compile time x num_steps. Elsewhere: lax.scan, compiled once.
+  Returns multi_step(state, slots, data) -> (state, metrics with a leading (num_steps,) axis), to be
+  pmapped like train_step. In-memory: `data` is the dataset, the same for every step. Streaming: `data`
+  has a leading (num_steps,) axis, one batch per step.
   """
-  if unroll is None:
-    unroll = jax.default_backend() == "cpu"
 
   def multi_step(state, slots, data):
-    if not unroll:
-      if in_memory:
-        return lax.scan(lambda s, _: train_step(s, slots, data), state, None, length=num_steps)
-      return lax.scan(lambda s, batch: train_step(s, slots, batch), state, data)
-    history = []
-    for i in range(num_steps):
-      state = lax.optimization_barrier(state)
-      state, metrics = train_step(state, slots, data if in_memory else data[i])
-      history.append(metrics)
-    return state, jax.tree.map(lambda *x: jnp.stack(x), *history)
+    if in_memory:
+      return lax.scan(lambda s, _: train_step(s, slots, data), state, None, length=num_steps)
+    return lax.scan(lambda s, batch: train_step(s, slots, batch), state, data)
 
   return multi_step
+
+
+def _stack_steps(history: list) -> dict:
+  """[metrics of step 1, ..., of step k] -> metrics with a leading (k,) axis."""
+  return jax.tree.map(lambda *x: jnp.stack(x), *history)
+
+
+def make_steps_call(train_step: Callable, num_steps: int, in_memory: bool,
+                    scan: Optional[bool] = None, single: Optional[Callable] = None) -> Callable:
+  """`num_steps` training steps per call, one host round trip: what --steps_per_call runs.
+
+  Returns call(state, slots, data) -> (state, metrics with a leading (num_steps,) axis, on device).
+  `data` as for train_step (in-memory), or with a step axis after the device axis (streaming:
+  (devices, num_steps, d_steps, per_device_batch, H, W, C)).
+
+  scan (default: everywhere but on the CPU backend): the steps are one pmapped `lax.scan`, so a fast
+  accelerator is not kept waiting by the host between steps.
+
+  Otherwise the call dispatches the single-step program `single` (pmap_train_step(train_step); pass the
+  one already in use to share its compilation) num_steps times, asynchronously, and stacks the metrics on
+  device. Its results are therefore bitwise those of num_steps single steps. Why not one program on
+  XLA:CPU: inside a loop body its convolutions take a far slower path (jax-ml/jax#12868; measured 9-12x
+  per step here), and a program with the steps written out lets XLA fuse across steps (the BatchNorm
+  running averages of consecutive steps became one fusion), which rounds differently; while a dispatch
+  costs microseconds against a CPU step's tens of milliseconds.
+  """
+  if scan is None:
+    scan = jax.default_backend() != "cpu"
+  if scan:
+    return pmap_train_step(make_scan_step(train_step, num_steps, in_memory), in_memory)
+  single = single or pmap_train_step(train_step, in_memory)
+  stack = jax.jit(_stack_steps)
+
+  def call(state, slots, data):
+    history = []
+    for i in range(num_steps):
+      state, metrics = single(state, slots, data if in_memory else data[:, i])
+      history.append(metrics)
+    return state, stack(history)
+
+  return call
 
 
 def ema_decay(decay: float, num_updates: jax.Array) -> jax.Array:
@@ -422,13 +447,14 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
       logging.warning("Streaming data path: the data order after a resume differs from an "
                       "uninterrupted run's (use --in_memory=true for exact resumption).")
   one_step = make_train_step(config, channels, num_examples if in_memory else None)
-  step_fns = {}
+  single_step = pmap_train_step(one_step, in_memory)
+  step_fns = {1: single_step}
 
   def run_steps(state, k):
-    """k training steps in one dispatch (a separately compiled function per k, made on first use)."""
+    """k training steps with one host round trip (make_steps_call; one function per k, made on first
+    use; on CPU they all run single_step's compiled program)."""
     if k not in step_fns:
-      step_fns[k] = pmap_train_step(one_step if k == 1 else make_multi_step(one_step, k, in_memory),
-                                    in_memory)
+      step_fns[k] = make_steps_call(one_step, k, in_memory, single=single_step)
     if in_memory or k == 1:
       data = next_data()
     else:  # (n_dev, k, d_steps, b, H, W, C): one streamed batch per step

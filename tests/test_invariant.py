@@ -118,8 +118,8 @@ def run_steps(config, n, data, steps):
 def test_training_is_bitwise_identical_on_2_and_4_devices():
   """The dcgan preset (BatchNorm in G and D, dropout): 4 groups per device on 2 devices, 2 on 4;
   weights, statistics, optimizer states and every metric of every step bit for bit. (1 and 8 devices and
-  2 processes x 2, mnist preset, through the CLI: test_topology.py.) Not covered: --steps_per_call, whose
-  longer program still rounds differently on several devices (test_train.py bounds it)."""
+  2 processes x 2, mnist preset, through the CLI: test_topology.py.) --steps_per_call on CPU runs this
+  same single-step program (test_train.py)."""
   config = Config(preset="dcgan", image_size=32, base_width=8, batch_size=16, latent_dim=16,
                   invariant_groups=8, dropout_rate=0.3).resolved()
   data = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 1), np.uint8)

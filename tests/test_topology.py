@@ -55,13 +55,14 @@ def run_topologies(cli_args, tmp_path, devices=(1, 2, 4, 8), two_processes=True)
   return runs
 
 
-def test_invariant_groups_make_1_8_devices_and_2_processes_bitwise_identical(tiny_data_dir, tmp_path):
-  """--invariant_groups=16: 16 and 2 groups per device, and 4 per device in 2 processes x 2 devices (2 and
-  4 devices of one process: test_invariant.py). Everything after 20 steps (weights, BatchNorm
-  statistics, optimizer moments) and every logged metric of every step: the same bits."""
-  runs = run_topologies(lambda w: args(tiny_data_dir, w, batch_size=16, invariant_groups=16), tmp_path,
-                        devices=(1, 8))
-  reference, step = checkpoints.read_state_numpy(runs["1x8"])
+def test_invariant_groups_make_1_device_and_2_processes_bitwise_identical(tiny_data_dir, tmp_path):
+  """--invariant_groups=8: 8 groups on 1 device, and 2 per device on 2 processes x 2 devices (gloo). (2
+  and 4 devices of one process: test_invariant.py; 8 devices, and 4 of one process through the CLI, also
+  matched when measured, but cost suite time.) Everything after 20 steps (weights, BatchNorm statistics,
+  optimizer moments) and every logged metric of every step: the same bits."""
+  runs = run_topologies(lambda w: args(tiny_data_dir, w, batch_size=8, invariant_groups=8), tmp_path,
+                        devices=(1,))
+  reference, step = checkpoints.read_state_numpy(runs["1x1"])
   assert step == 20
   metrics = lambda w: [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
   drop_speed = lambda ms: [{k: v for k, v in m.items() if k not in ("steps_per_sec", "images_per_sec")}
@@ -73,7 +74,7 @@ def test_invariant_groups_make_1_8_devices_and_2_processes_bitwise_identical(tin
     assert len(leaves) == len(ref_leaves)
     for (path, a), b in zip(leaves, ref_leaves):
       np.testing.assert_array_equal(a, b, err_msg=f"{name} {jax.tree_util.keystr(path)}")
-    assert drop_speed(metrics(workdir)) == drop_speed(metrics(runs["1x8"])), name
+    assert drop_speed(metrics(workdir)) == drop_speed(metrics(runs["1x1"])), name
   # Only process 0 wrote logs: one line per log step, not two.
   assert [m["step"] for m in metrics(runs["2x2"])] == list(range(1, 21))
 
@@ -99,13 +100,3 @@ def test_without_groups_topologies_differ_by_amplified_rounding(tiny_data_dir, t
   # amplifies the difference ~1.5x per step: measured 1.0e-3 to 1.2e-3 after 20 steps (it depends on
   # the trajectory). This is what --invariant_groups removes.
   assert 0 < gap <= 5e-3, gap
-
-
-def test_two_identical_cli_runs_are_bitwise_identical(tiny_data_dir, tmp_path):
-  states = []
-  for name in ("a", "b"):
-    r = run_cli(args(tiny_data_dir, str(tmp_path / name))[:-4] + ["--num_steps=4", "--checkpoint_every=4",
-                                                                  "--log_every=4", "--sample_every=4"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    states.append(checkpoints.read_state_numpy(str(tmp_path / name))[0])
-  assert checkpoints.relative_l2(*states) == 0.0

@@ -79,8 +79,10 @@ def test_benchmark_prints_one_json_line_without_tensorflow():
   code = ("import sys, runpy; sys.argv = ['benchmark', '--batch_size=8', '--steps=2', '--warmup=0', "
           "'--num_examples=64', '--compute_dtype=bfloat16', '--steps_per_call=2']; "
           "runpy.run_module('dcgan_jax.benchmark', run_name='__main__')\n")
-  # Poison TensorFlow and tfds: the training core and the benchmark must not import them.
-  code = "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n" + code
+  # Poison TensorFlow, tfds and tensorboardX (the GPU machine has none of them): the training core and
+  # the benchmark must not import them.
+  code = ("import sys; sys.modules.update(tensorflow=None, tensorflow_datasets=None, tensorboardX=None)\n"
+          + code)
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(2), capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -90,3 +92,4 @@ def test_benchmark_prints_one_json_line_without_tensorflow():
     assert key in result
   assert result["batch_size"] == 8 and result["devices"] == 2 and result["finite"]
   assert result["compute_dtype"] == "bfloat16" and result["steps"] == 2 and result["steps_per_call"] == 2
+  assert result["multi_step"] == "dispatch"  # the CPU default

@@ -18,10 +18,12 @@ does not help: the zeros are still multiplied. Two rewrites multiply no zeros:
   convolution with a sub-kernel, and the phases interleave (depth-to-space) into the output. When the
   phases' tap offsets line up (5x5 kernels, stride 2: at most 1.44x the exact FLOPs) one convolution
   with s*s*cout output channels computes them all; otherwise (4x4 kernels: 2.25x) one per phase.
-* Tap-wise weight gradient (conv_transpose): dW[kh, kw] = sum over (b, y, x) of
-  x_dilated_padded[b, y + kh, x + kw, :]^T g[b, y, x, :]. For each tap only the output positions of one
-  residue class mod s meet real input pixels, so tap (kh, kw) is one (cin x N) @ (N x cout) matmul over
-  the N = batch * h * w input pixels.
+  The weight gradient of conv_transpose is the sub-pixel form's own (autodiff): stride-1 convolution
+  weight gradients over the real input pixels, scatter-added back onto the kernel.
+* Tap-wise weight gradient (conv_transpose with 'VALID' padding, which has no sub-pixel form here):
+  dW[kh, kw] = sum over (b, y, x) of x_dilated_padded[b, y + kh, x + kw, :]^T g[b, y, x, :]. For each
+  tap only the output positions of one residue class mod s meet real input pixels, so tap (kh, kw) is
+  one (cin x N) @ (N x cout) matmul over the N = batch * h * w input pixels.
 Which convolution library XLA:CPU calls matters as much: jaxlib 0.10 hands convolutions to YNNPACK,
 and for this model Eigen's are faster (`configure_xla_cpu`, called first by every entry point).
 
@@ -129,7 +131,7 @@ def subpixel_transposed(x, kernel, strides, before):
 
 
 # --------------------------------------------------------------------------------------------------
-# conv_transpose: sub-pixel forward, tap-wise weight gradient
+# conv_transpose: sub-pixel forward and weight gradient ('VALID': tap-wise weight gradient)
 # --------------------------------------------------------------------------------------------------
 def _padding(k: int, s: int, padding: str):
   """(before, after) padding of the dilated input, exactly as jax.lax.conv_transpose computes it."""
@@ -174,9 +176,13 @@ def use_subpixel_forward(strides, padding: str, features: int) -> bool:
 def conv_transpose(x, kernel, strides, padding):
   """x (B, h, w, cin), kernel (kh, kw, cin, cout) -> (B, H, W, cout); = jax.lax.conv_transpose."""
   if use_subpixel_forward(strides, padding, kernel.shape[-1]):
-    before = tuple(_padding(k, s, padding)[0] for k, s in zip(kernel.shape[:2], strides))
-    return subpixel_transposed(x, kernel, strides, before)
+    return _subpixel_conv_transpose(x, kernel, strides, padding)
   return _lax_conv_transpose(x, kernel, strides, padding)
+
+
+def _subpixel_conv_transpose(x, kernel, strides, padding):
+  before = tuple(_padding(k, s, padding)[0] for k, s in zip(kernel.shape[:2], strides))
+  return subpixel_transposed(x, kernel, strides, before)
 
 
 def _fwd(x, kernel, strides, padding):
@@ -197,6 +203,12 @@ def _bwd(strides, padding, residuals, g):
   if not use_tap_gradient(strides, kernel.shape[-1]):
     return jax.vjp(xla, x, kernel)[1](g)
   (dx,) = jax.vjp(lambda x_: xla(x_, kernel), x)[1](g)  # a plain strided convolution: fast
+  if use_subpixel_forward(strides, padding, kernel.shape[-1]):
+    # The sub-pixel form's own weight gradient: stride-1 convolution weight gradients over the real
+    # input pixels, then the sub-kernel gather's scatter-add back onto the kernel. 2.5-4.7x faster than
+    # tap by tap for the seed's and the dcgan preset's layers (the taps' strided slices of g are copies).
+    (dk,) = jax.vjp(lambda k_: _subpixel_conv_transpose(x, k_, strides, padding), kernel)[1](g)
+    return dx, dk
   kh, kw = kernel.shape[:2]
   (bh, _), (bw, _) = _padding(kh, strides[0], padding), _padding(kw, strides[1], padding)
   rows = []

@@ -4,7 +4,9 @@ that ops.py rewrites (forward, input gradient, weight gradient). One JSON line p
     python experiments/conv_bench.py [--batch 128] [--repeats 10]
 
 The generator's layers run at the batch size, the discriminator's at twice it (D's update sees a real
-and a fake batch). `used` says whether the models use ops.py's version for that direction here.
+and a fake batch). `used` says whether the models use ops.py's version for that direction here. Then
+the step's other large convolutions (G's stride-1 first layer, D's second layer) in every direction,
+with their GFLOP/s, and a plain matrix product for scale.
 """
 import argparse
 import json
@@ -64,7 +66,7 @@ for h, cin, cout in [(7, 128, 64), (14, 64, 1)]:
           lambda x, w: jax.lax.conv_transpose(x, w, (2, 2), "SAME", dimension_numbers=DN),
           lambda x, w: ops.conv_transpose(x, w, (2, 2), "SAME"), x, w,
           used={"forward": ops.use_subpixel_forward((2, 2), "SAME", cout),
-                "weight_gradient": ops.use_tap_gradient((2, 2), cout)})
+                "weight_gradient": ops.use_tap_gradient((2, 2), cout)})  # (sub-pixel form for SAME)
 # Discriminator: the stride-2 convolutions (5x5 kernels), real and fake batch.
 for h, cin, cout in [(28, 1, 64), (14, 64, 128)]:
   x = jax.random.normal(key, (2 * a.batch, h, h, cin))
@@ -73,3 +75,29 @@ for h, cin, cout in [(28, 1, 64), (14, 64, 128)]:
           lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=DN),
           lambda x, w: ops.conv(x, w, (2, 2), "SAME"), x, w,
           used={"input_gradient": ops.use_subpixel_input_gradient((h, h), (2, 2), "SAME", cin)})
+
+
+# The rest of the step's large convolutions, as the models run them (XLA's Eigen convolutions, except
+# D's input gradient: sub-pixel, above), with their speed in GFLOP/s (2 * multiply-adds; 'SAME' borders
+# counted as full windows), next to a plain matrix product of the first layer's size.
+def plain(layer, f, x, w, flop):
+  g = jax.random.normal(jax.random.key(2), jax.eval_shape(f, x, w).shape)
+  for direction, fd in directions(f).items():
+    t = median_seconds(fd, x, w, g)
+    print(json.dumps(dict(layer=layer, direction=direction, ms=round(1e3 * t, 1),
+                          gflop_per_sec=round(flop / t / 1e9, 1), batch=a.batch,
+                          backend=jax.default_backend())), flush=True)
+
+
+x = jax.random.normal(key, (a.batch, 7, 7, 256))
+w = 0.05 * jax.random.normal(jax.random.key(1), (5, 5, 256, 128))
+plain("G ConvTranspose 7x7x256 -> 7x7x128 (stride 1)", lambda x, w: ops.conv_transpose(x, w, (1, 1), "SAME"),
+      x, w, 2 * a.batch * 49 * 25 * 256 * 128)
+m, k = jax.random.normal(key, (a.batch * 49, 25 * 256)), jax.random.normal(key, (25 * 256, 128))
+t = median_seconds(lambda m, k: m @ k, m, k)
+print(json.dumps(dict(layer=f"matrix product {a.batch * 49}x{25 * 256} @ {25 * 256}x128", ms=round(1e3 * t, 1),
+                      gflop_per_sec=round(2 * a.batch * 49 * 25 * 256 * 128 / t / 1e9, 1))), flush=True)
+x = jax.random.normal(key, (2 * a.batch, 14, 14, 64))
+w = 0.05 * jax.random.normal(jax.random.key(1), (5, 5, 64, 128))
+plain("D Conv 14x14x64 -> 7x7x128", lambda x, w: ops.conv(x, w, (2, 2), "SAME"), x, w,
+      2 * 2 * a.batch * 49 * 25 * 64 * 128)

@@ -65,7 +65,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   step = train.make_train_step(config, channels, num_examples)
   k = config.steps_per_call
   if scan is None:
-    scan = jax.default_backend() != "cpu"
+    scan = train.scan_steps_by_default()
   step = (train.pmap_train_step(step, in_memory=True) if k == 1 else
           train.make_steps_call(step, k, in_memory=True, scan=scan))
   calls = -(-steps // k)  # the timed steps, rounded up to whole calls

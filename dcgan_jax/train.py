@@ -238,6 +238,11 @@ def _stack_steps(history: list) -> dict:
   return jax.tree.map(lambda *x: jnp.stack(x), *history)
 
 
+def scan_steps_by_default() -> bool:
+  """Whether make_steps_call runs its steps as one lax.scan on this backend (not on XLA:CPU)."""
+  return jax.default_backend() != "cpu"
+
+
 def make_steps_call(train_step: Callable, num_steps: int, in_memory: bool,
                     scan: Optional[bool] = None, single: Optional[Callable] = None) -> Callable:
   """`num_steps` training steps per call, one host round trip: what --steps_per_call runs.
@@ -258,7 +263,7 @@ def make_steps_call(train_step: Callable, num_steps: int, in_memory: bool,
   costs microseconds against a CPU step's tens of milliseconds.
   """
   if scan is None:
-    scan = jax.default_backend() != "cpu"
+    scan = scan_steps_by_default()
   if scan:
     return pmap_train_step(make_scan_step(train_step, num_steps, in_memory), in_memory)
   single = single or pmap_train_step(train_step, in_memory)

@@ -10,7 +10,6 @@ timed calls. `compile_sec` is the first call (tracing + XLA compilation + one ex
 import json
 import os
 import resource
-import sys
 import time
 from typing import Optional
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from dcgan_jax import ops
 from dcgan_jax import train
-from dcgan_jax.config import Config, ConfigError
+from dcgan_jax.config import Config, ConfigError, exit_with_error
 
 flags.DEFINE_enum("preset", "mnist", ["mnist", "dcgan"], "Model preset.")
 flags.DEFINE_integer("image_size", None, "Image size (default: the preset's).")
@@ -107,8 +106,7 @@ def main(argv):
     result = run(config, FLAGS.channels, FLAGS.steps, FLAGS.warmup, FLAGS.num_examples,
                  scan=None if FLAGS.multi_step == "auto" else FLAGS.multi_step == "scan")
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    exit_with_error(str(e))
   print(json.dumps(result), flush=True)
 
 

@@ -10,7 +10,8 @@ into a `ConfigError` whose message is one line naming the setting and the fix.
 
 import dataclasses
 import json
-from typing import Optional
+import sys
+from typing import NoReturn, Optional
 
 PRESETS = ("mnist", "dcgan")
 LOSSES = ("non_saturating", "minimax")
@@ -30,6 +31,12 @@ PRESET_DEFAULTS = {
 
 class ConfigError(ValueError):
   """A setting is invalid. The message is one line: the setting, the problem, the fix."""
+
+
+def exit_with_error(message: str) -> NoReturn:
+  """How the command-line tools end on bad input: `error: <message>` on stderr, exit status 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 @dataclasses.dataclass(frozen=True)

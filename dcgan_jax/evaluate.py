@@ -18,13 +18,12 @@ and implementations scored by this command at the same --num_samples.
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 import numpy as np
 
-from dcgan_jax.config import ConfigError
+from dcgan_jax.config import ConfigError, exit_with_error
 
 
 def define_flags():
@@ -126,9 +125,9 @@ def _image_shape(images: np.ndarray) -> tuple:
 
 def main(argv):
   if len(argv) > 1:
-    _die(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    exit_with_error(f"unexpected arguments {argv[1:]}; flags look like --name=value")
   if FLAGS.num_samples < 10:
-    _die(f"--num_samples={FLAGS.num_samples}: too few for FID/KID; pass at least 10 (10000 is standard)")
+    exit_with_error(f"--num_samples={FLAGS.num_samples}: too few for FID/KID; pass at least 10 (10000 is standard)")
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dcgan_jax import ops  # pylint: disable=g-import-not-at-top
   ops.configure_xla_cpu()  # before JAX starts a backend
@@ -137,13 +136,9 @@ def main(argv):
                       FLAGS.best, FLAGS.use_ema, FLAGS.sample_bn, FLAGS.seed, FLAGS.samples,
                       FLAGS.samples_key, FLAGS.evaluator_dir, FLAGS.reference)
   except (ConfigError, input_pipeline.DataUnavailableError) as e:
-    _die(str(e))
+    exit_with_error(str(e))
   print(json.dumps(report))
 
-
-def _die(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 if __name__ == "__main__":

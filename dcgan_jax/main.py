@@ -11,14 +11,13 @@ on stderr and exit status 2.
 import dataclasses
 import logging as logging_std
 import os
-import sys
 import typing
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from dcgan_jax.config import Config
+from dcgan_jax.config import Config, exit_with_error
 
 FLAGS = flags.FLAGS
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
@@ -102,10 +101,6 @@ def config_from_flags() -> Config:
   return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
 
 
-def _die(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
 
 def _resolve_flagfiles(argv):
   """A --flagfile that does not exist as given is looked up in experiments/ (e.g. mnist.flags)."""
@@ -116,7 +111,7 @@ def _resolve_flagfiles(argv):
       if not os.path.exists(path):
         candidate = os.path.join(EXPERIMENTS_DIR, path)
         if not os.path.exists(candidate):
-          _die(f"--flagfile={path}: file not found (also looked in {EXPERIMENTS_DIR}); "
+          exit_with_error(f"--flagfile={path}: file not found (also looked in {EXPERIMENTS_DIR}); "
                f"use one of: {', '.join(sorted(os.listdir(EXPERIMENTS_DIR)))}")
         arg = f"--flagfile={candidate}"
     out.append(arg)
@@ -127,7 +122,7 @@ def parse_flags(argv):
   try:
     return FLAGS(_resolve_flagfiles(argv))
   except flags.Error as e:
-    _die(f"{e}; see --helpfull")
+    exit_with_error(f"{e}; see --helpfull")
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -143,9 +138,9 @@ def _init_distributed():
   given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
   if any(v is not None for v in given):
     if any(v is None for v in given):
-      _die("--coordinator_address, --num_processes and --process_id go together; pass all three")
+      exit_with_error("--coordinator_address, --num_processes and --process_id go together; pass all three")
     if not 0 <= FLAGS.process_id < FLAGS.num_processes:
-      _die(f"--process_id={FLAGS.process_id}: must be in 0..{FLAGS.num_processes - 1}")
+      exit_with_error(f"--process_id={FLAGS.process_id}: must be in 0..{FLAGS.num_processes - 1}")
     # Cross-process collectives on CPU need gloo; the setting does nothing on GPU/TPU backends.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -166,9 +161,9 @@ def _cluster_detected() -> bool:
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
-    _die(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    exit_with_error(f"unexpected arguments {argv[1:]}; flags look like --name=value")
   if not FLAGS.workdir:
-    _die("--workdir is required; pass a directory for the run's outputs, e.g. --workdir=/tmp/dcgan")
+    exit_with_error("--workdir is required; pass a directory for the run's outputs, e.g. --workdir=/tmp/dcgan")
   # Imported after flag parsing so that --help is fast and JAX starts with the final environment.
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dcgan_jax import ops  # pylint: disable=g-import-not-at-top
@@ -181,7 +176,7 @@ def main(argv):
     logging.info("Training in %s", FLAGS.workdir)
     train.train_and_evaluate(config, FLAGS.workdir)
   except (ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError) as e:
-    _die(str(e))
+    exit_with_error(str(e))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ import glob
 import gzip
 import os
 import shutil
-import sys
 import tempfile
 
 from absl import app
 from absl import flags
 import numpy as np
+
+from dcgan_jax.config import exit_with_error
 
 DATASETS = ("mnist", "fashion_mnist")
 SPLIT_FILES = {  # split -> (images, labels), the names LeCun's and Zalando's distributions use
@@ -127,13 +128,11 @@ def main(argv):
   del argv
   for name in ("dataset", "idx_dir", "data_dir"):
     if not flags.FLAGS[name].value:
-      print(f"error: --{name} is required; see --helpfull", file=sys.stderr)
-      sys.exit(2)
+      exit_with_error(f"--{name} is required; see --helpfull")
   try:
     path, counts = prepare(flags.FLAGS.dataset, flags.FLAGS.idx_dir, flags.FLAGS.data_dir)
   except IdxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    exit_with_error(str(e))
   unusual = [f"{s}={n} (standard {STANDARD_COUNTS[s]})" for s, n in counts.items() if n != STANDARD_COUNTS[s]]
   print(f"wrote {flags.FLAGS.dataset} ({', '.join(f'{s}: {n}' for s, n in counts.items())}) to {path}"
         + (f"; note unusual counts: {', '.join(unusual)}" if unusual else ""))

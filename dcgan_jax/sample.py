@@ -16,7 +16,6 @@ walking together, forth and back.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -29,7 +28,7 @@ from dcgan_jax import ops
 from dcgan_jax import randomness
 from dcgan_jax import train
 from dcgan_jax import writers
-from dcgan_jax.config import ConfigError
+from dcgan_jax.config import ConfigError, exit_with_error
 
 
 def define_flags():
@@ -101,20 +100,20 @@ def interpolation_latents(config, rows: int, steps: int, seed=None) -> jax.Array
 def main(argv):
   ops.configure_xla_cpu()  # before JAX starts a backend
   if len(argv) > 1:
-    _die(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    exit_with_error(f"unexpected arguments {argv[1:]}; flags look like --name=value")
   for name in ("workdir", "out"):
     if not FLAGS[name].value:
-      _die(f"--{name} is required")
+      exit_with_error(f"--{name} is required")
   ext = os.path.splitext(FLAGS.out)[1].lower()
   if ext not in (".png", ".npy"):
-    _die(f"--out={FLAGS.out}: unknown file type {ext!r}; use .png (a grid) or .npy (an array)")
+    exit_with_error(f"--out={FLAGS.out}: unknown file type {ext!r}; use .png (a grid) or .npy (an array)")
   if FLAGS.num < 1 or FLAGS.interpolation_steps < 2:
-    _die("--num must be >= 1 and --interpolation_steps >= 2")
+    exit_with_error("--num must be >= 1 and --interpolation_steps >= 2")
   try:
     sample, config, step, used_ema = load(FLAGS.workdir, FLAGS.step, FLAGS.best, FLAGS.use_ema,
                                           FLAGS.sample_bn)
   except (ConfigError, FileNotFoundError) as e:
-    _die(str(e))
+    exit_with_error(str(e))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   if FLAGS.interpolate:
     z = interpolation_latents(config, FLAGS.num, FLAGS.interpolation_steps, FLAGS.seed)
@@ -137,10 +136,6 @@ def main(argv):
       writers.save_png(writers.image_grid(images), FLAGS.out)
   print(f"wrote {FLAGS.out}: {images.shape} from step {step}{' (EMA generator)' if used_ema else ''}")
 
-
-def _die(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 if __name__ == "__main__":

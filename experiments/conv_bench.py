@@ -6,7 +6,8 @@ that ops.py rewrites (forward, input gradient, weight gradient). One JSON line p
 The generator's layers run at the batch size, the discriminator's at twice it (D's update sees a real
 and a fake batch). `used` says whether the models use ops.py's version for that direction here. Then
 the step's other large convolutions (G's stride-1 first layer, D's second layer) in every direction,
-with their GFLOP/s, and a plain matrix product for scale.
+with their GFLOP/s, and a plain matrix product for scale. Last, the transposed convolutions' weight
+gradient in sub-pixel form against tap by tap, for the strided layers of both presets.
 """
 import argparse
 import json
@@ -101,3 +102,22 @@ x = jax.random.normal(key, (2 * a.batch, 14, 14, 64))
 w = 0.05 * jax.random.normal(jax.random.key(1), (5, 5, 64, 128))
 plain("D Conv 14x14x64 -> 7x7x128", lambda x, w: ops.conv(x, w, (2, 2), "SAME"), x, w,
       2 * 2 * a.batch * 49 * 25 * 64 * 128)
+
+
+# conv_transpose's weight gradient, sub-pixel form (what 'SAME' layers use) against tap by tap (what
+# 'VALID' layers use, and 'SAME' ones did before), for the strided layers of both presets: the seed's at
+# --batch, the dcgan preset's (64x64 images, base width 64) at --batch // 2.
+for b, h, cin, cout, k in [(a.batch, 7, 128, 64, 5), (a.batch // 2, 4, 512, 256, 4),
+                           (a.batch // 2, 8, 256, 128, 4), (a.batch // 2, 16, 128, 64, 4)]:
+  x = jax.random.normal(key, (b, h, h, cin))
+  w = 0.05 * jax.random.normal(jax.random.key(1), (k, k, cin, cout))
+  g = jax.random.normal(jax.random.key(2), (b, 2 * h, 2 * h, cout))
+  tap = lambda x, w, g: ops.tap_weight_gradient(x, g, w, (2, 2), "SAME")
+  sub = lambda x, w, g: ops.subpixel_weight_gradient(x, g, w, (2, 2), "SAME")
+  t_tap, t_sub = median_seconds(tap, x, w, g), median_seconds(sub, x, w, g)
+  ref = jax.jit(tap)(x, w, g)
+  err = float(jnp.max(jnp.abs(jax.jit(sub)(x, w, g) - ref)) / jnp.max(jnp.abs(ref)))
+  print(json.dumps(dict(layer=f"ConvTranspose {h}x{h}x{cin} -> {2*h}x{2*h}x{cout}, {k}x{k}",
+                        direction="weight_gradient", batch=b, tap_ms=round(1e3 * t_tap, 1),
+                        subpixel_ms=round(1e3 * t_sub, 1), speedup=round(t_tap / t_sub, 2),
+                        max_relative_difference=err)), flush=True)

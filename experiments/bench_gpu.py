@@ -99,7 +99,8 @@ def main():
                               timeout=args.timeout)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         result = json.loads(lines[-1]) if proc.returncode == 0 and lines else dict(
-            error=f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}")
+            error=f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}",
+            stderr_tail=proc.stderr[-3000:])  # in gpu.jsonl only: to diagnose without a second run
       except subprocess.TimeoutExpired:
         result = dict(error=f"timed out after {args.timeout} s")
       result.update(run=name, repeat=r, wall_sec=round(time.time() - t0, 1))

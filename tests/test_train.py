@@ -2,6 +2,7 @@
 import os
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
@@ -192,3 +193,27 @@ def test_loop_with_steps_per_call_matches_single_steps(tmp_path):
   last = lambda x: {k: v for k, v in lines(x)[-1].items() if k not in ("steps_per_sec", "images_per_sec")}
   assert last("a") == last("b")  # both: the means over steps 5 and 6
   assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["4", "6"]
+
+
+def _primitives(jaxpr) -> set:
+  """Names of every primitive in a jaxpr, sub-jaxprs (scan/cond/pjit/custom_vjp bodies) included."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= _primitives(sub)
+  return names
+
+
+def test_step_has_no_loop_whose_length_depends_on_data():
+  """XLA:GPU checks a while loop's condition on the host, blocking it until the device is idle, at every
+  iteration (WhileThunk); only loops of static length (fori_loop/scan with Python bounds: `scan` in the
+  jaxpr) run without. The data order once walked a cycle until in range (a `while`): not again."""
+  config = Config(batch_size=8, latent_dim=16).resolved()
+  state = train.create_train_state(config, 1)
+  data = np.zeros((64, 28, 28, 1), np.uint8)
+  step = train.make_train_step(config, 1, num_examples=len(data))
+  jaxpr = jax.make_jaxpr(step, axis_env=[(train.AXIS, 1)])(state, jnp.arange(8), data)
+  names = _primitives(jaxpr.jaxpr)
+  assert "while" not in names
+  assert "scan" in names  # the data order's fixed-length loop is seen (so sub-jaxprs are searched)

@@ -66,3 +66,13 @@ def test_permuted_index_is_a_seeded_bijection_that_shuffles():
   np.testing.assert_array_equal(
       randomness.permuted_index(jnp.stack([key] * 5), jnp.array([4, 0, 59999, 17, 4]), n),
       perm[[4, 0, 59999, 17, 4]])
+
+
+def test_permuted_index_is_the_same_rolled_and_written_out(monkeypatch):
+  """Accelerators run the swap-or-not rounds written out (unrolled), the CPU as a loop: same values."""
+  key = randomness.purpose_key(jax.random.key(0), randomness.DATA)
+  offsets = jnp.arange(0, 60000, 997)
+  rolled = randomness.permuted_index(key, offsets, 60000)
+  monkeypatch.setattr(randomness.jax, "default_backend", lambda: "gpu")  # as on an accelerator
+  written_out = jax.jit(lambda o: randomness.permuted_index(key, o, 60000))(offsets)
+  np.testing.assert_array_equal(rolled, written_out)

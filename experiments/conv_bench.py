@@ -6,7 +6,7 @@ that ops.py rewrites (forward, input gradient, weight gradient). One JSON line p
 The generator's layers run at the batch size, the discriminator's at twice it (D's update sees a real
 and a fake batch). `used` says whether the models use ops.py's version for that direction here. Then
 the step's other large convolutions (G's stride-1 first layer, D's second layer) in every direction,
-with their GFLOP/s, and a plain matrix product for scale. Last, the transposed convolutions' weight
+with their GFLOP/s, and a plain matrix product for scale; G's first layer also in ops.py's DFT form. Last, the transposed convolutions' weight
 gradient in sub-pixel form against tap by tap, for the strided layers of both presets.
 """
 import argparse
@@ -92,8 +92,20 @@ def plain(layer, f, x, w, flop):
 
 x = jax.random.normal(key, (a.batch, 7, 7, 256))
 w = 0.05 * jax.random.normal(jax.random.key(1), (5, 5, 256, 128))
-plain("G ConvTranspose 7x7x256 -> 7x7x128 (stride 1)", lambda x, w: ops.conv_transpose(x, w, (1, 1), "SAME"),
-      x, w, 2 * a.batch * 49 * 25 * 256 * 128)
+xla_first = lambda x, w: jax.lax.conv_transpose(x, w, (1, 1), "SAME", dimension_numbers=DN)
+plain("G ConvTranspose 7x7x256 -> 7x7x128 (stride 1), XLA", xla_first, x, w, 2 * a.batch * 49 * 25 * 256 * 128)
+# ... and in ops.py's DFT form (what the models use here when `used`), every direction and all three
+# together (forward, then both gradients: what a generator update runs).
+first = lambda x, w: ops.conv_transpose(x, w, (1, 1), "SAME")
+dft_used = ops.use_dft(x, w, ops.correlation_geometry((7, 7), (5, 5), ((2, 2), (2, 2))))
+compare("G ConvTranspose 7x7x256 -> 7x7x128 (stride 1)", xla_first, first, x, w,
+        used=dict.fromkeys(["forward", "input_gradient", "weight_gradient"], dft_used))
+both = lambda f: lambda x, w, g: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, w))
+g = jax.random.normal(jax.random.key(2), x.shape[:3] + (128,))
+t_xla, t_ours = median_seconds(both(xla_first), x, w, g), median_seconds(both(first), x, w, g)
+print(json.dumps(dict(layer="G ConvTranspose 7x7x256 -> 7x7x128 (stride 1)", direction="forward_and_gradients",
+                      xla_ms=round(1e3 * t_xla, 1), ops_ms=round(1e3 * t_ours, 1),
+                      speedup=round(t_xla / t_ours, 2), used=dft_used, batch=a.batch)), flush=True)
 m, k = jax.random.normal(key, (a.batch * 49, 25 * 256)), jax.random.normal(key, (25 * 256, 128))
 t = median_seconds(lambda m, k: m @ k, m, k)
 print(json.dumps(dict(layer=f"matrix product {a.batch * 49}x{25 * 256} @ {25 * 256}x128", ms=round(1e3 * t, 1),

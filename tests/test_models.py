@@ -98,7 +98,9 @@ def test_dropout_mask_depends_only_on_the_examples_key():
     ((2, 5, 5, 3), 16, (5, 5), (3, 3), "SAME"),
     ((2, 3, 4, 3), 4, (2, 3), (2, 3), "SAME"),
     ((2, 3, 3, 4), 5, (1, 1), (2, 2), "SAME"),  # a phase with no tap at all
-    ((2, 5, 5, 3), 2, (5, 5), (1, 1), "SAME"),
+    ((2, 5, 5, 3), 2, (5, 5), (1, 1), "SAME"),  # stride 1 (here always the DFT form): the seed's first
+    ((2, 4, 7, 3), 3, (2, 5), (1, 1), "SAME"),  # ... an even kernel (padding differs before and after)
+    ((2, 6, 5, 4), 3, (4, 3), (1, 1), "VALID"),
 ])
 @pytest.mark.parametrize("layer", ["ConvTranspose", "Conv"])
 def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features, kernel, strides, padding,
@@ -108,6 +110,7 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
   from dcgan_jax import ops
   assert not ops.use_tap_gradient((2, 2), 1)  # by default, 1-channel layers keep XLA's ops ...
   monkeypatch.setattr(ops, "MIN_CHANNELS", 1)  # ... here every layer takes the rewrites, to test them
+  monkeypatch.setattr(ops, "DFT_MAX_COST_RATIO", 1e9)  # (the DFT form pays only for large layers)
   if layer == "Conv":  # the input of the strided convolution that a transposed one would invert
     shape = (shape[0], shape[1] * strides[0], shape[2] * strides[1], shape[3])
   ours = getattr(models, layer)(features, kernel, strides, padding)
@@ -123,11 +126,33 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
   else:
     assert ops.use_subpixel_input_gradient(shape[1:3], strides, padding, shape[-1]) == (
         strided and padding == "SAME")
+  jaxpr = str(jax.make_jaxpr(ours.apply)(variables, x))
+  assert ("conv_general_dilated" not in jaxpr) == (not strided)  # stride 1: DFT form, no convolution
   np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=2e-5, rtol=1e-5)
   loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
   g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), g_ours, g_ref)
+
+
+def test_dft_form_is_used_where_it_saves_multiplications(monkeypatch):
+  """The seed generator's stride-1 layer (7x7x256 -> 7x7x128, 5x5) takes the DFT form at training batch
+  sizes in float32 on the CPU, and nothing else does: not at batch 1 (the kernel's transform would
+  dominate), not a 3x3 kernel (0.54 of the direct multiplications), not bfloat16, not on a GPU."""
+  from dcgan_jax import ops
+  seed_layer = models.ConvTranspose(128, (5, 5), (1, 1), "SAME")
+  geometry = ops.correlation_geometry((7, 7), (5, 5), ((2, 2), (2, 2)))
+  x, w = jnp.zeros((128, 7, 7, 256)), jnp.zeros((5, 5, 256, 128))
+  assert geometry == ((7, 7), (5, 5), (2, 2), (7, 7)) and ops.use_dft(x, w, geometry)
+  variables = jax.eval_shape(seed_layer.init, jax.random.key(0), x)
+  assert "conv_general_dilated" not in str(jax.make_jaxpr(seed_layer.apply)(variables, x))
+  assert not ops.use_dft(x[:1], w, geometry)
+  assert ops.use_dft(x[:8], w, geometry)
+  assert not ops.use_dft(x, w[1:4, 1:4], ops.correlation_geometry((7, 7), (3, 3), ((1, 1), (1, 1))))
+  assert not ops.use_dft(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), geometry)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not ops.use_dft(x, w, geometry)
+  assert "conv_general_dilated" in str(jax.make_jaxpr(seed_layer.apply)(variables, x))
 
 
 def test_subpixel_form_takes_both_branches():

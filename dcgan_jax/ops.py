@@ -180,10 +180,9 @@ def use_subpixel_forward(strides, padding: str, features: int) -> bool:
 def conv_transpose(x, kernel, strides, padding):
   """x (B, h, w, cin), kernel (kh, kw, cin, cout) -> (B, H, W, cout); = jax.lax.conv_transpose."""
   if tuple(strides) == (1, 1):  # a correlation with the kernel as it is, padded as lax pads it
-    pads = tuple(_padding(k, 1, padding) for k in kernel.shape[:2])
-    geometry = correlation_geometry(x.shape[1:3], kernel.shape[:2], pads)
-    if use_dft(x, kernel, geometry):
-      return dft_correlate(x, kernel, geometry)
+    y = _dft_where_it_pays(x, kernel, [_padding(k, 1, padding) for k in kernel.shape[:2]])
+    if y is not None:
+      return y
   return _conv_transpose(x, kernel, tuple(strides), padding)
 
 
@@ -275,10 +274,9 @@ def use_subpixel_input_gradient(in_hw, strides, padding: str, in_features: int) 
 def conv(x, kernel, strides, padding):
   """x (B, H, W, cin), kernel (kh, kw, cin, cout) -> (B, H', W', cout); = lax.conv_general_dilated."""
   if tuple(strides) == (1, 1):
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
-    geometry = correlation_geometry(x.shape[1:3], kernel.shape[:2], pads)
-    if use_dft(x, kernel, geometry):
-      return dft_correlate(x, kernel, geometry)
+    y = _dft_where_it_pays(x, kernel, jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding))
+    if y is not None:
+      return y
   return _conv(x, kernel, tuple(strides), padding)
 
 
@@ -336,10 +334,15 @@ def correlation_geometry(in_hw, kernel_hw, pads):
   return tuple(in_hw), tuple(kernel_hw), tuple(lo for lo, _ in pads), out_hw
 
 
+def _circular_length(n_in: int, n_out: int, k: int, before: int) -> int:
+  """The shortest L at which no index of the correlation wraps around onto a real input pixel."""
+  return max(n_out + k - 1 - before, n_in + before)
+
+
 def _dft_axis(n_in: int, n_out: int, k: int, before: int):
   """One axis: the circular length L and the DFT factors at the input's pixels (L, n_in), the kernel's
   taps (L, k) and, inverse, at the output's pixels (L, n_out)."""
-  length = max(n_out + k - 1 - before, n_in + before)
+  length = _circular_length(n_in, n_out, k, before)
   u = np.arange(length)[:, None] * (2j * np.pi / length)
   return (length, np.exp(-u * np.arange(n_in)), np.exp(u * (np.arange(k) - before)),
           np.exp(u * np.arange(n_out)))
@@ -374,11 +377,16 @@ def use_dft(x, kernel, geometry) -> bool:
   in_hw, kernel_hw, before, out_hw = geometry
   n, cin, cout = x.shape[0], x.shape[-1], kernel.shape[-1]
   p, k, q = math.prod(in_hw), math.prod(kernel_hw), math.prod(out_hw)
-  lh = max(out_hw[0] + kernel_hw[0] - 1 - before[0], in_hw[0] + before[0])
-  lw = max(out_hw[1] + kernel_hw[1] - 1 - before[1], in_hw[1] + before[1])
+  lh, lw = map(_circular_length, in_hw, out_hw, kernel_hw, before)
   f = lh * (lw // 2 + 1)
   dft = n * (4 * f * p * cin + 4 * f * cin * cout + 2 * f * q * cout) + 2 * f * k * cin * cout
   return dft <= DFT_MAX_COST_RATIO * n * q * k * cin * cout
+
+
+def _dft_where_it_pays(x, kernel, pads):
+  """The stride-1 correlation with (lo, hi) `pads` in the DFT form where use_dft chooses it, else None."""
+  geometry = correlation_geometry(x.shape[1:3], kernel.shape[:2], pads)
+  return dft_correlate(x, kernel, geometry) if use_dft(x, kernel, geometry) else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -1,5 +1,6 @@
 """Shared test helpers: synthetic IDX files and running the command line."""
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,17 @@ import numpy as np
 from dcgan_jax.prepare_data import SPLIT_FILES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_jsonl(path):
+  """The records of a JSON-lines file (e.g. a run's metrics.jsonl), in order."""
+  with open(path) as f:
+    return [json.loads(line) for line in f]
 
 
 def write_idx(path, array, magic, compress=True):

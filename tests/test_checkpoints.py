@@ -1,5 +1,4 @@
 """Checkpoints: exact resume (also after SIGKILL), preemption, damaged and foreign checkpoints, export."""
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from dcgan_jax import checkpoints
 from dcgan_jax import models
 from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
-from helpers import ROOT, cli_env, run_cli
+from helpers import ROOT, cli_env, read_json, read_jsonl, run_cli
 
 
 def settings(data_dir, **overrides):
@@ -42,7 +41,7 @@ def test_stop_and_resume_equals_one_run_and_damaged_newest_is_skipped(tiny_data_
   final = saved_state(straight, 6)
   assert int(final["step"]) == 6
   assert_bitwise_equal(final, saved_state(resumed, 6))
-  assert [json.loads(l)["step"] for l in open(os.path.join(resumed, "metrics.jsonl"))] == [2, 3, 4, 6]
+  assert [l["step"] for l in read_jsonl(os.path.join(resumed, "metrics.jsonl"))] == [2, 3, 4, 6]
 
   # Damage the newest checkpoint: it is moved aside with a warning, training resumes from step 3.
   state_dir = os.path.join(resumed, "checkpoints", "6", "state")
@@ -69,7 +68,7 @@ def test_checkpoint_of_other_settings_is_refused(tiny_data_dir, tmp_path):
 def test_provenance_and_generator_export(tiny_data_dir, tmp_path):
   workdir = str(tmp_path)
   state = train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), workdir)
-  prov = json.load(open(os.path.join(workdir, "checkpoints", "3", "provenance", "metadata")))
+  prov = read_json(os.path.join(workdir, "checkpoints", "3", "provenance", "metadata"))
   for key in ("jax", "jaxlib", "flax", "optax", "orbax", "numpy", "tensorflow_datasets"):
     assert prov["versions"][key]
   assert prov["config"]["latent_dim"] == 32 and prov["process_count"] == 1
@@ -111,13 +110,13 @@ def test_sigkill_at_any_moment_then_restart_is_bitwise_exact(tiny_data_dir, tmp_
   proc = start(cli_args(tiny_data_dir, killed))
   wait_for(os.path.join(killed, "checkpoints", "2"), proc)
   proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  proc.communicate()  # reaps it and closes its pipe
   # ...and once more shortly after the restart's first new checkpoint, then let it finish.
   proc = start(cli_args(tiny_data_dir, killed))
   wait_for(os.path.join(killed, "checkpoints", "4"), proc)
   time.sleep(0.3)
   proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  proc.communicate()  # reaps it and closes its pipe
   r = run_cli(cli_args(tiny_data_dir, killed))
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Resuming from step" in r.stderr

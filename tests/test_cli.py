@@ -4,7 +4,7 @@ import json
 import os
 import pytest
 
-from helpers import run_cli
+from helpers import read_json, read_jsonl, run_cli
 
 run = run_cli
 
@@ -14,7 +14,7 @@ def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path
   r = run(["--flagfile=mnist.flags", f"--workdir={tmp_path}", "--batch_size=16", "--num_steps=4",
            "--log_every=2", "--sample_every=3", "--num_samples=9"], mocked_examples=64)
   assert r.returncode == 0, r.stderr[-3000:]
-  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  lines = read_jsonl(tmp_path / "metrics.jsonl")
   evals = [l for l in lines if "fid" in l]  # mnist.flags evaluates every 500 steps and at the end
   lines = [l for l in lines if "fid" not in l]
   assert [l["step"] for l in lines] == [2, 4] and [l["step"] for l in evals] == [4]
@@ -23,7 +23,7 @@ def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path
       assert k in l
     assert all(v == v for v in l.values())  # no NaN
   assert lines[0]["d_loss"] != lines[1]["d_loss"]
-  config = json.load(open(tmp_path / "config.json"))
+  config = read_json(tmp_path / "config.json")
   assert config["config"]["batch_size"] == 16 and config["config"]["image_size"] == 28
   assert config["run"]["devices"] == 2
   # mnist.flags keeps an EMA generator: its grids, the raw generator's, and the GIF of the former.
@@ -31,7 +31,8 @@ def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path
                                                        "raw_step_00000004.png", "step_00000003.png",
                                                        "step_00000004.png"]
   from PIL import Image
-  assert Image.open(tmp_path / "samples" / "step_00000004.png").size == (3 * 30 + 2, 3 * 30 + 2)
+  with Image.open(tmp_path / "samples" / "step_00000004.png") as grid:
+    assert grid.size == (3 * 30 + 2, 3 * 30 + 2)
   events = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
   assert events and os.path.getsize(events[0]) > 1000  # scalars and an image
   assert "step 4/4" in r.stderr and "ETA" in r.stderr

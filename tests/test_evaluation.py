@@ -16,7 +16,7 @@ from dcgan_jax import checkpoints
 from dcgan_jax import evaluator
 from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
-from helpers import ROOT, cli_env, run_cli
+from helpers import ROOT, cli_env, read_json, read_jsonl, run_cli
 
 
 def run_tool(module, args, timeout=300):
@@ -38,7 +38,7 @@ def scorer(tiny_data_dir, evaluator_dir):
 def test_evaluator_is_trained_once_then_loaded_from_its_cache(scorer, tiny_data_dir, evaluator_dir):
   ev = scorer.evaluator
   assert 0.0 <= ev.test_accuracy <= 1.0 and ev.feature_scale > 0
-  meta = json.load(open(os.path.join(ev.path, "evaluator.json")))
+  meta = read_json(os.path.join(ev.path, "evaluator.json"))
   assert meta["train_examples"] == 64 and meta["num_classes"] == 10
   again = evaluator.load_or_train("fashion_mnist", tiny_data_dir, (28, 28, 1), evaluator_dir)
   assert again.test_accuracy == ev.test_accuracy and again.feature_scale == ev.feature_scale
@@ -107,7 +107,7 @@ def tiny_run(tiny_data_dir, evaluator_dir, tmp_path_factory):
 
 
 def test_training_logs_evaluations_keeps_the_best_and_writes_a_gif(tiny_run):
-  lines = [json.loads(l) for l in open(os.path.join(tiny_run, "metrics.jsonl"))]
+  lines = read_jsonl(os.path.join(tiny_run, "metrics.jsonl"))
   evals = [l for l in lines if "fid" in l]
   assert [l["step"] for l in evals] == [2, 4, 6]
   for l in evals:
@@ -121,7 +121,7 @@ def test_training_logs_evaluations_keeps_the_best_and_writes_a_gif(tiny_run):
   with Image.open(os.path.join(tiny_run, "samples", "progress.gif")) as gif:
     assert gif.n_frames == 3  # steps 2, 4, 6
   tree, _ = checkpoints.read_state_numpy(tiny_run)
-  assert "g_ema" in tree and json.load(open(os.path.join(tiny_run, "generator", "generator.json")))["ema"]
+  assert "g_ema" in tree and read_json(os.path.join(tiny_run, "generator", "generator.json"))["ema"]
 
 
 def test_sample_cli(tiny_run, tmp_path):
@@ -168,7 +168,7 @@ def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
   assert report["num_samples"] == 16 and report["step"] == 6 and report["ema"] is True
   assert report["evaluator"]["test_accuracy"] >= 0 and report["reference"]["num_samples"] == 16
   # The in-training FID at step 6 used the same evaluator, noise (16) and generator.
-  logged = [json.loads(l) for l in open(os.path.join(tiny_run, "metrics.jsonl"))]
+  logged = read_jsonl(os.path.join(tiny_run, "metrics.jsonl"))
   assert report["fid"] == pytest.approx([l for l in logged if l.get("step") == 6 and "fid" in l][0]["fid"],
                                         rel=1e-4)
   # Samples made elsewhere, as uint8 without a channel axis in an .npz of several arrays.

@@ -61,7 +61,8 @@ def test_malformed_files_are_rejected(tmp_path, damage, message):
   if damage == "magic":
     write_idx(images[:-3], np.zeros((24, 28, 28)), 2049)
   elif damage == "truncate":
-    raw = gzip.open(images).read()
+    with gzip.open(images) as f:
+      raw = f.read()
     with gzip.open(images, "wb") as f:
       f.write(raw[:-100])
   elif damage == "count":

@@ -1,5 +1,4 @@
 """Results depend on (seed, global batch), not on the number of devices or processes."""
-import json
 import os
 import socket
 import subprocess
@@ -9,7 +8,7 @@ import jax
 import numpy as np
 
 from dcgan_jax import checkpoints
-from helpers import ROOT, cli_env, run_cli
+from helpers import ROOT, cli_env, read_jsonl, run_cli
 
 
 def args(data_dir, workdir, batch_size=8, invariant_groups=0, num_steps=20):
@@ -20,7 +19,7 @@ def args(data_dir, workdir, batch_size=8, invariant_groups=0, num_steps=20):
 
 
 def losses(workdir):
-  return [(l["d_loss"], l["g_loss"]) for l in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))]
+  return [(l["d_loss"], l["g_loss"]) for l in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def parameters(state):
@@ -66,7 +65,7 @@ def test_invariant_groups_make_1_device_and_2_processes_bitwise_identical(tiny_d
                         tmp_path, devices=(1,))
   reference, step = checkpoints.read_state_numpy(runs["1x1"])
   assert step == 8
-  metrics = lambda w: [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
+  metrics = lambda w: read_jsonl(os.path.join(w, "metrics.jsonl"))
   drop_speed = lambda ms: [{k: v for k, v in m.items() if k not in ("steps_per_sec", "images_per_sec")}
                            for m in ms]
   for name, workdir in runs.items():

@@ -11,6 +11,7 @@ import pytest
 from dcgan_jax import models
 from dcgan_jax import train
 from dcgan_jax.config import Config
+from helpers import read_json, read_jsonl
 
 
 def setup(config, num_examples=64, channels=1):
@@ -105,7 +106,6 @@ def test_sampler_bn_modes():
 
 def test_streaming_tf_data_path_trains_under_mock_data(tmp_path):
   """--in_memory=false: tf.data shuffle/repeat/batch/prefetch feeding (devices, d_steps, b, H, W, C)."""
-  import json
   import tensorflow_datasets as tfds
   config = Config(dataset="cifar10", preset="dcgan", image_size=32, base_width=8, latent_dim=16,
                   batch_size=8, num_steps=2, log_every=1, sample_every=2, checkpoint_every=2,
@@ -113,9 +113,9 @@ def test_streaming_tf_data_path_trains_under_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=32):
     state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
-  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  lines = read_jsonl(tmp_path / "metrics.jsonl")
   assert [l["step"] for l in lines] == [1, 2] and all(np.isfinite(l["d_loss"]) for l in lines)
-  assert json.load(open(tmp_path / "config.json"))["run"]["in_memory"] is False
+  assert read_json(tmp_path / "config.json")["run"]["in_memory"] is False
   assert (tmp_path / "samples" / "step_00000002.png").exists()
 
 
@@ -175,7 +175,6 @@ def test_scanned_steps_match_single_steps():
 def test_loop_with_steps_per_call_matches_single_steps(tmp_path):
   """The loop with --steps_per_call=4 over 6 steps (one 4-step call, then a 2-step call) logs and
   checkpoints after the calls that reach those steps, and ends bitwise where the single-step loop ends."""
-  import json
   import tensorflow_datasets as tfds
   from dcgan_jax import checkpoints
   base = dict(dataset="mnist", batch_size=8, latent_dim=16, num_steps=6, log_every=2, sample_every=6,
@@ -187,7 +186,7 @@ def test_loop_with_steps_per_call_matches_single_steps(tmp_path):
   assert a[1] == b[1] == 6
   for x, y in zip(jax.tree.leaves(b[0]), jax.tree.leaves(a[0]), strict=True):
     np.testing.assert_array_equal(x, y)
-  lines = lambda x: [json.loads(l) for l in open(tmp_path / x / "metrics.jsonl")]
+  lines = lambda x: read_jsonl(tmp_path / x / "metrics.jsonl")
   assert [l["step"] for l in lines("a")] == [2, 4, 6]
   assert [l["step"] for l in lines("b")] == [4, 6]  # logged after the call that reaches the step
   last = lambda x: {k: v for k, v in lines(x)[-1].items() if k not in ("steps_per_sec", "images_per_sec")}

@@ -49,14 +49,16 @@ def provenance(config: Config) -> dict:
     versions["tensorflow_datasets"] = metadata.version("tensorflow-datasets")
   except Exception:  # pylint: disable=broad-except
     versions["tensorflow_datasets"] = None
-  return dict(config=dataclasses.asdict(config), versions=versions, git_commit=_git_commit(),
+  return dict(config=dataclasses.asdict(config), versions=versions, git_commit=git_commit(),
               device_kind=jax.devices()[0].device_kind, backend=jax.default_backend(),
               device_count=jax.device_count(), local_device_count=jax.local_device_count(),
               process_count=jax.process_count(), host=platform.node(),
               time=datetime.datetime.now(datetime.timezone.utc).isoformat())
 
 
-def _git_commit() -> Optional[str]:
+def git_commit() -> Optional[str]:
+  """HEAD of the checkout this package runs from, "-dirty" appended when tracked files are modified;
+  None outside a git checkout (e.g. an installed wheel)."""
   try:
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
                          capture_output=True, text=True, timeout=10)

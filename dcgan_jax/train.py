@@ -436,7 +436,8 @@ def train_and_evaluate(config: Config, workdir: str) -> TrainState:
   writer = writers.RunWriter(workdir, enabled=jax.process_index() == 0)
   writer.write_config(config, extra=dict(devices=n_dev, device_kind=devices[0].device_kind,
                                          backend=jax.default_backend(), in_memory=in_memory,
-                                         num_examples=num_examples, channels=channels))
+                                         num_examples=num_examples, channels=channels,
+                                         git_commit=checkpoints.git_commit()))
   logging.info("Config: %s", json.dumps(dict(config.__dict__)))
 
   # ---- State: fresh, or the newest readable checkpoint of this workdir ------------------------------

@@ -26,6 +26,8 @@ def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path
   config = read_json(tmp_path / "config.json")
   assert config["config"]["batch_size"] == 16 and config["config"]["image_size"] == 28
   assert config["run"]["devices"] == 2
+  from dcgan_jax import checkpoints  # the code's version, for dcgan_jax.study's grouping
+  assert config["run"]["git_commit"] == checkpoints.git_commit()
   # mnist.flags keeps an EMA generator: its grids, the raw generator's, and the GIF of the former.
   assert sorted(os.listdir(tmp_path / "samples")) == ["progress.gif", "raw_step_00000003.png",
                                                        "raw_step_00000004.png", "step_00000003.png",

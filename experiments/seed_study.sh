@@ -4,7 +4,7 @@
 # the raw one as *_raw), then all of OUT_DIR's runs as one table (python -m dcgan_jax.study: mean ± std
 # over the seeds of each configuration). Needs data/tfds prepared (README). To compare two versions of the code, run it
 # in a checkout of each (git worktree add DIR COMMIT; then cd DIR and bash experiments/seed_study.sh ...).
-# Usage: bash experiments/seed_study.sh OUT_DIR SEED [SEED ...]   (about 7 min per seed on 2 CPU cores)
+# Usage: bash experiments/seed_study.sh OUT_DIR SEED [SEED ...]   (about 5 min per seed on 2 CPU cores)
 set -euo pipefail
 OUT=$1; shift
 PY=${PYTHON:-python}

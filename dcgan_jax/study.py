@@ -198,16 +198,19 @@ def _span(values) -> str:
   return str(known[0]) if len(known) == 1 else f"{known[0]}-{known[-1]}"
 
 
-def format_markdown(rows, metrics) -> str:
-  """A Markdown table; a run that stopped short of its num_steps is marked * and listed below."""
+def format_markdown(rows, metrics, per_run: bool = False) -> str:
+  """A Markdown table (per_run: led by a `run` column, the workdir); a run that stopped short of its
+  num_steps is marked * and listed below."""
   columns = list(rows[0]["settings"]) if rows else []
-  lines = ["| " + " | ".join(columns + ["runs", "seeds", "step"] + list(metrics)) + " |",
-           "|" + "---|" * (len(columns) + 3 + len(metrics))]
+  lead = ["run"] if per_run else []
+  lines = ["| " + " | ".join(lead + columns + ["runs", "seeds", "step"] + list(metrics)) + " |",
+           "|" + "---|" * (len(lead) + len(columns) + 3 + len(metrics))]
   incomplete = []
   for row in rows:
     mark = "*" if row["incomplete"] else ""
     incomplete += row["incomplete"]
-    cells = [_setting(k, row["settings"][k]) for k in columns]
+    cells = [", ".join(row["runs"])] if per_run else []
+    cells += [_setting(k, row["settings"][k]) for k in columns]
     cells += [f"{len(row['runs'])}{mark}", _span(row["seeds"]), _span(row["steps"])]
     cells += [_cell(row["metrics"][m], len(row["runs"])) for m in metrics]
     lines.append("| " + " | ".join(cells) + " |")
@@ -267,7 +270,7 @@ def main(argv):
     for row in rows:
       print(json.dumps(row))
   else:
-    print(format_markdown(rows, metrics))
+    print(format_markdown(rows, metrics, flags.FLAGS.per_run))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def test_seeds_pool_into_one_row_per_config(tmp_path):
   per_run = study.table_rows(runs, ["fid"], per_run=True)
   assert [row["metrics"]["fid"]["mean"] for row in per_run] == [9.0, 10.0, 12.5, 20.0, 22.0]
   assert per_run[3]["settings"] == {"learning_rate_g": 1e-4}
+  assert f"| {tmp_path / 'lr0.0001_s0'} | 0.0001 | 1 | 0 | 4 | 20 |" in study.format_markdown(
+      per_run, ["fid"], per_run=True)
 
 
 def test_best_takes_the_lowest_line_of_best_by(tmp_path):

@@ -16,6 +16,7 @@ devices, then written in a background thread while training goes on.
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -56,9 +57,12 @@ def provenance(config: Config) -> dict:
               time=datetime.datetime.now(datetime.timezone.utc).isoformat())
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> Optional[str]:
   """HEAD of the checkout this package runs from, "-dirty" appended when tracked files are modified;
-  None outside a git checkout (e.g. an installed wheel)."""
+  None outside a git checkout (e.g. an installed wheel). Read once per process (config.json and every
+  checkpoint's provenance): the code that runs is the code imported at the start, whatever happens to
+  the checkout during a run."""
   try:
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
                          capture_output=True, text=True, timeout=10)

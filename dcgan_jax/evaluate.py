@@ -18,6 +18,7 @@ and implementations scored by this command at the same --num_samples.
 
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -44,6 +45,9 @@ def define_flags():
   flags.DEFINE_string("samples_key", None, "Array name inside an .npz with several arrays.")
   flags.DEFINE_string("evaluator_dir", None, "Evaluator cache (default ~/.cache/dcgan_jax/evaluators).")
   flags.DEFINE_bool("reference", True, "Also report the real-data floor (real train images vs test split).")
+  flags.DEFINE_bool("record", True, "Scoring a --workdir: also append the report to "
+                    "<workdir>/evaluations.jsonl (what `python -m dcgan_jax.study --source=evaluations` "
+                    "tabulates).")
 
 
 FLAGS = flags.FLAGS
@@ -123,6 +127,20 @@ def _image_shape(images: np.ndarray) -> tuple:
   raise ConfigError(f"samples have shape {images.shape}; pass (N, H, W), (N, H, W, C) or (N, C, H, W)")
 
 
+EVALUATIONS = "evaluations.jsonl"
+
+
+def record(workdir: str, report: dict) -> None:
+  """Appends the report to <workdir>/evaluations.jsonl. A workdir that cannot be written (read-only,
+  say) gets a warning on stderr: the report is already printed, so nothing is lost."""
+  path = os.path.join(workdir, EVALUATIONS)
+  try:
+    with open(path, "a") as f:
+      f.write(json.dumps(report) + "\n")
+  except OSError as e:
+    print(f"warning: {path}: not written ({e.strerror}); the report above is the only copy", file=sys.stderr)
+
+
 def main(argv):
   if len(argv) > 1:
     exit_with_error(f"unexpected arguments {argv[1:]}; flags look like --name=value")
@@ -137,8 +155,9 @@ def main(argv):
                       FLAGS.samples_key, FLAGS.evaluator_dir, FLAGS.reference)
   except (ConfigError, input_pipeline.DataUnavailableError) as e:
     exit_with_error(str(e))
-  print(json.dumps(report))
-
+  print(json.dumps(report), flush=True)
+  if FLAGS.record and FLAGS.workdir and not FLAGS.samples:
+    record(FLAGS.workdir, report)
 
 
 if __name__ == "__main__":

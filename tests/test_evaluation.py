@@ -171,6 +171,12 @@ def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
   logged = read_jsonl(os.path.join(tiny_run, "metrics.jsonl"))
   assert report["fid"] == pytest.approx([l for l in logged if l.get("step") == 6 and "fid" in l][0]["fid"],
                                         rel=1e-4)
+  # The report is also recorded in the workdir, where dcgan_jax.study reads it.
+  assert read_jsonl(os.path.join(tiny_run, "evaluations.jsonl")) == [report]
+  from dcgan_jax import study
+  assert study.evaluations_at(study.load_run(tiny_run), ["fid", "reference_fid"]) == [(
+      6, dict(fid=report["fid"], reference_fid=report["reference"]["fid"]),
+      dict(num_samples=16, ema=True, sample_bn="running", evaluator=report["evaluator"]["path"]))]
   # Samples made elsewhere, as uint8 without a channel axis in an .npz of several arrays.
   generate, config, _, _ = sample.load(tiny_run)
   ours = evaluator.as_uint8_images(generate(sample.latents(config, 16)), (28, 28, 1))
@@ -178,6 +184,7 @@ def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
   result = run_tool("evaluate", ["--samples=" + str(tmp_path / "other.npz"), "--samples_key=eval",
                                  "--dataset=fashion_mnist"] + common)
   assert result.returncode == 0, result.stderr[-2000:]
+  assert len(read_jsonl(os.path.join(tiny_run, "evaluations.jsonl"))) == 1  # --samples: nothing recorded
   assert json.loads(result.stdout.strip().splitlines()[-1])["fid"] == pytest.approx(report["fid"], rel=1e-4)
   kwargs = dict(data_dir=tiny_data_dir, evaluator_dir=evaluator_dir, num_samples=16)
   with pytest.raises(ConfigError, match="--samples_key"):

@@ -94,6 +94,56 @@ def test_short_runs_are_marked_and_missing_values_counted(tmp_path):
   assert "| 2 | 0-2 | 4 | 3 (n=1) |" in study.format_markdown(study.table_rows(runs[::2], ["fid"]), ["fid"])
 
 
+def report(step, fid, num_samples=10000, ema=True, evaluator="/cache/fashion_mnist-28x28x1-n64-seed0-v1"):
+  """An evaluate report as dcgan_jax.evaluate prints it (the keys study reads)."""
+  return dict(fid=fid, kid=fid / 100, kid_std=0.001, precision=0.5, recall=0.4, coverage=10, num_classes=10,
+              class_kl=0.02, classifier_score=8.0, num_samples=num_samples, num_real=10000, step=step,
+              ema=ema, sample_bn="running", source="/runs/x", dataset="fashion_mnist",
+              evaluator=dict(name="dcgan_jax-cnn-v1", test_accuracy=0.9, path=evaluator),
+              reference=dict(fid=0.05, precision=0.87, num_samples=num_samples))
+
+
+def test_evaluations_are_tabulated_and_only_comparable_ones_pooled(tmp_path):
+  from dcgan_jax import evaluate
+  workdirs = [make_run(tmp_path / f"s{seed}", trained(9.0, 8.0), seed=seed) for seed in range(3)]
+  evaluate.record(workdirs[0], report(4, 3.0))
+  evaluate.record(workdirs[0], report(2, 2.0))  # --step=2 scored later: the best, not the final one
+  evaluate.record(workdirs[1], report(4, 4.0))
+  evaluate.record(workdirs[2], report(4, 5.0, num_samples=2000))  # fewer samples: not comparable
+  runs = [study.load_run(w) for w in workdirs]
+  assert runs[0].evaluations[0] == dict(
+      step=4, fid=3.0, kid=0.03, kid_std=0.001, precision=0.5, recall=0.4, coverage=10, num_classes=10,
+      class_kl=0.02, classifier_score=8.0, num_real=10000, reference_fid=0.05, reference_precision=0.87,
+      eval=dict(num_samples=10000, ema=True, sample_bn="running",
+                evaluator="/cache/fashion_mnist-28x28x1-n64-seed0-v1"))
+  assert study.choose_metrics(runs, None, "evaluations") == ["fid", "kid", "precision", "recall", "coverage"]
+  rows = study.table_rows(runs, ["fid", "reference_fid"], source="evaluations")
+  assert [row["settings"] for row in rows] == [{"eval.num_samples": 10000}, {"eval.num_samples": 2000}]
+  assert rows[0]["steps"] == [4, 4] and rows[0]["metrics"]["fid"]["values"] == [3.0, 4.0]
+  assert rows[0]["metrics"]["reference_fid"]["mean"] == 0.05
+  best = study.table_rows(runs[:2], ["fid"], at="best", source="evaluations")
+  assert best[0]["metrics"]["fid"]["values"] == [2.0, 4.0] and best[0]["steps"] == [2, 4]
+  evaluate.record(workdirs[1], report(4, 4.5))  # the same step scored again: the newer line counts
+  assert study.evaluations_at(study.load_run(workdirs[1]), ["fid"])[0][:2] == (4, dict(fid=4.5))
+  # The raw generator scored too: its own rows, beside the EMA generator's.
+  for w, fid in zip(workdirs, (6.0, 7.0, 8.0)):
+    evaluate.record(w, report(4, fid, ema=False))
+  rows = study.table_rows([study.load_run(w) for w in workdirs], ["fid"], source="evaluations")
+  assert [(row["settings"], row["metrics"]["fid"]["values"]) for row in rows] == [
+      ({"eval.ema": True, "eval.num_samples": 10000}, [3.0, 4.5]),
+      ({"eval.ema": False, "eval.num_samples": 10000}, [6.0, 7.0, 8.0]),
+      ({"eval.ema": True, "eval.num_samples": 2000}, [5.0])]
+  # The training log is still what says whether a run finished.
+  assert rows[0]["incomplete"] == [] and study.table_rows(runs, ["fid"])[0]["steps"] == [4, 4, 4]
+
+
+def test_an_unwritable_workdir_loses_no_evaluation(tmp_path, capsys):
+  from dcgan_jax import evaluate
+  evaluate.record(str(tmp_path / "gone"), report(4, 3.0))  # no such folder: a warning, not a crash
+  assert "evaluations.jsonl: not written (No such file or directory); the report above is the only copy" \
+      in capsys.readouterr().err
+
+
 def cli(*args):
   return subprocess.run([sys.executable, "-m", "dcgan_jax.study", *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
@@ -109,7 +159,9 @@ def test_command_line_folders_json_and_errors(tmp_path):
                         ((str(tmp_path / "empty"),), "not a training run's workdir (no config.json)"),
                         (("--metrics=fid,fud", str(runs)), "--metrics: no run logged fud; available: "
                                                            "d_loss, fid, g_loss, kid"),
-                        (("--at=best", "--best_by=coverage", str(runs)), "--at=best: no run logged coverage")]:
+                        (("--at=best", "--best_by=coverage", str(runs)), "--at=best: no run logged coverage"),
+                        (("--source=evaluations", str(runs)), "--source=evaluations: no run has an "
+                                                              "evaluations.jsonl; score them first")]:
     r = cli(*args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr)
   with open(runs / "s1" / "metrics.jsonl", "a") as f:

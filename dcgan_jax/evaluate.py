@@ -14,6 +14,9 @@ and implementations scored by this command at the same --num_samples.
 
 --samples: .npy, or .npz with --samples_key (or a single array); uint8 in [0, 255] or float in [-1, 1];
 (N, H, W), (N, H, W, C) or (N, C, H, W). The dataset comes from --dataset, or from --workdir's config.
+
+Scoring a run (--workdir, not --samples) also appends the report to <workdir>/evaluations.jsonl
+(--norecord: not), where `python -m dcgan_jax.study --source=evaluations` finds it.
 """
 
 import json

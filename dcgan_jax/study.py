@@ -70,6 +70,10 @@ class Run:
     """The grouping key's fields: config (all of it) and run.<RUN_FIELDS>."""
     return {**self.config, **{f"run.{k}": self.info.get(k) for k in RUN_FIELDS}}
 
+  def lines(self, source: str) -> list:
+    """The records of one source: "metrics" (metrics.jsonl) or "evaluations" (evaluations.jsonl)."""
+    return self.evaluations if source == "evaluations" else self.records
+
 
 def find_workdirs(paths) -> list:
   """The runs named by `paths`: each a workdir (holding config.json), or a folder whose immediate
@@ -172,7 +176,7 @@ def evaluations_at(run: Run, metrics, at: str = "final", best_by: str = "fid") -
   for record in run.evaluations:
     kinds.setdefault(json.dumps(record["eval"], sort_keys=True), []).append(record)
   return [_pick(records, metrics, at, best_by) for records in kinds.values()] or [
-      (None, {m: None for m in metrics}, {})]
+      _pick([], metrics, at, best_by)]
 
 
 def observations(runs, metrics, at="final", best_by="fid", source="metrics") -> list:
@@ -291,7 +295,7 @@ def format_markdown(rows, metrics, per_run: bool = False) -> str:
 def choose_metrics(runs, requested: Optional[str], source: str = "metrics") -> list:
   """--metrics as a list; by default those of DEFAULT_METRICS (DEFAULT_EVALUATION_METRICS) that some
   run logged (else the losses). ConfigError naming what is available for a metric no run logged."""
-  records = [r for run in runs for r in (run.evaluations if source == "evaluations" else run.records)]
+  records = [r for run in runs for r in run.lines(source)]
   available = sorted({k for r in records for k in r if k not in ("step", "eval")})
   if requested:
     metrics = [m.strip() for m in requested.split(",") if m.strip()]
@@ -336,9 +340,8 @@ def main(argv):
     metrics = choose_metrics(runs, flags.FLAGS.metrics, source)
     if not metrics:
       raise ConfigError("the runs logged no metrics yet (empty metrics.jsonl); study them after training")
-    if flags.FLAGS.at == "best" and not any(
-        r.get(flags.FLAGS.best_by) is not None
-        for run in runs for r in (run.evaluations if source == "evaluations" else run.records)):
+    if flags.FLAGS.at == "best" and not any(r.get(flags.FLAGS.best_by) is not None
+                                            for run in runs for r in run.lines(source)):
       raise ConfigError(f"--at=best: no run logged {flags.FLAGS.best_by}; train with --eval_every=N, or "
                         "use --at=final")
     rows = table_rows(runs, metrics, flags.FLAGS.at, flags.FLAGS.best_by, flags.FLAGS.per_run,

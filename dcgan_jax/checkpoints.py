@@ -28,14 +28,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dcgan_jax import config as config_lib
+from dcgan_jax import parallel
+from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import Config, ConfigError
-
-# Settings that may change between a run and its resumption: they steer the run but do not change what
-# a step computes. Any other difference means a different run, and the checkpoint is refused.
-RUN_CONTROL = frozenset({"num_steps", "log_every", "sample_every", "num_samples", "sample_bn", "data_dir",
-                         "in_memory", "max_in_memory_mb", "checkpoint_every", "keep_checkpoints",
-                         "eval_every", "eval_samples", "evaluator_dir", "steps_per_call"})
-
 
 def provenance(config: Config) -> dict:
   """Where and with what a checkpoint was made."""
@@ -74,29 +70,11 @@ def git_commit() -> Optional[str]:
     return None
 
 
-def config_differences(saved: dict, config: Config) -> list:
-  """'name: saved -> now' for every setting outside RUN_CONTROL that differs."""
-  now = dataclasses.asdict(config)
-  # A setting added after the checkpoint was written counts as its default (what the old code did).
-  saved = {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}
-  return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(saved))
-          if k not in RUN_CONTROL and saved.get(k) != now.get(k)]
-
-
 def _to_saveable(state):
   """Typed PRNG keys are not arrays orbax can write: store their raw uint32 data. In a multi-process run,
   the pmapped step returns per-process replicated arrays; orbax needs global ones (one logical array,
   written once), so the local replicas are reassembled into arrays replicated over all devices."""
-  return _global(state.replace(key=jax.random.key_data(state.key)))
-
-
-def _global(tree):
-  if jax.process_count() == 1:
-    return tree
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("batch",)),
-                                        jax.sharding.PartitionSpec())
-  return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
-      x.shape, sharding, [s.data for s in x.addressable_shards]), tree)
+  return parallel.global_replicated(state.replace(key=jax.random.key_data(state.key)))
 
 
 def _from_saveable(state, like):
@@ -158,7 +136,7 @@ class Checkpointer:
       try:
         saved_config = self.manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore())).config
-        diff = config_differences(saved_config, self.config)
+        diff = config_lib.resume_differences(saved_config, self.config)
         if diff:
           raise ConfigError(
               f"checkpoint {path} was written with other settings ({'; '.join(diff)}); "
@@ -183,10 +161,9 @@ def read_state_numpy(workdir: str, step: Optional[int] = None,
 
   Returns (tree, step); `step` None reads the newest. For comparisons, inspection and the CLIs.
   """
-  directory = os.path.join(workdir, subdir)
   if step is None:
-    step = max(int(d) for d in os.listdir(directory) if d.isdigit())
-  path = os.path.abspath(os.path.join(directory, str(step), "state"))
+    step = workdir_lib.checkpoint_steps(workdir, subdir)[-1]
+  path = os.path.abspath(workdir_lib.path(workdir, subdir, str(step), "state"))
   checkpointer = ocp.PyTreeCheckpointer()
   meta = checkpointer.metadata(path)
   tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
@@ -209,9 +186,9 @@ def relative_l2(a: dict, b: dict) -> float:
 # --------------------------------------------------------------------------------------------------
 def export_generator(workdir: str, state, config: Config, channels: int) -> str:
   """Writes <workdir>/generator: G's params and batch_stats, and the config that rebuilds G."""
-  path = os.path.abspath(os.path.join(workdir, "generator"))
+  path = os.path.abspath(workdir_lib.path(workdir, workdir_lib.GENERATOR))
   g = state.generator()  # the EMA weights when --g_ema_decay > 0
-  variables = _global({"params": g.params, "batch_stats": g.batch_stats})
+  variables = parallel.global_replicated({"params": g.params, "batch_stats": g.batch_stats})
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, "variables"), variables, force=True)
   with open(os.path.join(path, "generator.json"), "w") as f:
@@ -225,7 +202,7 @@ def load_generator(path: str):
   from dcgan_jax import models  # pylint: disable=g-import-not-at-top
   with open(os.path.join(path, "generator.json")) as f:
     meta = json.load(f)
-  config = Config(**meta["config"])
+  config = config_lib.from_dict(meta["config"])
   generator, _ = models.build_models(config, meta["channels"])
   with ocp.StandardCheckpointer() as checkpointer:
     variables = checkpointer.restore(os.path.join(os.path.abspath(path), "variables"))
@@ -241,21 +218,19 @@ def load_run_generator(path: str, step: Optional[int] = None, use_ema: bool = Tr
   Returns (generator module, variables {"params", "batch_stats"}, config, step, used_ema).
   """
   from dcgan_jax import models  # pylint: disable=g-import-not-at-top
-  subdir = "best" if best else "checkpoints"
-  directory = os.path.join(path, subdir)
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+  subdir = workdir_lib.BEST if best else workdir_lib.CHECKPOINTS
+  steps = workdir_lib.checkpoint_steps(path, subdir)
   if steps:
     if step is None:
       step = steps[-1]
     elif step not in steps:
-      raise ConfigError(f"--step={step}: no such checkpoint in {directory}; it has {steps}")
-    with open(os.path.join(path, "config.json")) as f:
-      run = json.load(f)
-    config = Config(**run["config"])
+      raise ConfigError(f"--step={step}: no such checkpoint in {workdir_lib.path(path, subdir)}; it has "
+                        f"{steps}")
+    config, run = workdir_lib.read_config(path)
     tree, step = read_state_numpy(path, step, subdir=subdir)
     used_ema = bool(use_ema and tree.get("g_ema"))
     params = tree["g_ema"] if used_ema else tree["g"]["params"]
-    generator, _ = models.build_models(config, run["run"]["channels"])
+    generator, _ = models.build_models(config, run["channels"])
     return generator, {"params": params, "batch_stats": tree["g"]["batch_stats"]}, config, step, used_ema
   if step is not None or best:
     what = f"checkpoint {step}" if step is not None else "best checkpoint (train with --eval_every)"

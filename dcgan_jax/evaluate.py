@@ -23,10 +23,11 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from dcgan_jax import cli
+from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import ConfigError, exit_with_error
 
 
@@ -90,9 +91,7 @@ def evaluate(workdir=None, data_dir=None, dataset=None, num_samples=10000, step=
     report.update(source=os.path.abspath(workdir), step=step, ema=used_ema,
                   sample_bn=sample_bn or run_config.sample_bn)
   elif workdir:
-    with open(os.path.join(workdir, "config.json")) as f:
-      from dcgan_jax.config import Config  # pylint: disable=g-import-not-at-top
-      run_config = Config(**json.load(f)["config"])
+    run_config, _ = workdir_lib.read_config(workdir)
   dataset = dataset or (run_config.dataset if run_config else None)
   if not dataset:
     raise ConfigError("--dataset is required with --samples (or pass the --workdir that made them)")
@@ -130,13 +129,10 @@ def _image_shape(images: np.ndarray) -> tuple:
   raise ConfigError(f"samples have shape {images.shape}; pass (N, H, W), (N, H, W, C) or (N, C, H, W)")
 
 
-EVALUATIONS = "evaluations.jsonl"
-
-
 def record(workdir: str, report: dict) -> None:
   """Appends the report to <workdir>/evaluations.jsonl. A workdir that cannot be written (read-only,
   say) gets a warning on stderr: the report is already printed, so nothing is lost."""
-  path = os.path.join(workdir, EVALUATIONS)
+  path = workdir_lib.path(workdir, workdir_lib.EVALUATIONS)
   try:
     with open(path, "a") as f:
       f.write(json.dumps(report) + "\n")
@@ -145,13 +141,10 @@ def record(workdir: str, report: dict) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    exit_with_error(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+  del argv
   if FLAGS.num_samples < 10:
     exit_with_error(f"--num_samples={FLAGS.num_samples}: too few for FID/KID; pass at least 10 (10000 is standard)")
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import ops  # pylint: disable=g-import-not-at-top
-  ops.configure_xla_cpu()  # before JAX starts a backend
   try:
     report = evaluate(FLAGS.workdir, FLAGS.data_dir, FLAGS.dataset, FLAGS.num_samples, FLAGS.step,
                       FLAGS.best, FLAGS.use_ema, FLAGS.sample_bn, FLAGS.seed, FLAGS.samples,
@@ -165,4 +158,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

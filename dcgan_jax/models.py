@@ -25,7 +25,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from dcgan_jax import invariant
-from dcgan_jax import ops
+from dcgan_jax import convolutions
 from dcgan_jax import randomness
 from dcgan_jax.config import Config
 
@@ -59,14 +59,15 @@ class ExampleDropout(nn.Module):
 
 
 class _Layer(nn.Module):
-  """A per-example layer with flax's parameters (`kernel`, `bias`) and outputs, computed by `_op`.
+  """A per-example layer with flax's parameters (`kernel`, `bias`) and outputs, computed by `_op` in the
+  convolution form `form` (convolutions.py: "lax", "cpu" or "exact").
 
   Subclasses keep flax's class names and field order, so parameter trees (Dense_0, ConvTranspose_0,
   Conv_0, ...), checkpoints and positional arguments are those of the flax layers. With `group_size` > 0
   (--invariant_groups) the layer runs group by group and its weight gradient is summed in one fixed order
   over all devices (invariant.grouped_layer, over pmap axis `axis_name`). Subclasses declare the fields
-  features, use_bias, kernel_init, bias_init, dtype (computation; parameters stay float32), group_size
-  and axis_name.
+  features, use_bias, kernel_init, bias_init, dtype (computation; parameters stay float32), group_size,
+  axis_name and form.
   """
 
   def _kernel_shape(self, in_features: int) -> tuple:
@@ -75,13 +76,9 @@ class _Layer(nn.Module):
   def _op(self, x, kernel):
     raise NotImplementedError
 
-  def _exact_op(self, x, kernel):  # --invariant_groups: results independent of XLA's per-process plans
-    return self._op(x, kernel)
-
   def _apply(self, params, x):
     kernel, bias = params
-    op = self._exact_op if self.group_size else self._op
-    y = op(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = self._op(x.astype(self.dtype), kernel.astype(self.dtype))
     return y if bias is None else y + bias.astype(y.dtype)
 
   @nn.compact
@@ -103,16 +100,13 @@ class Dense(_Layer):
   dtype: Any = jnp.float32
   group_size: int = 0
   axis_name: Optional[str] = None
+  form: str = "lax"
 
   def _kernel_shape(self, in_features):
     return (in_features, self.features)
 
   def _op(self, x, kernel):
-    return jnp.dot(x, kernel)
-
-  def _exact_op(self, x, kernel):  # a 1x1 convolution in patches form (plain-layout products only)
-    y = ops.patches_conv(x[:, None, None, :], kernel[None, None], (1, 1), ((0, 0), (0, 0)))
-    return y[:, 0, 0, :]
+    return convolutions.dense(x, kernel, self.form)
 
 
 class _Convolution(_Layer):
@@ -126,29 +120,24 @@ class _Convolution(_Layer):
   dtype: Any = jnp.float32
   group_size: int = 0
   axis_name: Optional[str] = None
+  form: str = "lax"
 
   def _kernel_shape(self, in_features):
     return tuple(self.kernel_size) + (in_features, self.features)
 
 
 class ConvTranspose(_Convolution):
-  """= flax.linen.ConvTranspose (transpose_kernel=False), through ops.conv_transpose."""
+  """= flax.linen.ConvTranspose (transpose_kernel=False)."""
 
   def _op(self, x, kernel):
-    return ops.conv_transpose(x, kernel, tuple(self.strides), self.padding)
-
-  def _exact_op(self, x, kernel):
-    return ops.patches_conv_transpose(x, kernel, tuple(self.strides), self.padding)
+    return convolutions.conv_transpose(x, kernel, self.strides, self.padding, self.form)
 
 
 class Conv(_Convolution):
-  """= flax.linen.Conv, through ops.conv."""
+  """= flax.linen.Conv."""
 
   def _op(self, x, kernel):
-    return ops.conv(x, kernel, tuple(self.strides), self.padding)
-
-  def _exact_op(self, x, kernel):
-    return ops.patches_conv_2d(x, kernel, tuple(self.strides), self.padding)
+    return convolutions.conv(x, kernel, self.strides, self.padding, self.form)
 
 
 class BatchNorm(nn.Module):
@@ -206,12 +195,14 @@ class MnistGenerator(nn.Module):
   axis_name: Optional[str] = None  # pmap axis of the global batch (BatchNorm statistics); None outside pmap
   dtype: Any = jnp.float32  # computation dtype (parameters and BatchNorm statistics stay float32)
   group_size: int = 0  # --invariant_groups: examples per group (0: off)
+  form: str = "lax"  # how convolutions are computed (convolutions.py)
 
   @nn.compact
   def __call__(self, z, train: bool):
     bn = _batch_norm(self.group_size, use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=self.bn_epsilon, axis_name=self.axis_name, dtype=self.dtype)
-    layer = dict(kernel_init=_keras_init, dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name)
+    layer = dict(kernel_init=_keras_init, dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name,
+                 form=self.form)
     convt = functools.partial(ConvTranspose, kernel_size=(5, 5), padding="SAME", use_bias=False, **layer)
     dense = Dense(7 * 7 * 256, **layer)
     x = bn()(nn.leaky_relu(dense(z.astype(self.dtype)), 0.2))
@@ -232,11 +223,13 @@ class MnistDiscriminator(nn.Module):
   dtype: Any = jnp.float32  # computation dtype; the logits are always float32
   axis_name: Optional[str] = None  # pmap axis of the global batch (only used with group_size)
   group_size: int = 0  # --invariant_groups: examples per group (0: off)
+  form: str = "lax"  # how convolutions are computed (convolutions.py)
 
   @nn.compact
   def __call__(self, x, train: bool, dropout_keys: Optional[jax.Array] = None):
     keys = dropout_keys if train else None
-    layer = dict(kernel_init=_keras_init, dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name)
+    layer = dict(kernel_init=_keras_init, dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name,
+                 form=self.form)
     conv = functools.partial(Conv, kernel_size=(5, 5), strides=(2, 2), padding="SAME", **layer)
     x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(conv(64)(x.astype(self.dtype)), 0.2), keys)
     x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(conv(128)(x), 0.2), keys)
@@ -267,6 +260,7 @@ class DCGANGenerator(nn.Module):
   axis_name: Optional[str] = None  # pmap axis of the global batch (BatchNorm statistics); None outside pmap
   dtype: Any = jnp.float32  # computation dtype (parameters and BatchNorm statistics stay float32)
   group_size: int = 0  # --invariant_groups: examples per group (0: off)
+  form: str = "lax"  # how convolutions are computed (convolutions.py)
 
   @nn.compact
   def __call__(self, z, train: bool):
@@ -274,7 +268,7 @@ class DCGANGenerator(nn.Module):
                      epsilon=self.bn_epsilon, axis_name=self.axis_name, scale_init=_scale_init,
                      dtype=self.dtype)
     layer = dict(use_bias=False, kernel_init=_dcgan_init, dtype=self.dtype, group_size=self.group_size,
-                 axis_name=self.axis_name)
+                 axis_name=self.axis_name, form=self.form)
     convt = functools.partial(ConvTranspose, kernel_size=(4, 4), strides=(2, 2), padding="SAME", **layer)
     n_up = _num_upsamplings(self.image_size)
     width = self.base_width * 2 ** (n_up - 1)  # 64x64, base 64: 512 feature maps at 4x4
@@ -301,6 +295,7 @@ class DCGANDiscriminator(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32  # computation dtype; the logits are always float32
   group_size: int = 0  # --invariant_groups: examples per group (0: off)
+  form: str = "lax"  # how convolutions are computed (convolutions.py)
 
   @nn.compact
   def __call__(self, x, train: bool, dropout_keys: Optional[jax.Array] = None):
@@ -308,7 +303,8 @@ class DCGANDiscriminator(nn.Module):
                      epsilon=self.bn_epsilon, axis_name=self.axis_name, scale_init=_scale_init,
                      dtype=self.dtype)
     conv = functools.partial(Conv, kernel_size=(4, 4), use_bias=False, kernel_init=_dcgan_init,
-                             dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name)
+                             dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name,
+                             form=self.form)
     keys = dropout_keys if train else None
     x = x.astype(self.dtype)
     width = self.base_width
@@ -322,15 +318,21 @@ class DCGANDiscriminator(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-def build_models(config: Config, channels: int, axis_name: Optional[str] = None):
+def build_models(config: Config, channels: int, axis_name: Optional[str] = None,
+                 platform: Optional[str] = None):
   """Returns (generator, discriminator) for a resolved config.
 
   `axis_name` is the pmap axis of the global batch ("batch" inside the training step: BatchNorm
   statistics, and with --invariant_groups every batch sum, run over it), None for sampling outside pmap.
+  `platform` is that of the devices the models will be compiled for (Device.platform; default: JAX's
+  default backend): it chooses how convolutions are computed (convolutions.form_for). Every form has
+  the same parameters, so states and checkpoints move freely between platforms.
   """
   c = config
-  common = dict(dtype=jnp.dtype(c.compute_dtype), axis_name=axis_name,
-                group_size=c.batch_size // c.invariant_groups if c.invariant_groups and axis_name else 0)
+  grouped = bool(c.invariant_groups and axis_name)
+  form = convolutions.form_for(platform or jax.default_backend(), exact=grouped)
+  common = dict(dtype=jnp.dtype(c.compute_dtype), axis_name=axis_name, form=form,
+                group_size=c.batch_size // c.invariant_groups if grouped else 0)
   bn = dict(bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon)
   if c.preset == "mnist":
     return (MnistGenerator(channels=channels, **bn, **common),

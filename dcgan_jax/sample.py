@@ -17,16 +17,18 @@ walking together, forth and back.
 
 import os
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dcgan_jax import checkpoints
-from dcgan_jax import ops
+from dcgan_jax import cli
+from dcgan_jax import models
 from dcgan_jax import randomness
-from dcgan_jax import train
+from dcgan_jax import sampling
+from dcgan_jax import step as step_lib
+from dcgan_jax import workdir as workdir_lib
 from dcgan_jax import writers
 from dcgan_jax.config import ConfigError, exit_with_error
 
@@ -56,31 +58,22 @@ def load(workdir, step=None, best=False, use_ema=True, sample_bn=None):
   step=0 without a checkpoint 0 is the untrained generator, rebuilt from the run's config (the initial
   weights are a function of the seed): the baseline that training should improve on.
   """
-  if step == 0 and not os.path.isdir(os.path.join(workdir, "checkpoints", "0")):
+  if step == 0 and 0 not in workdir_lib.checkpoint_steps(workdir):
     generator, variables, config = _initial_generator(workdir)
     used_ema = False
   else:
     generator, variables, config, step, used_ema = checkpoints.load_run_generator(workdir, step, use_ema,
                                                                                   best)
-  sampler = train.make_sampler(generator, sample_bn or config.sample_bn)
-  g = train.NetState(jax.tree.map(jnp.asarray, variables["params"]),
-                     jax.tree.map(jnp.asarray, variables["batch_stats"]), None)
-  return (lambda z: train.sample_images(sampler, g, z)), config, step, used_ema
+  sampler = sampling.make_sampler(generator, sample_bn or config.sample_bn)
+  g = step_lib.NetState(jax.tree.map(jnp.asarray, variables["params"]),
+                        jax.tree.map(jnp.asarray, variables["batch_stats"]), None)
+  return (lambda z: sampling.sample_images(sampler, g, z)), config, step, used_ema
 
 
 def _initial_generator(workdir):
-  import json  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import models  # pylint: disable=g-import-not-at-top
-  from dcgan_jax.config import Config  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ConfigError(f"--workdir={workdir}: no config.json to rebuild the step-0 generator from; pass the "
-                      "--workdir of a training run")
-  with open(path) as f:
-    run = json.load(f)
-  config = Config(**run["config"]).resolved()
-  state = train.create_train_state(config, run["run"]["channels"])
-  generator, _ = models.build_models(config, run["run"]["channels"])
+  config, run = workdir_lib.read_config(workdir)
+  state = step_lib.create_train_state(config, run["channels"])
+  generator, _ = models.build_models(config, run["channels"])
   return generator, {"params": state.g.params, "batch_stats": state.g.batch_stats}, config
 
 
@@ -98,9 +91,7 @@ def interpolation_latents(config, rows: int, steps: int, seed=None) -> jax.Array
 
 
 def main(argv):
-  ops.configure_xla_cpu()  # before JAX starts a backend
-  if len(argv) > 1:
-    exit_with_error(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+  del argv
   for name in ("workdir", "out"):
     if not FLAGS[name].value:
       exit_with_error(f"--{name} is required")
@@ -140,4 +131,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

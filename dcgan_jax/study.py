@@ -39,16 +39,16 @@ import os
 import sys
 from typing import Optional
 
-from absl import app
 from absl import flags
 import numpy as np
 
-from dcgan_jax.config import ConfigError, exit_with_error
-from dcgan_jax.evaluate import EVALUATIONS  # where evaluate records its reports
+from dcgan_jax import cli
+from dcgan_jax import workdir as workdir_lib
+from dcgan_jax.config import STUDY_IGNORED, ConfigError, exit_with_error
 
-# Settings that do not change the trained networks or their in-training scores.
-IGNORED_FIELDS = ("seed", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                  "num_samples", "eval_every", "data_dir", "evaluator_dir")
+# The seed and the settings that change neither the trained networks nor their in-training scores
+# (config.py: the seed, and every OUTPUT setting).
+IGNORED_FIELDS = tuple(sorted(STUDY_IGNORED))
 # What the run recorded about where it ran (config.json's "run"), grouped on as run.<name>.
 RUN_FIELDS = ("backend", "device_kind", "devices", "git_commit")
 DEFAULT_METRICS = ("fid", "kid", "coverage", "fid_raw", "kid_raw")
@@ -82,11 +82,11 @@ def find_workdirs(paths) -> list:
   for path in paths:
     if not os.path.isdir(path):
       raise ConfigError(f"{path}: no such directory; pass training runs' --workdir directories")
-    if os.path.exists(os.path.join(path, "config.json")):
+    if workdir_lib.has_config(path):
       found.append(path)
       continue
     children = sorted(os.path.join(path, n) for n in os.listdir(path)
-                      if os.path.exists(os.path.join(path, n, "config.json")))
+                      if workdir_lib.has_config(os.path.join(path, n)))
     if not children:
       raise ConfigError(f"{path}: not a training run's workdir (no config.json), nor a folder of them; "
                         "pass directories that were given to --workdir")
@@ -95,18 +95,8 @@ def find_workdirs(paths) -> list:
 
 
 def _read_jsonl(path: str) -> list:
-  """The JSON lines of a file ([] when there is none). A line that is not JSON (cut short by a killed
-  process) is skipped with a warning on stderr."""
-  records = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for number, line in enumerate(f, 1):
-        try:
-          records.append(json.loads(line))
-        except ValueError:
-          if line.strip():
-            print(f"warning: {path}:{number}: not a JSON line; skipped", file=sys.stderr)
-  return records
+  """workdir.read_jsonl, warning on stderr about lines cut short by a killed run."""
+  return workdir_lib.read_jsonl(path, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
 
 
 def evaluation_record(report: dict) -> dict:
@@ -125,16 +115,11 @@ def evaluation_record(report: dict) -> dict:
 def load_run(workdir: str) -> Run:
   """config.json, metrics.jsonl and evaluations.jsonl of one workdir; an unreadable config.json is an
   error."""
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-    config, info = saved["config"], saved.get("run", {})
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"{path}: not a config.json written by dcgan_jax.main ({type(e).__name__}); "
-                      "leave that run out") from None
-  evaluations = [evaluation_record(r) for r in _read_jsonl(os.path.join(workdir, EVALUATIONS))]
-  return Run(workdir, config, info, _read_jsonl(os.path.join(workdir, "metrics.jsonl")), evaluations)
+  saved = workdir_lib.read_saved(workdir)
+  evaluations = [evaluation_record(r)
+                 for r in _read_jsonl(workdir_lib.path(workdir, workdir_lib.EVALUATIONS))]
+  return Run(workdir, saved["config"], saved["run"],
+             _read_jsonl(workdir_lib.path(workdir, workdir_lib.METRICS)), evaluations)
 
 
 def values_at(run: Run, metrics, at: str = "final", best_by: str = "fid"):
@@ -335,7 +320,7 @@ def main(argv):
     runs = [load_run(w) for w in find_workdirs(paths)]
     source = flags.FLAGS.source
     if source == "evaluations" and not any(run.evaluations for run in runs):
-      raise ConfigError(f"--source=evaluations: no run has an {EVALUATIONS}; score them first with "
+      raise ConfigError(f"--source=evaluations: no run has an {workdir_lib.EVALUATIONS}; score them first with "
                         "python -m dcgan_jax.evaluate --workdir=W")
     metrics = choose_metrics(runs, flags.FLAGS.metrics, source)
     if not metrics:
@@ -357,4 +342,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, positional=True, uses_jax=False)

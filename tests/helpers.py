@@ -30,12 +30,18 @@ def write_idx(path, array, magic, compress=True):
     f.write(data)
 
 
-def make_idx_dir(root, n_train=24, n_test=8, compress=True):
-  """Writes random MNIST-format IDX files; returns {split: (images (n, 28, 28), labels (n,))}."""
+def make_idx_dir(root, n_train=24, n_test=8, compress=True, learnable=False):
+  """Writes MNIST-format IDX files of random images and labels; returns {split: (images (n, 28, 28),
+  labels (n,))}. learnable: each image shows its class instead, as a bright band at rows 2c+4, 2c+5 on
+  dark noise (a classifier must learn it; random labels cannot be learnt)."""
   rng = np.random.default_rng(0)
   arrays = {}
   for split, n in (("train", n_train), ("test", n_test)):
     images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+    if learnable:
+      images = rng.integers(0, 64, (n, 28, 28))
+      for i, c in enumerate(labels):
+        images[i, 2 * c + 4:2 * c + 6] = rng.integers(192, 256, (2, 28))
     img_name, lbl_name = SPLIT_FILES[split]
     write_idx(os.path.join(root, img_name), images, 2051, compress)
     write_idx(os.path.join(root, lbl_name), labels, 2049, compress)

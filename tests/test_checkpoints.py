@@ -11,6 +11,9 @@ import pytest
 
 from dcgan_jax import checkpoints
 from dcgan_jax import models
+from dcgan_jax import parallel
+from dcgan_jax import sampling
+from dcgan_jax import step as step_lib
 from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
 from helpers import ROOT, cli_env, read_json, read_jsonl, run_cli
@@ -80,7 +83,7 @@ def test_provenance_and_generator_export(tiny_data_dir, tmp_path):
   z = jax.random.normal(jax.random.key(0), (5, 32))
   images = generator.apply(variables, z, train=False)
   assert images.shape == (5, 32, 32, 1)
-  np.testing.assert_allclose(images, train.make_sampler(models.build_models(config.resolved(), 1)[0])(state.g, z), atol=1e-5)
+  np.testing.assert_allclose(images, sampling.make_sampler(models.build_models(config.resolved(), 1)[0])(state.g, z), atol=1e-5)
 
 
 def start(args):
@@ -134,3 +137,23 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_data_dir, tmp_path):
   step = int(line.split("at step ")[1].split(";")[0])
   assert step >= 2 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
   assert int(saved_state(workdir, step)["step"]) == step
+
+
+def test_bfloat16_training_writes_float32_checkpoints_and_resumes_exactly(tiny_data_dir, tmp_path):
+  """--compute_dtype=bfloat16 computes in bfloat16 but keeps parameters, optimizer states and BatchNorm
+  statistics float32: its checkpoints hold only float32 arrays (the same tree as a float32 run's), and
+  stop/resume is bitwise the uninterrupted run. Catches a state cast to the compute dtype (smaller
+  checkpoints that a float32 run could not resume, and lost precision in the updates)."""
+  bf16 = dict(compute_dtype="bfloat16", checkpoint_every=2)
+  straight, resumed, f32 = str(tmp_path / "straight"), str(tmp_path / "resumed"), str(tmp_path / "f32")
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **bf16)), straight)
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=2, **bf16)), resumed)
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **bf16)), resumed)
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=2, checkpoint_every=2)), f32)
+  final = saved_state(straight, 4)
+  floats = [x for x in jax.tree.leaves(final) if np.asarray(x).dtype.kind == "f"]
+  assert floats and all(np.asarray(x).dtype == np.float32 for x in floats)
+  assert jax.tree.structure(final) == jax.tree.structure(saved_state(f32, 2))
+  assert_bitwise_equal(final, saved_state(resumed, 4))
+  assert not np.array_equal(saved_state(f32, 2)["g"]["params"]["Dense_0"]["kernel"],
+                            saved_state(straight, 2)["g"]["params"]["Dense_0"]["kernel"])  # it was bf16

@@ -2,6 +2,9 @@
 import glob
 import json
 import os
+
+import jax
+import numpy as np
 import pytest
 
 from helpers import read_json, read_jsonl, run_cli
@@ -96,3 +99,63 @@ def test_benchmark_prints_one_json_line_without_tensorflow():
   assert result["batch_size"] == 8 and result["devices"] == 2 and result["finite"]
   assert result["compute_dtype"] == "bfloat16" and result["steps"] == 2 and result["steps_per_call"] == 2
   assert result["multi_step"] == "dispatch"  # the CPU default
+
+
+@pytest.mark.parametrize("name", ["mnist.flags", "fashion_mnist.flags", "cifar10.flags", "celeb_a.flags"])
+def test_every_shipped_flagfile_parses_and_trains_one_step_at_its_resolution(name, tmp_path):
+  """Each flagfile in dcgan_jax/flagfiles parses into a valid Config and trains one step on mock data of
+  its dataset, at its resolution and with its model (only the batch is made small and evaluation left
+  out). Catches a flagfile with an unknown or misspelt flag, an invalid value, or a model that does not
+  build or train at the flagfile's size."""
+  import tensorflow_datasets as tfds
+  from absl import flags
+  from dcgan_jax import cli, config as config_lib, train
+  values = flags.FlagValues()
+  config_lib.define_flags(flag_values=values)
+  flags.DEFINE_string("workdir", None, "", flag_values=values)
+  values(["prog", f"--flagfile={os.path.join(cli.FLAGFILES_DIR, name)}"])
+  config = config_lib.from_flags(flag_values=values)
+  expected_size = {"mnist.flags": 28, "fashion_mnist.flags": 28, "cifar10.flags": 32, "celeb_a.flags": 64}
+  assert config.resolved().image_size == expected_size[name] and values["workdir"].value
+  import dataclasses
+  config = dataclasses.replace(config, batch_size=4, num_steps=1, eval_every=0, sample_every=1,
+                               num_samples=4)
+  with tfds.testing.mock_data(num_examples=8):
+    state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 1
+  line = read_jsonl(tmp_path / "metrics.jsonl")[0]
+  assert line["step"] == 1 and np.isfinite(line["d_loss"]) and np.isfinite(line["g_loss"])
+
+
+def test_diverging_run_exits_with_one_line_and_no_checkpoint_of_the_bad_state(tmp_path):
+  """A run whose losses become non-finite stops with exit status 2 and one line naming the first bad
+  step, and never checkpoints a state from that step on (checkpoints every step here). Catches a
+  non-finite check that runs after the checkpoint is written, or not at all."""
+  r = run([f"--workdir={tmp_path}", "--dataset=mnist", "--batch_size=8", "--latent_dim=16",
+           "--num_steps=20", "--checkpoint_every=1", "--log_every=1", "--sample_every=1000",
+           "--learning_rate_d=1e35", "--learning_rate_g=1e35"], mocked_examples=32)
+  assert r.returncode == 2, r.stderr[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and errors[0].startswith("error: training diverged at step "), r.stderr[-2000:]
+  bad_step = int(errors[0].split("at step ")[1].split(":")[0])
+  assert "Traceback" not in r.stderr
+  from dcgan_jax import checkpoints, workdir
+  saved = workdir.checkpoint_steps(str(tmp_path))
+  assert all(s < bad_step for s in saved), (saved, bad_step)
+  for s in saved:
+    state, _ = checkpoints.read_state_numpy(str(tmp_path), s)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state) if np.asarray(x).dtype.kind == "f")
+
+
+def test_git_commit_is_what_git_says():
+  """checkpoints.git_commit() records HEAD of this checkout, with -dirty exactly when git reports
+  modified tracked files. Catches a commit read from the wrong directory or a wrong dirty flag."""
+  import subprocess
+  from dcgan_jax import checkpoints
+  from helpers import ROOT
+  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+  if head.returncode:
+    pytest.skip("not a git checkout")
+  dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip()
+  assert checkpoints.git_commit() == head.stdout.strip() + ("-dirty" if dirty else "")

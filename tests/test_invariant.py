@@ -7,6 +7,9 @@ import pytest
 
 from dcgan_jax import invariant
 from dcgan_jax import models
+from dcgan_jax import parallel
+from dcgan_jax import sampling
+from dcgan_jax import step as step_lib
 from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
 
@@ -104,9 +107,9 @@ def test_models_have_the_same_parameters_with_and_without_groups(preset):
 
 def run_steps(config, n, data, steps):
   """`steps` in-memory training steps on the first n devices; returns (host state, metrics list)."""
-  step = jax.pmap(train.make_train_step(config, 1, len(data)), axis_name=train.AXIS,
+  step = jax.pmap(step_lib.make_train_step(config, 1, len(data)), axis_name=parallel.AXIS,
                   in_axes=(None, 0, None), out_axes=(None, None), devices=jax.devices()[:n])
-  state = train.create_train_state(config, 1)
+  state = step_lib.create_train_state(config, 1)
   slots = np.arange(config.batch_size, dtype=np.int32).reshape(n, -1)
   history = []
   for _ in range(steps):
@@ -136,6 +139,6 @@ def test_invariant_groups_errors():
     Config(invariant_groups=-1).validate()
   with pytest.raises(ConfigError, match="--invariant_groups=4: must be a multiple of twice the number of "
                                         r"devices \(8\)"):
-    train.check_devices(Config(batch_size=16, invariant_groups=4), 4)
-  train.check_devices(Config(batch_size=16, invariant_groups=8), 4)
+    parallel.check_devices(Config(batch_size=16, invariant_groups=4), 4)
+  parallel.check_devices(Config(batch_size=16, invariant_groups=8), 4)
 

@@ -105,15 +105,17 @@ def test_dropout_mask_depends_only_on_the_examples_key():
 @pytest.mark.parametrize("layer", ["ConvTranspose", "Conv"])
 def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features, kernel, strides, padding,
                                                          monkeypatch):
-  """models.ConvTranspose / models.Conv (ops.py's CPU formulations) = flax's nn.ConvTranspose / nn.Conv:
-  same parameters, outputs and gradients (w.r.t. parameters and input) within float32 rounding."""
-  from dcgan_jax import ops
-  assert not ops.use_tap_gradient((2, 2), 1)  # by default, 1-channel layers keep XLA's ops ...
-  monkeypatch.setattr(ops, "MIN_CHANNELS", 1)  # ... here every layer takes the rewrites, to test them
-  monkeypatch.setattr(ops, "DFT_MAX_COST_RATIO", 1e9)  # (the DFT form pays only for large layers)
+  """models.ConvTranspose / models.Conv in the "cpu" form (cpu_kernels.py, dft.py) = flax's
+  nn.ConvTranspose / nn.Conv: same parameters, outputs and gradients (w.r.t. parameters and input)
+  within float32 rounding. Catches any error in the sub-pixel and DFT rewrites (phases, padding,
+  flipped kernels, transforms)."""
+  from dcgan_jax import cpu_kernels, dft
+  assert not cpu_kernels.use_subpixel_forward((2, 2), "SAME", 1)  # 1-channel layers keep XLA's ops ...
+  monkeypatch.setattr(cpu_kernels, "MIN_CHANNELS", 1)  # ... here every layer takes the rewrites
+  monkeypatch.setattr(dft, "DFT_MAX_COST_RATIO", 1e9)  # (the DFT form pays only for large layers)
   if layer == "Conv":  # the input of the strided convolution that a transposed one would invert
     shape = (shape[0], shape[1] * strides[0], shape[2] * strides[1], shape[3])
-  ours = getattr(models, layer)(features, kernel, strides, padding)
+  ours = getattr(models, layer)(features, kernel, strides, padding, form="cpu")
   ref = getattr(nn, layer)(features, kernel, strides, padding)
   x = jax.random.normal(jax.random.key(0), shape)
   variables = ref.init(jax.random.key(1), x)
@@ -121,10 +123,9 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
   # The CPU rewrites are exercised (not XLA's own ops) wherever they apply.
   strided = max(strides) > 1
   if layer == "ConvTranspose":
-    assert ops.use_subpixel_forward(strides, padding, features) == (strided and padding == "SAME")
-    assert ops.use_tap_gradient(strides, features) == strided
+    assert cpu_kernels.use_subpixel_forward(strides, padding, features) == (strided and padding == "SAME")
   else:
-    assert ops.use_subpixel_input_gradient(shape[1:3], strides, padding, shape[-1]) == (
+    assert cpu_kernels.use_subpixel_input_gradient(shape[1:3], strides, padding, shape[-1]) == (
         strided and padding == "SAME")
   jaxpr = str(jax.make_jaxpr(ours.apply)(variables, x))
   assert ("conv_general_dilated" not in jaxpr) == (not strided)  # stride 1: DFT form, no convolution
@@ -135,38 +136,68 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), g_ours, g_ref)
 
 
-def test_dft_form_is_used_where_it_saves_multiplications(monkeypatch):
+def test_dft_form_is_used_where_it_saves_multiplications():
   """The seed generator's stride-1 layer (7x7x256 -> 7x7x128, 5x5) takes the DFT form at training batch
-  sizes in float32 on the CPU, and nothing else does: not at batch 1 (the kernel's transform would
-  dominate), not a 3x3 kernel (0.54 of the direct multiplications), not bfloat16, not on a GPU."""
-  from dcgan_jax import ops
-  seed_layer = models.ConvTranspose(128, (5, 5), (1, 1), "SAME")
-  geometry = ops.correlation_geometry((7, 7), (5, 5), ((2, 2), (2, 2)))
+  sizes in float32 in the "cpu" form, and nothing else does: not at batch 1 (the kernel's transform
+  would dominate), not a 3x3 kernel (0.54 of the direct multiplications), not bfloat16, not the "lax"
+  form of GPUs and TPUs."""
+  from dcgan_jax import dft
+  seed_layer = models.ConvTranspose(128, (5, 5), (1, 1), "SAME", form="cpu")
+  geometry = dft.correlation_geometry((7, 7), (5, 5), ((2, 2), (2, 2)))
   x, w = jnp.zeros((128, 7, 7, 256)), jnp.zeros((5, 5, 256, 128))
-  assert geometry == ((7, 7), (5, 5), (2, 2), (7, 7)) and ops.use_dft(x, w, geometry)
+  assert geometry == ((7, 7), (5, 5), (2, 2), (7, 7)) and dft.use_dft(x, w, geometry)
   variables = jax.eval_shape(seed_layer.init, jax.random.key(0), x)
   assert "conv_general_dilated" not in str(jax.make_jaxpr(seed_layer.apply)(variables, x))
-  assert not ops.use_dft(x[:1], w, geometry)
-  assert ops.use_dft(x[:8], w, geometry)
-  assert not ops.use_dft(x, w[1:4, 1:4], ops.correlation_geometry((7, 7), (3, 3), ((1, 1), (1, 1))))
-  assert not ops.use_dft(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), geometry)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert not ops.use_dft(x, w, geometry)
-  assert "conv_general_dilated" in str(jax.make_jaxpr(seed_layer.apply)(variables, x))
+  assert not dft.use_dft(x[:1], w, geometry)
+  assert dft.use_dft(x[:8], w, geometry)
+  assert not dft.use_dft(x, w[1:4, 1:4], dft.correlation_geometry((7, 7), (3, 3), ((1, 1), (1, 1))))
+  assert not dft.use_dft(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), geometry)
+  lax_layer = models.ConvTranspose(128, (5, 5), (1, 1), "SAME", form="lax")
+  assert "conv_general_dilated" in str(jax.make_jaxpr(lax_layer.apply)(variables, x))
 
 
 def test_subpixel_form_takes_both_branches():
   """One convolution for all phases when it wastes little (5x5, stride 2), one per phase otherwise (4x4);
   both equal lax.conv_transpose."""
-  from dcgan_jax import ops
+  from dcgan_jax import cpu_kernels
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
   for k in (5, 4):
     w = jax.random.normal(jax.random.key(1), (k, k, 3, 2))
-    before = ops._padding(k, 2, "SAME")[0]
-    jaxpr = str(jax.make_jaxpr(lambda x, w: ops.subpixel_transposed(x, w, (2, 2), (before, before)))(x, w))
-    assert jaxpr.count("conv_general_dilated") == (1 if k == 5 else 4)
+    before = cpu_kernels.transpose_padding(k, 2, "SAME")[0]
+    transposed = lambda x, w: cpu_kernels.subpixel_transposed(x, w, (2, 2), (before, before))
+    assert str(jax.make_jaxpr(transposed)(x, w)).count("conv_general_dilated") == (1 if k == 5 else 4)
     ref = jax.lax.conv_transpose(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(ops.subpixel_transposed(x, w, (2, 2), (before, before)), ref, atol=1e-5)
+    np.testing.assert_allclose(transposed(x, w), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,size", [("mnist", 28), ("dcgan", 32)])
+def test_accelerator_models_are_plain_lax_and_match_the_cpu_forms(preset, size):
+  """Models built for a GPU or TPU (platform "gpu"/"tpu": the "lax" form) contain no custom VJP, so
+  forward-mode AD (jax.jvp) runs through G and D, and no CPU rewrite: their jaxprs hold only lax
+  convolutions. They compute what the CPU forms compute. Catches a CPU rewrite (or any custom_vjp)
+  reaching an accelerator's graph, and a form choice made from the host's default backend."""
+  config = Config(preset=preset, image_size=size, base_width=8, latent_dim=16).resolved()
+  for accelerator in ("gpu", "tpu"):
+    g, d = models.build_models(config, 1, platform=accelerator)
+    assert g.form == d.form == "lax"
+  g, d = models.build_models(config, 1, platform="gpu")
+  g_cpu, d_cpu = models.build_models(config, 1, platform="cpu")
+  assert g_cpu.form == "cpu"
+  z = jax.random.normal(jax.random.key(0), (16, 16))
+  g_vars = g.init(jax.random.key(1), z, train=False)
+  images = jax.random.uniform(jax.random.key(2), (16, size, size, 1), minval=-1, maxval=1)
+  d_vars = d.init(jax.random.key(3), images, train=False)
+  for module, variables, x in ((g, g_vars, z), (d, d_vars, images)):
+    f = lambda p, x: module.apply({**variables, "params": p}, x, train=False)
+    jaxpr = str(jax.make_jaxpr(f)(variables["params"], x))
+    assert "custom_vjp" not in jaxpr  # (relu is a custom_jvp, which forward mode handles)
+    tangent = jax.tree.map(jnp.ones_like, variables["params"])
+    out, dout = jax.jvp(lambda p: f(p, x), (variables["params"],), (tangent,))
+    assert np.all(np.isfinite(dout))
+  np.testing.assert_allclose(g.apply(g_vars, z, train=False), g_cpu.apply(g_vars, z, train=False),
+                             atol=1e-5)
+  np.testing.assert_allclose(d.apply(d_vars, images, train=False),
+                             d_cpu.apply(d_vars, images, train=False), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset,size", [("mnist", 28), ("dcgan", 32)])
@@ -192,18 +223,23 @@ def test_bfloat16_compute_keeps_float32_state_and_close_outputs(preset, size):
   np.testing.assert_allclose(l16, l32, atol=0.05 * float(np.abs(l32).max()) + 1e-3)
 
 
-def test_configure_xla_cpu_respects_the_user_and_a_started_backend(monkeypatch):
-  from dcgan_jax import ops
-  assert ops.EIGEN_CONVOLUTIONS in os.environ["XLA_FLAGS"]  # set by conftest.py, before JAX started
+def test_configure_xla_cpu_respects_the_user_an_accelerator_run_and_a_started_backend(monkeypatch):
+  """The XLA:CPU flag is set before JAX starts and only then, never over the user's own choice, and not
+  for a run whose JAX_PLATFORMS names no CPU."""
+  from dcgan_jax import convolutions
+  assert convolutions.EIGEN_CONVOLUTIONS in os.environ["XLA_FLAGS"]  # set by conftest.py
   jax.devices()  # the backend is up: too late to change XLA_FLAGS
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-  assert not ops.configure_xla_cpu()
+  assert not convolutions.configure_xla_cpu()
   assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
   # An explicit choice in XLA_FLAGS wins, and "ynnpack" (jaxlib's default) adds nothing.
   mine = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
   monkeypatch.setenv("XLA_FLAGS", mine)
   monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: False)
-  assert not ops.configure_xla_cpu() and os.environ["XLA_FLAGS"] == mine
+  assert not convolutions.configure_xla_cpu() and os.environ["XLA_FLAGS"] == mine
   monkeypatch.setenv("XLA_FLAGS", "")
-  assert not ops.configure_xla_cpu("ynnpack") and os.environ["XLA_FLAGS"] == ""
-  assert ops.configure_xla_cpu() and os.environ["XLA_FLAGS"] == ops.EIGEN_CONVOLUTIONS
+  assert not convolutions.configure_xla_cpu("ynnpack") and os.environ["XLA_FLAGS"] == ""
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert not convolutions.configure_xla_cpu() and os.environ["XLA_FLAGS"] == ""
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert convolutions.configure_xla_cpu() and os.environ["XLA_FLAGS"] == convolutions.EIGEN_CONVOLUTIONS

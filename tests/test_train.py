@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from dcgan_jax import models
+from dcgan_jax import parallel
+from dcgan_jax import sampling
+from dcgan_jax import step as step_lib
 from dcgan_jax import train
 from dcgan_jax.config import Config
 from helpers import read_json, read_jsonl
@@ -16,12 +19,12 @@ from helpers import read_json, read_jsonl
 
 def setup(config, num_examples=64, channels=1):
   config = config.resolved()
-  mesh = train.global_mesh()
+  mesh = parallel.global_mesh()
   assert mesh.devices.size == 4, "conftest.py forces 4 CPU devices"
   rng = np.random.default_rng(0)
   data = rng.integers(0, 256, (num_examples, config.image_size, config.image_size, channels), np.uint8)
-  state = jax.device_put(train.create_train_state(config, channels), NamedSharding(mesh, P()))
-  slots = train.device_slots(mesh, config.batch_size // 4)
+  state = jax.device_put(step_lib.create_train_state(config, channels), NamedSharding(mesh, P()))
+  slots = parallel.batch_positions(mesh, config.batch_size // 4)
   return config, mesh, data, state, slots
 
 
@@ -38,7 +41,7 @@ def test_pmapped_in_memory_steps(preset, d_steps):
   config = Config(preset=preset, image_size=None if preset == "mnist" else 32, base_width=8,
                   batch_size=8, d_steps=d_steps, latent_dim=16)
   config, mesh, data, state, slots = setup(config)
-  step = train.pmap_train_step(train.make_train_step(config, 1, num_examples=len(data)), in_memory=True)
+  step = parallel.pmap_step(step_lib.make_train_step(config, 1, num_examples=len(data)), in_memory=True)
   data = jax.device_put(data, NamedSharding(mesh, P()))
   g0 = jax.device_get(state.g.params)
   history = []
@@ -61,8 +64,8 @@ def test_streamed_step_matches_in_memory_step_on_the_same_batch():
   """Streaming and in-memory paths run the same math: feed the in-memory path's batch as a stream."""
   from dcgan_jax import randomness
   config, mesh, data, state, slots = setup(Config(batch_size=8, latent_dim=16))
-  in_mem = train.pmap_train_step(train.make_train_step(config, 1, num_examples=len(data)), True)
-  streamed = train.pmap_train_step(train.make_train_step(config, 1, None), False)
+  in_mem = parallel.pmap_step(step_lib.make_train_step(config, 1, num_examples=len(data)), True)
+  streamed = parallel.pmap_step(step_lib.make_train_step(config, 1, None), False)
   idx = randomness.example_indices(randomness.purpose_key(jax.random.key(0), randomness.DATA),
                                    jnp.int32(0), jnp.arange(8), 8, len(data))
   batch = np.asarray(data)[np.asarray(idx)].reshape(4, 1, 2, 28, 28, 1)
@@ -76,7 +79,7 @@ def test_streamed_step_matches_in_memory_step_on_the_same_batch():
 def test_two_identical_runs_are_bitwise_identical():
   def run():
     config, mesh, data, state, slots = setup(Config(batch_size=8, latent_dim=16, seed=3))
-    step = train.pmap_train_step(train.make_train_step(config, 1, num_examples=len(data)), True)
+    step = parallel.pmap_step(step_lib.make_train_step(config, 1, num_examples=len(data)), True)
     data = jax.device_put(data, NamedSharding(mesh, P()))
     for _ in range(2):
       state, _ = step(state, slots, data)
@@ -87,21 +90,21 @@ def test_two_identical_runs_are_bitwise_identical():
 def test_non_finite_values_stop_training_naming_the_step():
   ok = dict(d_loss=1.0, g_loss=1.0, g_param_norm=1.0, d_param_norm=1.0, finite=1.0)
   bad = dict(ok, g_loss=float("nan"), finite=0.0)
-  train._check_finite([ok, ok], 10)
+  train.check_finite([ok, ok], 10)
   with pytest.raises(train.TrainingDivergedError, match=r"^training diverged at step 12: .*g_loss=nan"):
-    train._check_finite([ok, bad, bad], 10)
+    train.check_finite([ok, bad, bad], 10)
 
 
 def test_sampler_bn_modes():
   config = Config(batch_size=8, latent_dim=16).resolved()
-  state = train.create_train_state(config, 1)
+  state = step_lib.create_train_state(config, 1)
   z = jax.random.normal(jax.random.key(0), (4, 16))
   generator = models.build_models(config, 1)[0]
-  running = train.make_sampler(generator)(state.g, z)
-  batch = train.make_sampler(generator, "batch")(state.g, z)
+  running = sampling.make_sampler(generator)(state.g, z)
+  batch = sampling.make_sampler(generator, "batch")(state.g, z)
   assert running.shape == batch.shape == (4, 28, 28, 1)
   assert not np.allclose(running, batch)
-  np.testing.assert_allclose(running[:1], train.make_sampler(generator)(state.g, z[:1]), atol=1e-5)
+  np.testing.assert_allclose(running[:1], sampling.make_sampler(generator)(state.g, z[:1]), atol=1e-5)
 
 
 def test_streaming_tf_data_path_trains_under_mock_data(tmp_path):
@@ -123,9 +126,9 @@ def run_single_and_multi(in_memory, k, scan):
   """k single steps, and one make_steps_call of k steps, from the same state: (single state, its
   metrics per step, multi state, its stacked metrics as one dict per step)."""
   config, mesh, data, state, slots = setup(Config(batch_size=8, latent_dim=16, seed=5, g_ema_decay=0.9))
-  one = train.make_train_step(config, 1, len(data) if in_memory else None)
-  single = train.pmap_train_step(one, in_memory)
-  multi = train.make_steps_call(one, k, in_memory, scan=scan)
+  one = step_lib.make_train_step(config, 1, len(data) if in_memory else None)
+  single = parallel.pmap_step(one, in_memory)
+  multi = parallel.make_multi_step(one, k, in_memory, scan=bool(scan), p_step=single)
   if in_memory:
     inputs = [jax.device_put(data, NamedSharding(mesh, P()))] * k
     multi_input = inputs[0]
@@ -139,7 +142,7 @@ def run_single_and_multi(in_memory, k, scan):
     history.append(jax.device_get(metrics))
   state_b, stacked = multi(state_b, slots, multi_input)
   assert int(state_b.step) == k
-  return state, history, state_b, train._per_step([jax.device_get(stacked)])
+  return state, history, state_b, train.per_step([jax.device_get(stacked)])
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -209,10 +212,91 @@ def test_step_has_no_loop_whose_length_depends_on_data():
   iteration (WhileThunk); only loops of static length (fori_loop/scan with Python bounds: `scan` in the
   jaxpr) run without. The data order once walked a cycle until in range (a `while`): not again."""
   config = Config(batch_size=8, latent_dim=16).resolved()
-  state = train.create_train_state(config, 1)
+  state = step_lib.create_train_state(config, 1)
   data = np.zeros((64, 28, 28, 1), np.uint8)
-  step = train.make_train_step(config, 1, num_examples=len(data))
-  jaxpr = jax.make_jaxpr(step, axis_env=[(train.AXIS, 1)])(state, jnp.arange(8), data)
+  step = step_lib.make_train_step(config, 1, num_examples=len(data))
+  jaxpr = jax.make_jaxpr(step, axis_env=[(parallel.AXIS, 1)])(state, jnp.arange(8), data)
   names = _primitives(jaxpr.jaxpr)
   assert "while" not in names
   assert "scan" in names  # the data order's fixed-length loop is seen (so sub-jaxprs are searched)
+
+
+def one_device_step(config, num_examples):
+  """The pure step pmapped over the first device only: (state, positions (1, B), data) -> (state, metrics)."""
+  return jax.pmap(step_lib.make_train_step(config, 1, num_examples), axis_name=parallel.AXIS,
+                  in_axes=(None, 0, None), out_axes=(None, None), devices=jax.devices()[:1])
+
+
+def test_d_steps_2_draws_distinct_real_batches_and_noise_in_the_data_order(monkeypatch):
+  """--d_steps=2: each D update of step t gets its own real batch, real batch number 2t + k of the
+  (seed, step) data order, and its own noise. Catches both updates given the same real batch (the
+  `+ k` dropped from the batch number) or the same noise (the update index not folded into the key),
+  and an order that is not the data order's."""
+  from dcgan_jax import randomness
+  seen = {"real": [], "z": []}
+  record = lambda name: (lambda x: seen[name].append(np.asarray(x)))
+  to_float, latents = step_lib.to_float, randomness.latents
+
+  def spy_to_float(images):
+    jax.debug.callback(record("real"), images)
+    return to_float(images)
+
+  def spy_latents(keys, dim):
+    z = latents(keys, dim)
+    jax.debug.callback(record("z"), z)
+    return z
+
+  monkeypatch.setattr(step_lib, "to_float", spy_to_float)
+  monkeypatch.setattr(randomness, "latents", spy_latents)
+  config = Config(batch_size=4, latent_dim=8, d_steps=2, seed=7).resolved()
+  n = 32
+  data = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 28, 28, 1), np.uint8)
+  state = step_lib.create_train_state(config, 1)
+  positions = np.arange(4, dtype=np.int32)[None]
+  step = one_device_step(config, n)
+  for _ in range(2):
+    state, _ = step(state, positions, data)
+  jax.effects_barrier()
+  assert len(seen["real"]) == len(seen["z"]) == 4  # 2 steps x 2 D updates
+  data_key = randomness.purpose_key(jax.random.key(7), randomness.DATA)
+  for number, real in enumerate(seen["real"]):  # step t, update k: real batch number 2t + k
+    expected = randomness.example_indices(data_key, jnp.int32(number), jnp.arange(4), 4, n)
+    np.testing.assert_array_equal(real[:, 0, 0, 0], np.asarray(expected))
+  assert not np.array_equal(seen["real"][0], seen["real"][1])
+  assert not np.allclose(seen["z"][0], seen["z"][1]) and not np.allclose(seen["z"][1], seen["z"][2])
+
+
+@pytest.mark.parametrize("optimizer,factor", [("adam", 1.0), ("rmsprop", 2 ** 0.5)])
+def test_optimizers_take_their_first_step(optimizer, factor):
+  """One real step per optimizer. Adam's first update moves every parameter with a nonzero gradient by
+  lr (bias-corrected m / sqrt(v) = sign(g)); the seed's RMSprop(lr, rho=0.5) by lr * sqrt(2)
+  (nu = 0.5 g^2). Catches an optimizer that is not the configured one (e.g. RMSprop with optax's
+  default decay 0.9: lr * 3.16) or that is never applied."""
+  config = Config(batch_size=4, latent_dim=8, optimizer=optimizer, learning_rate_g=1e-3,
+                  learning_rate_d=1e-3).resolved()
+  data = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), np.uint8)
+  state = step_lib.create_train_state(config, 1)
+  before = jax.device_get(state.d.params)
+  state, metrics = one_device_step(config, 16)(state, np.arange(4, dtype=np.int32)[None], data)
+  assert metrics["finite"] == 1.0
+  moves = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                          for a, b in zip(jax.tree.leaves(jax.device_get(state.d.params)),
+                                          jax.tree.leaves(before))])
+  moved = moves[moves > 1e-6]
+  assert len(moved) > 0.5 * len(moves)
+  np.testing.assert_allclose(np.median(moved), 1e-3 * factor, rtol=0.02)
+
+
+def test_minimax_generator_loss_in_a_real_step():
+  """--loss=minimax trains G on log(1 - D(G(z))) (<= 0), non_saturating on -log D(G(z)) (>= 0), in a
+  real step, with different generator updates. Catches the loss setting not reaching the step."""
+  data = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), np.uint8)
+  results = {}
+  for loss in ("minimax", "non_saturating"):
+    config = Config(batch_size=4, latent_dim=8, loss=loss).resolved()
+    state, metrics = one_device_step(config, 16)(step_lib.create_train_state(config, 1),
+                                                 np.arange(4, dtype=np.int32)[None], data)
+    results[loss] = (float(metrics["g_loss"]), jax.device_get(state.g.params))
+  assert results["minimax"][0] < 0 < results["non_saturating"][0]
+  assert not np.array_equal(jax.tree.leaves(results["minimax"][1])[0],
+                            jax.tree.leaves(results["non_saturating"][1])[0])

@@ -1,13 +1,14 @@
-"""Per layer of the seed model, XLA's own convolution vs ops.py's CPU formulation, in each direction
-that ops.py rewrites (forward, input gradient, weight gradient). One JSON line per measurement.
+"""Per layer of the seed model, XLA's own convolution vs the CPU form's (cpu_kernels.py, dft.py), in
+each direction that it rewrites (forward, input gradient, weight gradient). One JSON line per measurement.
 
     python experiments/conv_bench.py [--batch 128] [--repeats 10]
 
 The generator's layers run at the batch size, the discriminator's at twice it (D's update sees a real
-and a fake batch). `used` says whether the models use ops.py's version for that direction here. Then
+and a fake batch). `used` says whether the models' "cpu" form uses its rewrite for that direction here. Then
 the step's other large convolutions (G's stride-1 first layer, D's second layer) in every direction,
-with their GFLOP/s, and a plain matrix product for scale; G's first layer also in ops.py's DFT form. Last, the transposed convolutions' weight
-gradient in sub-pixel form against tap by tap, for the strided layers of both presets.
+with their GFLOP/s, and a plain matrix product for scale; G's first layer also in the DFT form. Last,
+the transposed convolutions' weight gradient in sub-pixel form against XLA's, for the strided layers of
+both presets.
 """
 import argparse
 import json
@@ -17,13 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcgan_jax import ops
+from dcgan_jax import convolutions
+from dcgan_jax import cpu_kernels as ops
+from dcgan_jax import dft
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=128)
 p.add_argument("--repeats", type=int, default=10)
 a = p.parse_args()
-ops.configure_xla_cpu()  # what dcgan_jax's programs run with
+convolutions.configure_xla_cpu()  # what dcgan_jax's programs run with
 DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -67,7 +70,7 @@ for h, cin, cout in [(7, 128, 64), (14, 64, 1)]:
           lambda x, w: jax.lax.conv_transpose(x, w, (2, 2), "SAME", dimension_numbers=DN),
           lambda x, w: ops.conv_transpose(x, w, (2, 2), "SAME"), x, w,
           used={"forward": ops.use_subpixel_forward((2, 2), "SAME", cout),
-                "weight_gradient": ops.use_tap_gradient((2, 2), cout)})  # (sub-pixel form for SAME)
+                "weight_gradient": ops.use_subpixel_forward((2, 2), "SAME", cout)})
 # Discriminator: the stride-2 convolutions (5x5 kernels), real and fake batch.
 for h, cin, cout in [(28, 1, 64), (14, 64, 128)]:
   x = jax.random.normal(key, (2 * a.batch, h, h, cin))
@@ -94,10 +97,10 @@ x = jax.random.normal(key, (a.batch, 7, 7, 256))
 w = 0.05 * jax.random.normal(jax.random.key(1), (5, 5, 256, 128))
 xla_first = lambda x, w: jax.lax.conv_transpose(x, w, (1, 1), "SAME", dimension_numbers=DN)
 plain("G ConvTranspose 7x7x256 -> 7x7x128 (stride 1), XLA", xla_first, x, w, 2 * a.batch * 49 * 25 * 256 * 128)
-# ... and in ops.py's DFT form (what the models use here when `used`), every direction and all three
+# ... and in the DFT form (what the models use here when `used`), every direction and all three
 # together (forward, then both gradients: what a generator update runs).
 first = lambda x, w: ops.conv_transpose(x, w, (1, 1), "SAME")
-dft_used = ops.use_dft(x, w, ops.correlation_geometry((7, 7), (5, 5), ((2, 2), (2, 2))))
+dft_used = dft.use_dft(x, w, dft.correlation_geometry((7, 7), (5, 5), ((2, 2), (2, 2))))
 compare("G ConvTranspose 7x7x256 -> 7x7x128 (stride 1)", xla_first, first, x, w,
         used=dict.fromkeys(["forward", "input_gradient", "weight_gradient"], dft_used))
 both = lambda f: lambda x, w, g: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, w))
@@ -116,20 +119,21 @@ plain("D Conv 14x14x64 -> 7x7x128", lambda x, w: ops.conv(x, w, (2, 2), "SAME"),
       2 * 2 * a.batch * 49 * 25 * 64 * 128)
 
 
-# conv_transpose's weight gradient, sub-pixel form (what 'SAME' layers use) against tap by tap (what
-# 'VALID' layers use, and 'SAME' ones did before), for the strided layers of both presets: the seed's at
-# --batch, the dcgan preset's (64x64 images, base width 64) at --batch // 2.
+# conv_transpose's weight gradient, sub-pixel form (what 'SAME' layers use) against XLA's (over the
+# zeros of the dilated input), for the strided layers of both presets: the seed's at --batch, the dcgan
+# preset's (64x64 images, base width 64) at --batch // 2.
 for b, h, cin, cout, k in [(a.batch, 7, 128, 64, 5), (a.batch // 2, 4, 512, 256, 4),
                            (a.batch // 2, 8, 256, 128, 4), (a.batch // 2, 16, 128, 64, 4)]:
   x = jax.random.normal(key, (b, h, h, cin))
   w = 0.05 * jax.random.normal(jax.random.key(1), (k, k, cin, cout))
   g = jax.random.normal(jax.random.key(2), (b, 2 * h, 2 * h, cout))
-  tap = lambda x, w, g: ops.tap_weight_gradient(x, g, w, (2, 2), "SAME")
+  xla = lambda x, w, g: jax.vjp(lambda w_: jax.lax.conv_transpose(x, w_, (2, 2), "SAME", dimension_numbers=DN),
+                                w)[1](g)[0]
   sub = lambda x, w, g: ops.subpixel_weight_gradient(x, g, w, (2, 2), "SAME")
-  t_tap, t_sub = median_seconds(tap, x, w, g), median_seconds(sub, x, w, g)
-  ref = jax.jit(tap)(x, w, g)
+  t_xla, t_sub = median_seconds(xla, x, w, g), median_seconds(sub, x, w, g)
+  ref = jax.jit(xla)(x, w, g)
   err = float(jnp.max(jnp.abs(jax.jit(sub)(x, w, g) - ref)) / jnp.max(jnp.abs(ref)))
   print(json.dumps(dict(layer=f"ConvTranspose {h}x{h}x{cin} -> {2*h}x{2*h}x{cout}, {k}x{k}",
-                        direction="weight_gradient", batch=b, tap_ms=round(1e3 * t_tap, 1),
-                        subpixel_ms=round(1e3 * t_sub, 1), speedup=round(t_tap / t_sub, 2),
+                        direction="weight_gradient", batch=b, xla_ms=round(1e3 * t_xla, 1),
+                        subpixel_ms=round(1e3 * t_sub, 1), speedup=round(t_xla / t_sub, 2),
                         max_relative_difference=err)), flush=True)

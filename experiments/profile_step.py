@@ -19,27 +19,28 @@ import re
 import tempfile
 import time
 
-from dcgan_jax import ops
+from dcgan_jax import convolutions
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=128)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--top", type=int, default=15)
 a = p.parse_args()
-ops.configure_xla_cpu()  # what dcgan_jax's programs run with
+convolutions.configure_xla_cpu()  # what dcgan_jax's programs run with
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dcgan_jax import train  # noqa: E402
+from dcgan_jax import parallel  # noqa: E402
+from dcgan_jax import step as step_lib  # noqa: E402
 from dcgan_jax.config import Config  # noqa: E402
 
 config = Config(preset="mnist", batch_size=a.batch, dataset="synthetic").resolved()
-mesh = train.global_mesh()
-data = train.replicate(np.random.default_rng(0).integers(0, 256, (60000, 28, 28, 1), np.uint8), mesh)
-slots = train.device_slots(mesh, a.batch // mesh.devices.size)
-state = train.replicate(train.create_train_state(config, 1), mesh)
-step = train.pmap_train_step(train.make_train_step(config, 1, 60000), in_memory=True)
+mesh = parallel.global_mesh()
+data = parallel.replicate(np.random.default_rng(0).integers(0, 256, (60000, 28, 28, 1), np.uint8), mesh)
+slots = parallel.batch_positions(mesh, a.batch // mesh.devices.size)
+state = parallel.replicate(step_lib.create_train_state(config, 1), mesh)
+step = parallel.pmap_step(step_lib.make_train_step(config, 1, 60000, parallel.platform(mesh)), in_memory=True)
 hlo = step.lower(state, slots, data).compile().as_text()
 layer = {m.group(1): m.group(2) for m in re.finditer(r"%(\S+) = .*?op_name=\"([^\"]+)\"", hlo)}
 for _ in range(3):  # compile and warm up

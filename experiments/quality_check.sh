@@ -1,7 +1,7 @@
 #!/bin/bash
 # Sample quality on Fashion-MNIST, scored by `python -m dcgan_jax.evaluate` (10,000 samples each; one JSON
 # line per row, prefixed with its label). Needs: data/tfds prepared (README), and
-#   WORKDIR  a run of experiments/fashion_mnist.flags, e.g. one epoch at batch 128:
+#   WORKDIR  a run of fashion_mnist.flags, e.g. one epoch at batch 128:
 #            python -m dcgan_jax.main --flagfile=fashion_mnist.flags --data_dir=data/tfds \
 #              --batch_size=128 --num_steps=468 --eval_every=156 --workdir=workdirs/fm_e1
 #   REF_NPZ  (optional) samples of the PyTorch reference after the same epoch:

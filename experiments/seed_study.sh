@@ -11,7 +11,7 @@ PY=${PYTHON:-python}
 DATA=${DATA_DIR:-data/tfds}
 mkdir -p "$OUT"
 for seed in "$@"; do
-  $PY -m dcgan_jax.main --flagfile=experiments/fashion_mnist.flags --data_dir="$DATA" --batch_size=128 \
+  $PY -m dcgan_jax.main --flagfile=fashion_mnist.flags --data_dir="$DATA" --batch_size=128 \
     --num_steps=468 --eval_every=468 --sample_every=468 --seed="$seed" --workdir="$OUT/seed$seed" \
     > "$OUT/seed$seed.log" 2>&1
   echo "seed $seed: $(grep 'step 468 |' "$OUT/seed$seed.log" | sed 's/.*step 468 | //')"

@@ -18,6 +18,8 @@ from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
 from helpers import ROOT, cli_env, read_json, read_jsonl, run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end and multi-device runs: not in the fast tier
+
 
 def settings(data_dir, **overrides):
   return dict(dict(dataset="fashion_mnist", data_dir=data_dir, batch_size=8, latent_dim=32,

@@ -9,6 +9,8 @@ import pytest
 
 from helpers import read_json, read_jsonl, run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end and multi-device runs: not in the fast tier
+
 run = run_cli
 
 

@@ -21,6 +21,8 @@ from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
 from helpers import ROOT, cli_env, read_json, read_jsonl, run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end and multi-device runs: not in the fast tier
+
 
 def run_tool(module, args, timeout=300):
   return subprocess.run([sys.executable, "-m", f"dcgan_jax.{module}"] + args, cwd=ROOT, env=cli_env(2),

@@ -14,7 +14,6 @@ import os
 import sys
 
 import numpy as np
-import pytest
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "mnist_preset.json")
 STEPS = 5

@@ -118,6 +118,7 @@ def run_steps(config, n, data, steps):
   return jax.device_get(state), history
 
 
+@pytest.mark.slow
 def test_training_is_bitwise_identical_on_2_and_4_devices():
   """The dcgan preset (BatchNorm in G and D, dropout): 4 groups per device on 2 devices, 2 on 4;
   weights, statistics, optimizer states and every metric of every step bit for bit. (1 and 8 devices and

@@ -10,6 +10,8 @@ import pytest
 from dcgan_jax import models
 from dcgan_jax.config import Config
 
+slow = pytest.mark.slow  # (the fast tier, -m "not slow", runs the others)
+
 
 def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
@@ -36,7 +38,7 @@ def test_mnist_preset_matches_the_seeds_keras_model():
   assert d.apply(d_vars, images, train=False).shape == (3, 1)
 
 
-@pytest.mark.parametrize("size,channels", [(32, 3), (64, 3), (64, 1)])
+@pytest.mark.parametrize("size,channels", [(32, 3), pytest.param(64, 3, marks=slow), pytest.param(64, 1, marks=slow)])
 def test_dcgan_preset_shapes(size, channels):
   config = Config(preset="dcgan", image_size=size, base_width=8)
   g, d, g_vars, d_vars = init(config, channels)
@@ -55,7 +57,7 @@ def test_dcgan_init_is_normal_002():
   assert abs(float(jnp.std(kernel)) - 0.02) < 0.002 and abs(float(jnp.mean(kernel))) < 0.002
 
 
-@pytest.mark.parametrize("preset", ["mnist", "dcgan"])
+@pytest.mark.parametrize("preset", ["mnist", pytest.param("dcgan", marks=slow)])
 def test_running_statistics_make_each_output_independent_of_its_batch(preset):
   config = Config(preset=preset, image_size=None if preset == "mnist" else 32, base_width=8)
   g, _, g_vars, _ = init(config, 1)
@@ -92,15 +94,15 @@ def test_dropout_mask_depends_only_on_the_examples_key():
 @pytest.mark.parametrize("shape,features,kernel,strides,padding", [
     ((2, 7, 7, 16), 16, (5, 5), (2, 2), "SAME"),  # the mnist preset's 7x7 -> 14x14 layer, scaled down
     ((2, 4, 4, 8), 16, (4, 4), (2, 2), "SAME"),  # the dcgan preset's layers
-    ((2, 14, 14, 1), 16, (5, 5), (2, 2), "SAME"),  # an image layer
-    ((2, 5, 6, 3), 16, (3, 3), (2, 2), "SAME"),
-    ((2, 5, 5, 3), 16, (4, 4), (2, 2), "VALID"),
-    ((2, 5, 5, 3), 16, (5, 5), (3, 3), "SAME"),
-    ((2, 3, 4, 3), 4, (2, 3), (2, 3), "SAME"),
-    ((2, 3, 3, 4), 5, (1, 1), (2, 2), "SAME"),  # a phase with no tap at all
+    pytest.param((2, 14, 14, 1), 16, (5, 5), (2, 2), "SAME", marks=slow),  # an image layer
+    pytest.param((2, 5, 6, 3), 16, (3, 3), (2, 2), "SAME", marks=slow),
+    pytest.param((2, 5, 5, 3), 16, (4, 4), (2, 2), "VALID", marks=slow),
+    pytest.param((2, 5, 5, 3), 16, (5, 5), (3, 3), "SAME", marks=slow),
+    pytest.param((2, 3, 4, 3), 4, (2, 3), (2, 3), "SAME", marks=slow),
+    pytest.param((2, 3, 3, 4), 5, (1, 1), (2, 2), "SAME", marks=slow),  # a phase with no tap at all
     ((2, 5, 5, 3), 2, (5, 5), (1, 1), "SAME"),  # stride 1 (here always the DFT form): the seed's first
-    ((2, 4, 7, 3), 3, (2, 5), (1, 1), "SAME"),  # ... an even kernel (padding differs before and after)
-    ((2, 6, 5, 4), 3, (4, 3), (1, 1), "VALID"),
+    pytest.param((2, 4, 7, 3), 3, (2, 5), (1, 1), "SAME", marks=slow),  # an even kernel
+    pytest.param((2, 6, 5, 4), 3, (4, 3), (1, 1), "VALID", marks=slow),
 ])
 @pytest.mark.parametrize("layer", ["ConvTranspose", "Conv"])
 def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features, kernel, strides, padding,
@@ -170,7 +172,7 @@ def test_subpixel_form_takes_both_branches():
     np.testing.assert_allclose(transposed(x, w), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset,size", [("mnist", 28), ("dcgan", 32)])
+@pytest.mark.parametrize("preset,size", [("mnist", 28), pytest.param("dcgan", 32, marks=slow)])
 def test_accelerator_models_are_plain_lax_and_match_the_cpu_forms(preset, size):
   """Models built for a GPU or TPU (platform "gpu"/"tpu": the "lax" form) contain no custom VJP, so
   forward-mode AD (jax.jvp) runs through G and D, and no CPU rewrite: their jaxprs hold only lax
@@ -200,7 +202,7 @@ def test_accelerator_models_are_plain_lax_and_match_the_cpu_forms(preset, size):
                              d_cpu.apply(d_vars, images, train=False), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("preset,size", [("mnist", 28), ("dcgan", 32)])
+@pytest.mark.parametrize("preset,size", [("mnist", 28), pytest.param("dcgan", 32, marks=slow)])
 def test_bfloat16_compute_keeps_float32_state_and_close_outputs(preset, size):
   """--compute_dtype=bfloat16: the same parameters (shapes, dtype float32, values at init), float32
   outputs and BatchNorm statistics, and outputs within bfloat16 rounding of the float32 model's."""

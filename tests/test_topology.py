@@ -6,9 +6,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from dcgan_jax import checkpoints
 from helpers import ROOT, cli_env, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end and multi-device runs: not in the fast tier
 
 
 def args(data_dir, workdir, batch_size=8, invariant_groups=0, num_steps=20):

@@ -16,6 +16,8 @@ from dcgan_jax import train
 from dcgan_jax.config import Config
 from helpers import read_json, read_jsonl
 
+pytestmark = pytest.mark.slow  # end-to-end and multi-device runs: not in the fast tier
+
 
 def setup(config, num_examples=64, channels=1):
   config = config.resolved()

@@ -1,0 +1,74 @@
+"""Config: one declaration per setting, and everything derived from it (flags, resume, study)."""
+import dataclasses
+import os
+
+from absl import flags
+import pytest
+
+from dcgan_jax import cli
+from dcgan_jax import config as config_lib
+from dcgan_jax.config import COMPUTATION, OUTCOME, OUTPUT, Config, ConfigError
+
+
+def test_every_setting_declares_help_and_role_and_becomes_a_flag_with_them():
+  """Each Config field has a help text and a role, and define_flags makes a flag of the same name,
+  default and help. Catches a field added without help or role, or flags that drift from the fields."""
+  values = flags.FlagValues()
+  config_lib.define_flags(flag_values=values)
+  for field in dataclasses.fields(Config):
+    assert field.metadata["help"] and field.metadata["role"] in (COMPUTATION, OUTCOME, OUTPUT), field.name
+    assert values[field.name].default == field.default and values[field.name].help == field.metadata["help"]
+  values(["prog", "--latent_dim=64", "--g_ema_decay=0.99", "--data_dir=/d"])
+  config = config_lib.from_flags(flag_values=values)
+  assert (config.latent_dim, config.g_ema_decay, config.data_dir) == (64, 0.99, "/d")
+
+
+def test_resume_refuses_exactly_the_settings_that_change_a_step():
+  """A resumed run may change OUTCOME and OUTPUT settings only. Catches a computation setting (model,
+  optimizer, seed, batch) accepted on resume, or a harmless one (num_steps, logging) refused."""
+  saved = dataclasses.asdict(Config())
+  now = Config(num_steps=10, log_every=7, data_dir="/elsewhere", steps_per_call=4, eval_every=5)
+  assert config_lib.resume_differences(saved, now) == []
+  changed = Config(latent_dim=64, seed=3, learning_rate_d=1e-3, batch_size=64)
+  assert config_lib.resume_differences(saved, changed) == [
+      "batch_size: 128 -> 64", "latent_dim: 100 -> 64", "learning_rate_d: 0.0002 -> 0.001", "seed: 0 -> 3"]
+  # A setting the saved run did not know yet counts as its default.
+  del saved["g_ema_decay"]
+  assert config_lib.resume_differences(saved, Config()) == []
+  assert config_lib.resume_differences(saved, Config(g_ema_decay=0.9)) == ["g_ema_decay: 0.0 -> 0.9"]
+
+
+def test_study_groups_on_everything_but_the_seed_and_the_output_settings():
+  """Catches study pooling runs of different computations or scores (e.g. num_steps, eval_samples,
+  sample_bn) or separating runs that differ only in where and how often they wrote."""
+  assert config_lib.STUDY_IGNORED == {"seed", "data_dir", "log_every", "sample_every", "num_samples",
+                                      "checkpoint_every", "keep_checkpoints", "eval_every", "evaluator_dir"}
+  from dcgan_jax import study
+  assert set(study.IGNORED_FIELDS) == config_lib.STUDY_IGNORED
+
+
+def test_saved_configs_of_other_versions_load():
+  """from_dict drops keys this version does not know and defaults missing ones."""
+  config = config_lib.from_dict({"latent_dim": 64, "a_setting_from_the_future": 1})
+  assert config.latent_dim == 64 and config.seed == 0
+
+
+def test_validation_errors_are_one_line_naming_the_setting_and_the_fix():
+  for bad, text in ((dict(preset="resnet"), "--preset='resnet': unknown value; use one of mnist, dcgan"),
+                    (dict(batch_size=0), "--batch_size=0: must be a positive integer"),
+                    (dict(image_size=32), "--image_size=32: the mnist preset"),
+                    (dict(g_ema_decay=1.0), "--g_ema_decay=1.0: must be in [0, 1)")):
+    with pytest.raises(ConfigError) as e:
+      Config(**bad).validate()
+    assert str(e.value).startswith(text) and "\n" not in str(e.value)
+
+
+def test_shipped_flagfiles_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+  """`--flagfile=mnist.flags` finds the copy inside the package, also outside the checkout (an installed
+  package has no experiments/ folder beside it)."""
+  monkeypatch.chdir(tmp_path)
+  assert cli.flagfile_names() == ["celeb_a.flags", "cifar10.flags", "fashion_mnist.flags", "mnist.flags"]
+  resolved = cli.resolve_flagfiles(["prog", "--flagfile=mnist.flags", "--seed=1"])
+  assert resolved == ["prog", f"--flagfile={os.path.join(cli.FLAGFILES_DIR, 'mnist.flags')}", "--seed=1"]
+  (tmp_path / "mine.flags").write_text("--seed=2\n")
+  assert cli.resolve_flagfiles(["--flagfile=mine.flags"]) == ["--flagfile=mine.flags"]

@@ -21,10 +21,10 @@ import os
 import shutil
 import tempfile
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from dcgan_jax import cli
 from dcgan_jax.config import exit_with_error
 
 DATASETS = ("mnist", "fashion_mnist")
@@ -139,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

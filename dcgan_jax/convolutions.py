@@ -34,24 +34,27 @@ def form_for(platform: str, exact: bool = False) -> str:
   return "cpu" if platform == "cpu" else "lax"
 
 
+def _lax_conv(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
+
+
+def _lax_conv_transpose(x, kernel, strides, padding):
+  return jax.lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
+
+
+_CONV = {"lax": _lax_conv, "cpu": cpu_kernels.conv, "exact": patches.patches_conv_2d}
+_CONV_TRANSPOSE = {"lax": _lax_conv_transpose, "cpu": cpu_kernels.conv_transpose,
+                   "exact": patches.patches_conv_transpose}
+
+
 def conv(x, kernel, strides, padding: str, form: str):
   """= flax.linen.Conv's computation: x (B, H, W, cin), kernel (kh, kw, cin, cout) -> (B, H', W', cout)."""
-  strides = tuple(strides)
-  if form == "cpu":
-    return cpu_kernels.conv(x, kernel, strides, padding)
-  if form == "exact":
-    return patches.patches_conv_2d(x, kernel, strides, padding)
-  return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
+  return _CONV[form](x, kernel, tuple(strides), padding)
 
 
 def conv_transpose(x, kernel, strides, padding: str, form: str):
   """= flax.linen.ConvTranspose's (transpose_kernel=False): x (B, h, w, cin) -> (B, H, W, cout)."""
-  strides = tuple(strides)
-  if form == "cpu":
-    return cpu_kernels.conv_transpose(x, kernel, strides, padding)
-  if form == "exact":
-    return patches.patches_conv_transpose(x, kernel, strides, padding)
-  return jax.lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
+  return _CONV_TRANSPOSE[form](x, kernel, tuple(strides), padding)
 
 
 def dense(x, kernel, form: str):

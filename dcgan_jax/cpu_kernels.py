@@ -125,14 +125,16 @@ def use_subpixel_forward(strides, padding: str, features: int) -> bool:
   return max(strides) > 1 and padding == "SAME" and features >= MIN_CHANNELS
 
 
+def _dft_if_stride_1(x, kernel, strides, pads):
+  """A stride-1 layer in the DFT form where it pays (dft.py), else None. pads() -> (lo, hi) per axis."""
+  return dft.correlate_where_it_pays(x, kernel, pads()) if tuple(strides) == (1, 1) else None
+
+
 def conv_transpose(x, kernel, strides, padding):
-  """x (B, h, w, cin), kernel (kh, kw, cin, cout) -> (B, H, W, cout); = jax.lax.conv_transpose."""
-  if tuple(strides) == (1, 1):  # a correlation with the kernel as it is, padded as lax pads it
-    pads = [transpose_padding(k, 1, padding) for k in kernel.shape[:2]]
-    y = dft.correlate_where_it_pays(x, kernel, pads)
-    if y is not None:
-      return y
-  return _conv_transpose(x, kernel, tuple(strides), padding)
+  """x (B, h, w, cin), kernel (kh, kw, cin, cout) -> (B, H, W, cout); = jax.lax.conv_transpose.
+  (At stride 1 a correlation with the kernel as it is, padded as lax pads it.)"""
+  y = _dft_if_stride_1(x, kernel, strides, lambda: [transpose_padding(k, 1, padding) for k in kernel.shape[:2]])
+  return _conv_transpose(x, kernel, tuple(strides), padding) if y is None else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -188,12 +190,9 @@ def use_subpixel_input_gradient(in_hw, strides, padding: str, in_features: int) 
 
 def conv(x, kernel, strides, padding):
   """x (B, H, W, cin), kernel (kh, kw, cin, cout) -> (B, H', W', cout); = lax.conv_general_dilated."""
-  if tuple(strides) == (1, 1):
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
-    y = dft.correlate_where_it_pays(x, kernel, pads)
-    if y is not None:
-      return y
-  return _conv(x, kernel, tuple(strides), padding)
+  y = _dft_if_stride_1(x, kernel, strides,
+                       lambda: jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding))
+  return _conv(x, kernel, tuple(strides), padding) if y is None else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

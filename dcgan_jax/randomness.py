@@ -3,12 +3,13 @@
 The base key `jax.random.key(seed)` is split by *purpose* first (model init, training, data order,
 evaluation noise), so no key is ever used twice. Inside the training step the training key is folded
 with the step number, then with a purpose (noise for D's k-th update, D's dropout, ...), then with the
-*global example index* (slot) of each example in the global batch. So the noise z and the dropout mask
-of global example j at step t are the same however the batch is split over devices and hosts.
+*position* of each example in the global batch. So the noise z and the dropout mask of global example j
+at step t are the same however the batch is split over devices and hosts.
 
 The data order is also a pure function: a seeded permutation per epoch over the whole dataset, and
-global position p = r * batch_size + slot (r = the number of real batches drawn before) maps to example
-permutation(epoch(p))[p mod N]. Resuming at step t needs nothing but t.
+position j of real batch r (r = the number of real batches drawn before) is stream position
+p = r * batch_size + j, which maps to example permutation(epoch(p))[p mod N]. Resuming at step t needs
+nothing but t.
 """
 
 import contextlib
@@ -27,9 +28,9 @@ def purpose_key(base_key: jax.Array, purpose: int) -> jax.Array:
   return jax.random.fold_in(base_key, purpose)
 
 
-def per_example(key: jax.Array, slots: jax.Array) -> jax.Array:
-  """One key per example: `key` folded with each global slot index. slots: int32 (b,) -> keys (b,)."""
-  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, slots)
+def per_example(key: jax.Array, positions: jax.Array) -> jax.Array:
+  """One key per example: `key` folded with each global position. positions: int32 (b,) -> keys (b,)."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, positions)
 
 
 def _threefry_per_key():
@@ -59,12 +60,12 @@ def example_bernoulli(keys: jax.Array, p: float, shape: tuple) -> jax.Array:
 class StepKeys:
   """Keys of one training step. `train_key` = purpose_key(base, TRAIN); `step` may be traced."""
 
-  def __init__(self, train_key: jax.Array, step: jax.Array, slots: jax.Array):
+  def __init__(self, train_key: jax.Array, step: jax.Array, positions: jax.Array):
     self._key = jax.random.fold_in(train_key, step)
-    self._slots = slots
+    self._positions = positions
 
   def _keys(self, purpose: int, k: int) -> jax.Array:
-    return per_example(jax.random.fold_in(jax.random.fold_in(self._key, purpose), k), self._slots)
+    return per_example(jax.random.fold_in(jax.random.fold_in(self._key, purpose), k), self._positions)
 
   def z(self, k: int) -> jax.Array:
     """Per-example keys of the noise for the k-th D update (the last one's fakes also train G)."""
@@ -102,10 +103,10 @@ def permuted_index(key: jax.Array, offset: jax.Array, n: int) -> jax.Array:
   n, after a fixed number of rounds (_SWAP_OR_NOT_ROUNDS = 128: about 6 log2 n, the paper's figure for a
   strong permutation, for n up to 2**21; beyond, still a bijection, with a weaker guarantee).
 
-  Why not jax.random.permutation: it sorts all n keys, and at every step for a batch of 128 that was
-  42 ms of a ~1 s step on 2 CPU cores at n = 60,000, growing with n; this costs O(batch * rounds).
-  Why not a Feistel network with cycle walking (this function until 2026-11-29): walking until the
-  value falls below n is a while loop whose trip count depends on the data, and XLA:GPU evaluates such
+  Why not jax.random.permutation: it sorts all n keys at every step, a cost that grows with n (at
+  n = 60,000 tens of milliseconds per CPU step); this costs O(batch * rounds).
+  Why not a Feistel network with cycle walking: walking until the value falls below n is a while loop
+  whose trip count depends on the data, and XLA:GPU evaluates such
   a loop's condition on the host, blocking it until the device is idle (WhileThunk: memcpy of the
   predicate + BlockHostUntilDone), at every step, even inside a lax.scan of K steps; here every loop
   has a fixed length.
@@ -128,23 +129,23 @@ def permuted_index(key: jax.Array, offset: jax.Array, n: int) -> jax.Array:
                            unroll=unroll).astype(jnp.int32)
 
 
-def example_indices(data_key: jax.Array, batch_number: jax.Array, slots: jax.Array,
+def example_indices(data_key: jax.Array, batch_number: jax.Array, positions: jax.Array,
                     batch_size: int, num_examples: int) -> jax.Array:
-  """Dataset indices of the given global slots of real batch `batch_number`.
+  """Dataset indices of the given global positions of real batch `batch_number`.
 
   Args:
     data_key: purpose_key(base, DATA).
     batch_number: int32 scalar (may be traced): how many real batches were drawn before this one.
-    slots: int32 (b,), global positions inside the batch, in [0, batch_size).
+    positions: int32 (b,), global positions inside the batch, in [0, batch_size).
     batch_size: global batch size (<= num_examples).
     num_examples: dataset size N.
   Returns:
-    int32 (b,) indices in [0, N): global position p = batch_number * batch_size + slot maps to
+    int32 (b,) indices in [0, N): stream position p = batch_number * batch_size + position maps to
     permutation_e[p mod N], one seeded permutation per epoch e = p // N (permuted_index). Every example
     appears exactly once per epoch; a batch that straddles an epoch boundary takes its tail from the
     next epoch's permutation.
   """
-  pos = batch_number.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32) * batch_size + slots
+  pos = batch_number.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32) * batch_size + positions
   # int32 positions overflow after 2**31 examples seen (e.g. 16.7M steps at batch 128): far beyond
   # a DCGAN run; the trainer checks it up front.
   epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(data_key, pos // num_examples)

@@ -43,6 +43,8 @@ def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path
   events = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
   assert events and os.path.getsize(events[0]) > 1000  # scalars and an image
   assert "step 4/4" in r.stderr and "ETA" in r.stderr
+  # The console: our own lines, not tfds' or orbax's INFO chatter (--verbosity=1 would show it).
+  assert "Load dataset info" not in r.stderr and "orbax" not in r.stderr
 
 
 @pytest.mark.parametrize("args,expected", [

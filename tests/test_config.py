@@ -72,3 +72,20 @@ def test_shipped_flagfiles_are_found_by_name_from_any_directory(tmp_path, monkey
   assert resolved == ["prog", f"--flagfile={os.path.join(cli.FLAGFILES_DIR, 'mnist.flags')}", "--seed=1"]
   (tmp_path / "mine.flags").write_text("--seed=2\n")
   assert cli.resolve_flagfiles(["--flagfile=mine.flags"]) == ["--flagfile=mine.flags"]
+
+
+@pytest.mark.parametrize("module,absent", [
+    ("dcgan_jax.sample", ("dcgan_jax.train", "dcgan_jax.data", "tensorflow", "tensorflow_datasets")),
+    ("dcgan_jax.study", ("jax", "tensorflow")),
+    ("dcgan_jax.benchmark", ("dcgan_jax.train", "tensorflow", "tensorflow_datasets")),
+])
+def test_tools_import_only_what_they_need(module, absent):
+  """`sample` needs no training loop and no TensorFlow, `study` no JAX, `benchmark` neither the loop nor
+  TensorFlow (the GPU machine has no TensorFlow). Catches an import that drags them in."""
+  import subprocess
+  import sys
+  code = f"import sys, {module}; print(sorted(m for m in {absent!r} if m in sys.modules))"
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip() == "[]", r.stdout

@@ -97,14 +97,14 @@ def test_without_groups_topologies_differ_by_amplified_rounding(tiny_data_dir, t
   assert len(loss_gaps) == 20
   # Step 1's losses (D's first update; G's loss already sees it) agree to rounding: the data, noise,
   # dropout masks and BatchNorm statistics are those of the global batch on both, and D's gradients are
-  # averaged over it. Measured 1.2e-7; 1e-2 with the gradients not averaged over devices (train.py's
-  # `average` made the identity); ~1e-2 noted earlier for a per-device BatchNorm, key or data order.
+  # averaged over it. Measured 1.2e-7; 1e-2 with the gradients not averaged over devices (step.py's
+  # `average` made the identity); ~1e-2 for a per-device BatchNorm, key or data order.
   assert loss_gaps[0] < 1e-6, loss_gaps
   # From then on Adam turns the rounding noise of near-zero gradients into full lr-sized steps (its
   # first step is +-lr for every gradient, whose sign rounding may flip), and GAN training amplifies the
-  # difference ~1.5x per step, by an amount that depends on the batches drawn. Measured: step 2, 6e-7
-  # with the data order before 2026-11-29 and 3e-5 with today's; the largest gap over 20 steps 8e-3;
-  # relative L2 after 20 steps 1.0e-3 to 1.2e-3 before, 1.9e-3 now. Not averaging the gradients (above):
-  # 2e-2 at step 2, 0.1 at most, relative L2 1.3e-2. This is what --invariant_groups removes.
+  # difference ~1.5x per step, by an amount that depends on the batches drawn. Measured (python -m pytest
+  # -s prints them): step 2 3e-5, the largest gap over 20 steps 8e-3, relative L2 after 20 steps 1.9e-3.
+  # Not averaging the gradients (above): 2e-2 at step 2, 0.1 at most, relative L2 1.3e-2. This is what
+  # --invariant_groups removes.
   assert loss_gaps[1] < 1e-3 and max(loss_gaps) < 3e-2, loss_gaps
   assert 0 < gap <= 5e-3, gap

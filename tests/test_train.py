@@ -125,7 +125,7 @@ def test_streaming_tf_data_path_trains_under_mock_data(tmp_path):
 
 
 def run_single_and_multi(in_memory, k, scan):
-  """k single steps, and one make_steps_call of k steps, from the same state: (single state, its
+  """k single steps, and one make_multi_step call of k steps, from the same state: (single state, its
   metrics per step, multi state, its stacked metrics as one dict per step)."""
   config, mesh, data, state, slots = setup(Config(batch_size=8, latent_dim=16, seed=5, g_ema_decay=0.9))
   one = step_lib.make_train_step(config, 1, len(data) if in_memory else None)

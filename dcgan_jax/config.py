@@ -65,8 +65,9 @@ class Config:
   data_dir: Optional[str] = setting(
       None, "tfds data directory (default: tfds's own, ~/tensorflow_datasets). See prepare_data.", OUTPUT)
   in_memory: str = setting(
-      "auto", "auto|true|false: keep the dataset on the devices (batches gathered inside the step, order "
-      "a pure function of (seed, step)); auto = when it fits in --max_in_memory_mb.", OUTCOME)
+      "auto", "auto|true|false: keep the dataset on the devices (batches gathered inside the step), or "
+      "read it by index on the host (array_record datasets; the same order, a pure function of (seed, "
+      "step)); auto = on the devices when the decoded split fits in --max_in_memory_mb.", OUTCOME)
   max_in_memory_mb: int = setting(
       4096, "Largest dataset (uint8, at model resolution) that --in_memory=auto keeps on device.", OUTCOME)
   shuffle_buffer: int = setting(10_000, "tf.data shuffle buffer (streaming path only).", OUTCOME)

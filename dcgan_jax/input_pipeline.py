@@ -1,14 +1,14 @@
 """tfds -> uint8 images at the model's resolution. The only module that imports tensorflow_datasets
 (and, on the streaming path only, TensorFlow), always lazily, so the training core runs without either.
 
-Two ways to feed the trainer:
+What the data paths (data.py) read through:
   * in memory (MNIST/CIFAR-sized data): `load_in_memory` returns the whole split as one uint8 array
-    (N, H, W, C). The trainer puts it on every device once and each step gathers its batch inside the
-    jitted step, in an order that is a pure function of (seed, step) (randomness.example_indices).
-    Read through `tfds.data_source` when the prepared files are array_record (no TensorFlow needed),
-    else through `tfds.load`.
-  * streaming (larger data, e.g. celeb_a): `stream_batches` is a tf.data pipeline with a seeded file
-    and buffer shuffle, repeat, batch and prefetch, yielding uint8 (local_devices, per_device, H, W, C).
+    (N, H, W, C), read through `tfds.data_source` when the prepared files are array_record (no
+    TensorFlow needed), else through `tfds.load`;
+  * by index: `data_source` and `read_examples` (array_record; no TensorFlow), for host_reader.py;
+  * streaming (datasets stored as tfrecord only): `stream_batches` is a tf.data pipeline with a seeded
+    file and buffer shuffle, repeat, batch and prefetch, yielding uint8 (local_devices, per_device, H,
+    W, C).
 
 Pixels stay uint8 on the host and on the way to the device (4x less traffic than float32); the step
 scales them to [-1, 1] (the seed's [0, 1] scaling against a tanh generator is a bug we do not copy).
@@ -130,6 +130,27 @@ def preprocess(images: np.ndarray, dataset: str, image_shape: tuple) -> np.ndarr
   return np.ascontiguousarray(images)
 
 
+def data_source(builder, split: str):
+  """The split as a random-access `tfds.data_source` (array_record files; no TensorFlow needed), or None
+  when the prepared files are tfrecord only."""
+  tfds = _tfds()
+  array_record = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
+  if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    # The metadata on disk lists every stored file format (prepare_data adds array_record beside
+    # tfrecord); the registered builder's code-side info only knows the primary one.
+    builder = tfds.builder_from_directory(builder.data_dir)
+  if array_record not in builder.info.available_file_formats():
+    return None
+  return builder.as_data_source(split=split, file_format=array_record)
+
+
+def read_examples(source, indices, dataset: str, image_shape: tuple) -> np.ndarray:
+  """uint8 images (len(indices), H, W, C) at image_shape: the examples `indices` of a data_source,
+  decoded and preprocessed."""
+  raw = np.stack([ex["image"] for ex in source.__getitems__([int(i) for i in indices])])
+  return preprocess((raw[..., None] if raw.ndim == 3 else raw).astype(np.uint8), dataset, image_shape)
+
+
 def read_split(builder, split: str, features=("image",)) -> dict:
   """Whole split as numpy arrays {feature: (N, ...)}, in the stored order. Images are raw (as stored).
 
@@ -137,14 +158,8 @@ def read_split(builder, split: str, features=("image",)) -> dict:
   else through `tfds.load`'s tf.data path.
   """
   tfds = _tfds()
-  array_record = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
-  if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-    # The metadata on disk lists every stored file format (prepare_data adds array_record beside
-    # tfrecord); the registered builder's code-side info only knows the primary one.
-    builder = tfds.builder_from_directory(builder.data_dir)
-  if array_record in builder.info.available_file_formats():
-    # Random-access reader: no TensorFlow needed.
-    source = builder.as_data_source(split=split, file_format=array_record)
+  source = data_source(builder, split)
+  if source is not None:
     n = len(source)
     chunks = [source.__getitems__(list(range(i, min(i + 4096, n)))) for i in range(0, n, 4096)]
     return {f: np.concatenate([np.stack([ex[f] for ex in c]) for c in chunks]) for f in features}

@@ -97,13 +97,17 @@ def global_replicated(tree):
       x.shape, sharding, [s.data for s in x.addressable_shards]), tree)
 
 
+def local_positions(per_device: int) -> np.ndarray:
+  """int32 (local devices, per_device): the global batch positions of this process's examples."""
+  n_local = jax.local_device_count()
+  first = jax.process_index() * n_local * per_device
+  return np.arange(first, first + n_local * per_device, dtype=np.int32).reshape(n_local, per_device)
+
+
 def batch_positions(mesh: Mesh, per_device: int) -> jax.Array:
   """int32 (global devices, per_device): the global batch positions of each device's examples, placed
   once (sharded over AXIS) and passed to every step."""
-  n_local = jax.local_device_count()
-  first = jax.process_index() * n_local * per_device
-  local = np.arange(first, first + n_local * per_device, dtype=np.int32).reshape(n_local, per_device)
-  return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local)
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local_positions(per_device))
 
 
 def pmap_step(train_step: Callable, in_memory: bool) -> Callable:

@@ -5,6 +5,7 @@ steps: run, log, sample, evaluate, checkpoint, stop; then finish (export, GIF). 
 (step.py) and mapped over the devices by parallel.py; this module only decides what happens when.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -54,8 +55,8 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
   device = jax.local_devices()[0]
   writer.write_config(config, extra=dict(
       devices=jax.local_device_count(), device_kind=device.device_kind, backend=jax.default_backend(),
-      in_memory=data.in_memory, num_examples=data.num_examples, channels=data.channels,
-      git_commit=checkpoints.git_commit()))
+      in_memory=data.in_memory, data_path=data.path, num_examples=data.num_examples,
+      channels=data.channels, git_commit=checkpoints.git_commit()))
   logging.info("Config: %s", json.dumps(dict(config.__dict__)))
 
   # ---- State: fresh, or the newest readable checkpoint of this workdir ----------------------------
@@ -67,9 +68,9 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
     logging.info("Resuming from step %d (%s).", restored_step,
                  os.path.join(checkpointer.directory, str(restored_step)))
     writer.truncate_metrics(restored_step)  # lines a killed run logged after its last checkpoint
-    if not data.in_memory:
-      logging.warning("Streaming data path: the data order after a resume differs from an "
-                      "uninterrupted run's (use --in_memory=true for exact resumption).")
+    if not data.exact_order:
+      logging.warning("tf.data streaming path: the data order after a resume differs from an "
+                      "uninterrupted run's.")
 
   # ---- Step programs, sampling, evaluation --------------------------------------------------------
   steps = _Steps(config, data, mesh, per_device)
@@ -81,10 +82,10 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
   # ---- Train --------------------------------------------------------------------------------------
   step = int(state.step)
   progress = _Progress(config, writer, step)
-  with _StopOnSignal() as stop:
+  with _StopOnSignal() as stop, contextlib.closing(data):
     while step < config.num_steps:
       k = min(config.steps_per_call, config.num_steps - step)
-      state, metrics = steps(state, k)
+      state, metrics = steps(state, step, k)
       step += k
       progress.ran(step, metrics)
       reached = lambda every: step // every > (step - k) // every  # (step - k, step] holds a multiple
@@ -125,8 +126,9 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
 
 
 class _Steps:
-  """steps(state, k): k training steps in one call (parallel.make_multi_step), one compiled program per
-  k, made on first use (on XLA:CPU all of them dispatch the single step's program)."""
+  """steps(state, step, k): k training steps from state step `step` in one call
+  (parallel.make_multi_step), one compiled program per k, made on first use (on XLA:CPU all of them
+  dispatch the single step's program)."""
 
   def __init__(self, config, data, mesh, per_device):
     platform = parallel.platform(mesh)
@@ -135,11 +137,11 @@ class _Steps:
     self._scan = parallel.scan_by_default(platform)
     self._calls = {1: parallel.pmap_step(self._train_step, data.in_memory)}
 
-  def __call__(self, state, k):
+  def __call__(self, state, step, k):
     if k not in self._calls:
       self._calls[k] = parallel.make_multi_step(self._train_step, k, self._data.in_memory, self._scan,
                                                 p_step=self._calls[1])
-    return self._calls[k](state, self._positions, self._data.for_call(k))
+    return self._calls[k](state, self._positions, self._data.for_call(step, k))
 
 
 class _Progress:

@@ -33,12 +33,12 @@ class HostReader:
     per_device_batch), this process's global batch positions."""
     self._read, self._positions = read, np.asarray(positions, np.int32)
     self._d_steps, self._prefetch = config.d_steps, prefetch
-    cpu = jax.devices("cpu")[0]
-    data_key = jax.device_put(randomness.purpose_key(jax.random.key(config.seed), randomness.DATA), cpu)
-    indices = jax.jit(lambda number, positions: randomness.example_indices(
-        data_key, number, positions, config.batch_size, num_examples))
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's own: never another process's device
+    key = jax.device_put(jax.random.key(config.seed), cpu)
+    indices = jax.jit(lambda key, number, positions: randomness.example_indices(
+        randomness.purpose_key(key, randomness.DATA), number, positions, config.batch_size, num_examples))
     flat = jax.device_put(self._positions.reshape(-1), cpu)
-    self._indices = lambda number: np.asarray(indices(jax.device_put(np.int32(number), cpu), flat))
+    self._indices = lambda number: np.asarray(indices(key, jax.device_put(np.int32(number), cpu), flat))
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                        thread_name_prefix="dcgan_jax_reader")
     self._pending = collections.OrderedDict()  # step -> Future of its batch

@@ -108,3 +108,16 @@ def test_without_groups_topologies_differ_by_amplified_rounding(tiny_data_dir, t
   # --invariant_groups removes.
   assert loss_gaps[1] < 1e-3 and max(loss_gaps) < 3e-2, loss_gaps
   assert 0 < gap <= 5e-3, gap
+
+
+def test_random_access_path_is_bitwise_identical_on_1_device_and_2_processes(tiny_data_dir, tmp_path):
+  """--in_memory=false (each process reads its own positions by index) with --invariant_groups=8: 1
+  device and 2 processes x 2 devices end with the same state bit for bit. Catches a process reading
+  another process's positions, or an order that depends on the process count."""
+  runs = run_topologies(lambda w: args(tiny_data_dir, w, batch_size=8, invariant_groups=8, num_steps=6)
+                        + ["--in_memory=false"], tmp_path, devices=(1,))
+  reference, _ = checkpoints.read_state_numpy(runs["1x1"])
+  state, step = checkpoints.read_state_numpy(runs["2x2"])
+  assert step == 6
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference), strict=True):
+    np.testing.assert_array_equal(a, b)

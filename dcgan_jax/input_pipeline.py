@@ -71,7 +71,7 @@ def get_builder(config: Config):
   if "image" not in builder.info.features:
     raise ConfigError(f"--dataset={config.dataset!r}: has no 'image' feature; use an image dataset.")
   try:
-    builder.download_and_prepare()  # a no-op when already prepared in data_dir
+    _download_and_prepare(builder)  # a no-op when already prepared in data_dir
   except Exception as e:  # pylint: disable=broad-except
     hint = offline_hint(config.dataset) if config.dataset in ("mnist", "fashion_mnist") else \
         "download and prepare it on a machine with network (tfds build), then copy it into --data_dir"
@@ -82,6 +82,43 @@ def get_builder(config: Config):
     raise ConfigError(f"--split={config.split!r}: {config.dataset} has splits "
                       f"{', '.join(sorted(builder.info.splits))}; pick one of them.")
   return builder
+
+
+DOWNLOAD_HOST = "storage.googleapis.com"  # where tfds looks first (prepared data, then most datasets)
+
+
+def _download_and_prepare(builder) -> None:
+  """builder.download_and_prepare(), failing within seconds on a machine without network.
+
+  tfds retries every file 10 times with exponential backoff (about 3.5 minutes before it gives up
+  offline). The first attempt allows one retry; if it fails and DOWNLOAD_HOST does not resolve (no
+  network), that failure stands, else (a flaky network) tfds tries again with its own retries."""
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
+  saved = downloader.MAX_RETRIES
+  downloader.MAX_RETRIES = 1
+  try:
+    builder.download_and_prepare()
+    return
+  except Exception:  # pylint: disable=broad-except
+    if not _resolves(DOWNLOAD_HOST):
+      raise
+  finally:
+    downloader.MAX_RETRIES = saved
+  builder.download_and_prepare()
+
+
+def _resolves(host: str, timeout: float = 3.0) -> bool:
+  """Whether `host` resolves within `timeout` seconds (in a thread: getaddrinfo has no timeout)."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  try:
+    pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout)
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+  finally:
+    pool.shutdown(wait=False)
 
 
 def dataset_spec(config: Config, builder=None) -> DatasetSpec:

@@ -163,3 +163,22 @@ def test_git_commit_is_what_git_says():
   dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                          capture_output=True, text=True).stdout.strip()
   assert checkpoints.git_commit() == head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def test_offline_download_fails_within_seconds(tmp_path, monkeypatch):
+  """A dataset that is not on disk, on a machine without network (here: no host resolves), ends with
+  the one-line error naming the offline command within seconds, not after tfds' minutes of retries with
+  backoff. Catches a download attempted with tfds' full retries while offline."""
+  import socket
+  import time
+  from dcgan_jax import input_pipeline
+  from dcgan_jax.config import Config
+
+  def no_network(*args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+  monkeypatch.setattr(socket, "getaddrinfo", no_network)
+  t0 = time.time()
+  with pytest.raises(input_pipeline.DataUnavailableError, match="python -m dcgan_jax.prepare_data"):
+    input_pipeline.get_builder(Config(dataset="mnist", data_dir=str(tmp_path)))
+  assert time.time() - t0 < 30

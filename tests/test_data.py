@@ -87,3 +87,21 @@ def test_random_access_stop_and_resume_is_the_uninterrupted_run(tiny_data_dir, t
   a, b = checkpoints.read_state_numpy(straight)[0], checkpoints.read_state_numpy(resumed)[0]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def test_data_benchmark_prints_one_json_line(tiny_data_dir):
+  """python -m dcgan_jax.data_benchmark times the reader alone and training fed in memory and by index,
+  on a real (here: tiny, prepared) dataset. Catches a benchmark that does not run or reports the wrong
+  path."""
+  import json
+  import subprocess
+  import sys
+  from helpers import ROOT, cli_env
+  r = subprocess.run([sys.executable, "-m", "dcgan_jax.data_benchmark", "--dataset=fashion_mnist",
+                      f"--data_dir={tiny_data_dir}", "--batch_size=8", "--steps=2", "--warmup=1"],
+                     cwd=ROOT, env=cli_env(2), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(r.stdout.strip().splitlines()[-1])
+  assert result["reader_images_per_sec"] > 0 and result["devices"] == 2
+  assert set(result["train_images_per_sec"]) == {"in_memory", "by_index"}
+  assert result["by_index_over_in_memory"] > 0

@@ -1,0 +1,112 @@
+"""Training-step throughput on synthetic data; prints one JSON line. Needs no TensorFlow or tfds.
+
+    python -m dcgan_jax.benchmark --preset=mnist --batch_size=128 --steps=30
+
+Times the real pmapped training step (the in-memory path: a uint8 dataset on the devices, batches
+gathered inside the step in the (seed, step) order) after warm-up, with block_until_ready around the
+timed calls. `compile_sec` is the first call (tracing + XLA compilation + one execution). The model and
+training settings are the trainer's own flags (config.py), with the same defaults.
+"""
+
+import json
+import os
+import resource
+import time
+from typing import Optional
+
+from absl import flags
+import jax
+import numpy as np
+
+from dcgan_jax import cli
+from dcgan_jax import config as config_lib
+from dcgan_jax import parallel
+from dcgan_jax import step as step_lib
+from dcgan_jax.config import Config, ConfigError, exit_with_error
+
+# The Config fields a benchmark varies; every other one keeps its default.
+CONFIG_FLAGS = ("preset", "image_size", "base_width", "latent_dim", "batch_size", "seed", "optimizer",
+                "loss", "d_steps", "g_ema_decay", "compute_dtype", "steps_per_call", "invariant_groups")
+config_lib.define_flags(CONFIG_FLAGS)
+flags.DEFINE_integer("channels", 1, "Image channels.")
+flags.DEFINE_integer("steps", 30, "Timed training steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed calls after the compiling one.")
+flags.DEFINE_integer("num_examples", 60000, "Synthetic dataset size (the data order permutes it).")
+flags.DEFINE_enum("multi_step", "auto", ["auto", "scan", "dispatch"],
+                  "With --steps_per_call > 1: one lax.scan per call, or one dispatch of the single "
+                  "step per step (auto: dispatch on CPU, scan elsewhere).")
+flags.DEFINE_enum("xla_cpu_convolutions", "eigen", ["eigen", "ynnpack"],
+                  "XLA:CPU's convolution library: eigen (what dcgan_jax's programs choose, "
+                  "convolutions.configure_xla_cpu) or ynnpack (jaxlib 0.10's default).")
+FLAGS = flags.FLAGS
+
+
+def peak_memory_bytes():
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return "device", int(stats["peak_bytes_in_use"])
+  return "host_max_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU backend
+
+
+def run(config: Config, channels: int, steps: int, warmup: int, num_examples: int,
+        scan: Optional[bool] = None) -> dict:
+  """Times `steps` training steps (rounded up to whole calls of --steps_per_call); returns the JSON
+  record. scan: for --steps_per_call > 1 (None: the platform's default)."""
+  config = config.resolved()
+  mesh = parallel.global_mesh()
+  n_dev = mesh.devices.size
+  parallel.check_devices(config, n_dev)
+  platform = parallel.platform(mesh)
+  rng = np.random.default_rng(0)
+  data = parallel.replicate(rng.integers(0, 256, (num_examples, config.image_size, config.image_size,
+                                                  channels), np.uint8), mesh)
+  positions = parallel.batch_positions(mesh, config.batch_size // n_dev)
+  state = parallel.replicate(step_lib.create_train_state(config, channels), mesh)
+  train_step = step_lib.make_train_step(config, channels, num_examples, platform)
+  k = config.steps_per_call
+  if scan is None:
+    scan = parallel.scan_by_default(platform)
+  call = (parallel.pmap_step(train_step, in_memory=True) if k == 1 else
+          parallel.make_multi_step(train_step, k, in_memory=True, scan=scan))
+  calls = -(-steps // k)  # the timed steps, rounded up to whole calls
+  steps = calls * k
+  t0 = time.perf_counter()
+  state, metrics = call(state, positions, data)
+  jax.block_until_ready((state, metrics))
+  compile_sec = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, metrics = call(state, positions, data)
+  jax.block_until_ready((state, metrics))
+  t0 = time.perf_counter()
+  for _ in range(calls):
+    state, metrics = call(state, positions, data)
+  jax.block_until_ready((state, metrics))
+  elapsed = time.perf_counter() - t0
+  final = jax.tree.map(lambda x: np.asarray(x).reshape(-1)[-1], jax.device_get(metrics))  # last step
+  kind, peak = peak_memory_bytes()
+  return dict(impl="dcgan_jax", preset=config.preset, image_size=config.image_size,
+              batch_size=config.batch_size, steps=steps, steps_per_call=k,
+              multi_step=None if k == 1 else ("scan" if scan else "dispatch"),
+              invariant_groups=config.invariant_groups,
+              compute_dtype=config.compute_dtype, xla_flags=os.environ.get("XLA_FLAGS", ""),
+              sec_per_step=elapsed / steps, images_per_sec=config.batch_size * steps / elapsed,
+              compile_sec=compile_sec, backend=jax.default_backend(),
+              device_kind=jax.local_devices()[0].device_kind, devices=n_dev, jax=jax.__version__,
+              peak_memory_kind=kind, peak_memory_bytes=peak,
+              final_d_loss=float(final["d_loss"]), final_g_loss=float(final["g_loss"]),
+              finite=bool(final["finite"] == 1.0))
+
+
+def main(argv):
+  del argv
+  config = config_lib.from_flags(CONFIG_FLAGS, dataset="synthetic")
+  try:
+    result = run(config, FLAGS.channels, FLAGS.steps, FLAGS.warmup, FLAGS.num_examples,
+                 scan=None if FLAGS.multi_step == "auto" else FLAGS.multi_step == "scan")
+  except ConfigError as e:
+    exit_with_error(str(e))
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  cli.run(main, xla_cpu_convolutions=lambda: FLAGS.xla_cpu_convolutions)

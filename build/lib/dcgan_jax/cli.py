@@ -1,0 +1,86 @@
+"""What every command-line tool shares: flagfile lookup, the console, and the XLA:CPU setup.
+
+    cli.run(main)                      # instead of absl.app.run(main)
+
+Before `main` runs (after flag parsing, before JAX starts a backend):
+  * XLA:CPU flags are set, here and nowhere else (convolutions.configure_xla_cpu);
+  * the console shows dcgan_jax's own INFO lines and other libraries' warnings and errors only
+    (tfds, orbax, ...); `--verbosity=1` shows everything.
+"""
+
+import logging as logging_std
+import os
+from typing import Callable, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from dcgan_jax.config import exit_with_error
+
+FLAGFILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flagfiles")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def flagfile_names() -> list:
+  return sorted(n for n in os.listdir(FLAGFILES_DIR) if n.endswith(".flags"))
+
+
+def resolve_flagfiles(argv: list) -> list:
+  """A --flagfile that does not exist as given is looked up among the shipped ones (dcgan_jax/flagfiles:
+  mnist.flags, fashion_mnist.flags, ...), so `--flagfile=mnist.flags` works from any directory and from
+  an installed package."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--flagfile="):
+      path = arg.split("=", 1)[1]
+      if not os.path.exists(path):
+        candidate = os.path.join(FLAGFILES_DIR, os.path.basename(path))
+        if not os.path.exists(candidate):
+          exit_with_error(f"--flagfile={path}: file not found; pass a path, or one of the shipped "
+                          f"flagfiles: {', '.join(flagfile_names())}")
+        arg = f"--flagfile={candidate}"
+    out.append(arg)
+  return out
+
+
+def parse_flags(argv: list) -> list:
+  """absl's flag parsing, with shipped flagfiles found by name and bad flags as one-line errors."""
+  try:
+    return flags.FLAGS(resolve_flagfiles(argv))
+  except flags.Error as e:
+    exit_with_error(f"{e}; see --helpfull")
+
+
+class _OwnLinesOnly(logging_std.Filter):
+  """Lets through dcgan_jax's own log lines, and other libraries' warnings and errors."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+def configure_console() -> None:
+  """Library chatter (tfds' "Load dataset info", orbax's per-save lines, ...) off the console unless
+  --verbosity asks for it (absl: 0 = INFO, the default; 1 or more shows every library's INFO too)."""
+  handler = logging.get_absl_handler()
+  if flags.FLAGS["verbosity"].value < 1 and not any(isinstance(f, _OwnLinesOnly) for f in handler.filters):
+    handler.addFilter(_OwnLinesOnly())
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines (streaming path)
+
+
+def run(main: Callable, xla_cpu_convolutions: Optional[Callable[[], str]] = None,
+        positional: bool = False, uses_jax: bool = True) -> None:
+  """absl.app.run(main) with the shared setup above; `xla_cpu_convolutions()` may name the XLA:CPU
+  convolution library (default "eigen"; the benchmark's flag). positional: the tool takes positional
+  arguments (else they are a one-line error). uses_jax=False: a tool that never imports JAX (study)."""
+
+  def setup_then_main(argv):
+    if uses_jax:
+      from dcgan_jax import convolutions  # pylint: disable=g-import-not-at-top
+      convolutions.configure_xla_cpu(xla_cpu_convolutions() if xla_cpu_convolutions else "eigen")
+    configure_console()
+    if len(argv) > 1 and not positional:
+      exit_with_error(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    return main(argv)
+
+  app.run(setup_then_main, flags_parser=parse_flags)

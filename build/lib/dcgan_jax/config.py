@@ -1,0 +1,252 @@
+"""Every setting of a run, in one frozen dataclass: its default, its help text and its role.
+
+The trainer takes a `Config`, never global flags, so tests and scripts build one directly:
+
+    config = Config(dataset="fashion_mnist", num_steps=100)
+
+Each field declares (dataclass metadata, through `setting`) its help text and its *role*; everything
+else derives from that one declaration:
+  * the command-line flags of `main` and `benchmark` (`define_flags`: same names, defaults and help);
+  * what may change when a run is resumed (`resume_differences`: only roles other than COMPUTATION);
+  * how `study` groups runs into configurations (`STUDY_IGNORED`: the seed and the OUTPUT settings).
+
+`validate()` turns every bad value into a `ConfigError` whose message is one line naming the setting
+and the fix. This module imports no JAX.
+"""
+
+import dataclasses
+import sys
+import typing
+from typing import Iterable, NoReturn, Optional
+
+PRESETS = ("mnist", "dcgan")
+LOSSES = ("non_saturating", "minimax")
+OPTIMIZERS = ("adam", "rmsprop")
+SAMPLE_BN_MODES = ("running", "batch")
+IN_MEMORY_MODES = ("auto", "true", "false")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# Roles of a setting.
+COMPUTATION = "computation"  # changes what a training step computes: a resumed run must keep it
+OUTCOME = "outcome"  # changes what a run reports (its length, its scores), not its steps
+OUTPUT = "output"  # where and how often a run writes: changes neither its steps nor its scores
+
+# Preset defaults that differ between the seed's Keras model and the DCGAN paper's.
+#   mnist: Keras BatchNormalization(momentum=0.8) -> running = 0.8*running + 0.2*batch, epsilon 1e-3.
+#   dcgan: PyTorch BatchNorm2d defaults (momentum=0.1 in torch's convention = 0.9 in flax's), epsilon 1e-5.
+PRESET_DEFAULTS = {
+    "mnist": dict(image_size=28, bn_momentum=0.8, bn_epsilon=1e-3, dropout_rate=0.3),
+    "dcgan": dict(image_size=64, bn_momentum=0.9, bn_epsilon=1e-5, dropout_rate=0.0),
+}
+
+
+class ConfigError(ValueError):
+  """A setting is invalid. The message is one line: the setting, the problem, the fix."""
+
+
+def exit_with_error(message: str) -> NoReturn:
+  """How the command-line tools end on bad input: `error: <message>` on stderr, exit status 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def setting(default, help: str, role: str = COMPUTATION):  # pylint: disable=redefined-builtin
+  """A Config field with its help text and role (COMPUTATION, OUTCOME or OUTPUT)."""
+  return dataclasses.field(default=default, metadata=dict(help=help, role=role))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One run. Field names are the command-line flag names."""
+
+  # Data.
+  dataset: str = setting("mnist", "tfds image dataset name (mnist, fashion_mnist, cifar10, celeb_a, ...).")
+  split: str = setting("train", "tfds split to train on.")
+  data_dir: Optional[str] = setting(
+      None, "tfds data directory (default: tfds's own, ~/tensorflow_datasets). See prepare_data.", OUTPUT)
+  in_memory: str = setting(
+      "auto", "auto|true|false: keep the dataset on the devices (batches gathered inside the step), or "
+      "read it by index on the host (array_record datasets; the same order, a pure function of (seed, "
+      "step)); auto = on the devices when the decoded split fits in --max_in_memory_mb.", OUTCOME)
+  max_in_memory_mb: int = setting(
+      4096, "Largest dataset (uint8, at model resolution) that --in_memory=auto keeps on device.", OUTCOME)
+  shuffle_buffer: int = setting(10_000, "tf.data shuffle buffer (streaming path only).", OUTCOME)
+
+  # Model.
+  preset: str = setting("mnist", "mnist (the seed's Keras model, 28x28) or dcgan (Radford et al. 2015, "
+                        "32/64/128...).")
+  image_size: Optional[int] = setting(None, "Image side in pixels; default: the preset's (mnist 28, dcgan 64).")
+  channels: Optional[int] = setting(None, "1 or 3; default: the dataset's. Converts grayscale <-> RGB.")
+  latent_dim: int = setting(100, "Dimension of the generator's input noise z ~ N(0, I).")
+  base_width: int = setting(64, "dcgan preset: feature maps of D's first and G's last hidden layer.")
+  bn_momentum: Optional[float] = setting(
+      None, "BatchNorm running-average momentum, flax convention (running = m*running + (1-m)*batch); "
+      "default: mnist 0.8 (Keras momentum=0.8), dcgan 0.9 (PyTorch's 0.1).")
+  bn_epsilon: Optional[float] = setting(None, "BatchNorm epsilon; default: mnist 1e-3 (Keras), dcgan 1e-5 "
+                                        "(PyTorch).")
+  dropout_rate: Optional[float] = setting(None, "Discriminator dropout; default: mnist 0.3 (the seed), dcgan 0.")
+  compute_dtype: str = setting(
+      "float32", "float32, or bfloat16 for mixed precision: convolutions and activations in bfloat16; "
+      "parameters, optimizer states, BatchNorm statistics and losses stay float32.")
+
+  # Optimisation.
+  batch_size: int = setting(128, "Global batch size (all devices and hosts together).")
+  num_steps: int = setting(2000, "Generator updates to train for.", OUTCOME)
+  seed: int = setting(0, "Seeds initialisation, noise, dropout and data order.")
+  optimizer: str = setting("adam", "adam (DCGAN paper) or rmsprop (the seed's choice; --beta1 is then "
+                           "RMSprop's decay).")
+  learning_rate_g: float = setting(2e-4, "Generator learning rate.")
+  learning_rate_d: float = setting(2e-4, "Discriminator learning rate.")
+  beta1: float = setting(0.5, "Adam beta1 (DCGAN paper: 0.5), or RMSprop decay.")
+  beta2: float = setting(0.999, "Adam beta2.")
+  loss: str = setting("non_saturating", "non_saturating (-log D(G(z)), default) or minimax "
+                      "(log(1 - D(G(z)))) generator loss.")
+  d_steps: int = setting(1, "Discriminator updates per generator update.")
+  g_ema_decay: float = setting(
+      0.0, "Exponential moving average of the generator's weights (e.g. 0.999); 0 = off. When on, sample "
+      "grids, evaluation and the export use the EMA generator (the raw one is logged too).")
+  steps_per_call: int = setting(
+      1, "Training steps per call, one host round trip (for fast accelerators: one lax.scan, the same "
+      "math; on CPU bitwise the same results as single steps). Logging, sampling and checkpoints happen "
+      "after the call that reaches their step.", OUTCOME)
+  invariant_groups: int = setting(
+      0, "0 (default, fastest) or G > 0: split the global batch into G fixed groups and sum gradients and "
+      "BatchNorm statistics group by group in one fixed order, so the run is bitwise identical on every "
+      "number of devices and processes D with 2D dividing G (slower: docs/reproducibility.md).")
+
+  # Outputs.
+  log_every: int = setting(100, "Steps between metric lines (metrics.jsonl, TensorBoard, console).", OUTPUT)
+  sample_every: int = setting(500, "Steps between sample grids (samples/step_XXXXXXXX.png).", OUTPUT)
+  num_samples: int = setting(64, "Images in each sample grid (a fixed evaluation noise batch).", OUTPUT)
+  sample_bn: str = setting("running", "BatchNorm statistics when sampling and evaluating: running "
+                           "(inference mode, default) or batch.", OUTCOME)
+  checkpoint_every: int = setting(
+      1000, "Steps between checkpoints (<workdir>/checkpoints/<step>); one is also written at the end and "
+      "on SIGTERM/SIGINT. A rerun with the same workdir resumes.", OUTPUT)
+  keep_checkpoints: int = setting(3, "How many of the newest checkpoints to keep.", OUTPUT)
+
+  # Evaluation during training (evaluator.py).
+  eval_every: int = setting(
+      0, "Steps between FID/KID evaluations against the test split (metrics.jsonl, TensorBoard); the best "
+      "checkpoint by FID is kept in <workdir>/best. 0 = off. Needs a labelled dataset.", OUTPUT)
+  eval_samples: int = setting(2000, "Generated images per in-training evaluation.", OUTCOME)
+  evaluator_dir: Optional[str] = setting(
+      None, "Cache of the evaluator classifiers (trained once per dataset); default "
+      "~/.cache/dcgan_jax/evaluators.", OUTPUT)
+
+  # ---------------------------------------------------------------------------------------------
+  def resolved(self) -> "Config":
+    """Returns a copy with every preset-dependent `None` filled in, validated."""
+    self.validate()
+    defaults = PRESET_DEFAULTS[self.preset]
+    filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}
+    return dataclasses.replace(self, **filled)
+
+  def validate(self) -> None:
+    """Raises ConfigError (one line) for the first invalid setting."""
+
+    def fail(name, problem, fix):
+      raise ConfigError(f"--{name}={getattr(self, name)!r}: {problem}; {fix}.")
+
+    def choice(name, options):
+      if getattr(self, name) not in options:
+        fail(name, "unknown value", f"use one of {', '.join(options)}")
+
+    def positive(name):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        fail(name, "must be a positive integer", "pass a whole number >= 1")
+
+    choice("preset", PRESETS)
+    choice("loss", LOSSES)
+    choice("optimizer", OPTIMIZERS)
+    choice("sample_bn", SAMPLE_BN_MODES)
+    choice("in_memory", IN_MEMORY_MODES)
+    choice("compute_dtype", COMPUTE_DTYPES)
+    for name in ("batch_size", "num_steps", "latent_dim", "base_width", "d_steps", "log_every",
+                 "sample_every", "num_samples", "max_in_memory_mb", "shuffle_buffer", "checkpoint_every",
+                 "keep_checkpoints", "steps_per_call"):
+      positive(name)
+    if not isinstance(self.eval_every, int) or self.eval_every < 0:
+      fail("eval_every", "must be >= 0", "pass 0 (off) or a number of steps")
+    if not isinstance(self.eval_samples, int) or self.eval_samples < 10:
+      fail("eval_samples", "must be >= 10", "pass e.g. 2000 (more samples: less noisy FID)")
+    if not isinstance(self.invariant_groups, int) or self.invariant_groups < 0:
+      fail("invariant_groups", "must be >= 0", "pass 0 (off) or a number of groups such as 8")
+    if self.invariant_groups and self.batch_size % self.invariant_groups:
+      fail("invariant_groups", f"must divide --batch_size={self.batch_size}",
+           "pick a divisor of the batch size that every device count you use divides, e.g. 8")
+    if not 0 <= self.g_ema_decay < 1:
+      fail("g_ema_decay", "must be in [0, 1)", "pass 0 (off) or e.g. 0.999")
+    if not self.dataset:
+      fail("dataset", "is empty", "name a tfds image dataset, e.g. mnist or fashion_mnist")
+    for name in ("learning_rate_g", "learning_rate_d"):
+      if not getattr(self, name) > 0:
+        fail(name, "must be > 0", "pass a positive learning rate such as 2e-4")
+    for name in ("beta1", "beta2"):
+      if not 0 <= getattr(self, name) < 1:
+        fail(name, "must be in [0, 1)", "the DCGAN paper uses beta1=0.5, beta2=0.999")
+    if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
+      fail("bn_momentum", "must be in [0, 1)", "flax convention: running = m*running + (1-m)*batch")
+    if self.bn_epsilon is not None and not self.bn_epsilon > 0:
+      fail("bn_epsilon", "must be > 0", "pass e.g. 1e-3")
+    if self.dropout_rate is not None and not 0 <= self.dropout_rate < 1:
+      fail("dropout_rate", "must be in [0, 1)", "pass e.g. 0.3")
+    if self.channels is not None and self.channels not in (1, 3):
+      fail("channels", "must be 1 or 3", "or leave it unset to take the dataset's")
+    if self.image_size is not None:
+      size = self.image_size
+      if self.preset == "mnist" and size != 28:
+        fail("image_size", "the mnist preset (the seed's Keras model) makes 28x28 images only",
+             "use --image_size=28, or --preset=dcgan for 32, 64, 128, ...")
+      if self.preset == "dcgan" and (size < 32 or size & (size - 1)):
+        fail("image_size", "the dcgan preset needs a power of two >= 32",
+             "use 32, 64, 128, ... (or --preset=mnist for 28)")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def names_with_role(*roles: str) -> frozenset:
+  return frozenset(name for name, f in FIELDS.items() if f.metadata["role"] in roles)
+
+
+# Settings a resumed run may change: they steer the run without changing what a step computes.
+RESUMABLE_CHANGES = names_with_role(OUTCOME, OUTPUT)
+# Settings `study` leaves out of a configuration: the seed (what a study replicates over) and those
+# that change neither the trained networks nor their scores.
+STUDY_IGNORED = frozenset({"seed"}) | names_with_role(OUTPUT)
+
+
+def from_dict(values: dict) -> Config:
+  """A Config from a saved dict (config.json, a checkpoint): keys this version does not know are
+  dropped, missing ones take their defaults (what the code that wrote it did)."""
+  return Config(**{k: v for k, v in values.items() if k in FIELDS})
+
+
+def resume_differences(saved: dict, config: Config) -> list:
+  """'name: saved -> now' for every setting a resumed run may not change (COMPUTATION) that differs."""
+  now = dataclasses.asdict(config)
+  saved = {**{name: f.default for name, f in FIELDS.items()}, **saved}
+  return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(saved))
+          if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+
+
+def define_flags(names: Optional[Iterable[str]] = None, flag_values=None) -> None:
+  """One absl flag per Config field (or per field in `names`), with the field's type, default and help
+  text, in `flag_values` (default: absl's global FLAGS)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  hints = typing.get_type_hints(Config)
+  for name in (names or FIELDS):
+    kind = hints[name]
+    kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
+    define = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float}[kind]
+    define(name, FIELDS[name].default, FIELDS[name].metadata["help"],
+           flag_values=flags.FLAGS if flag_values is None else flag_values)
+
+
+def from_flags(names: Optional[Iterable[str]] = None, flag_values=None, **fixed) -> Config:
+  """The Config of the parsed flags defined by define_flags(names), plus `fixed` fields."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  values = flags.FLAGS if flag_values is None else flag_values
+  return Config(**{name: values[name].value for name in (names or FIELDS)}, **fixed)

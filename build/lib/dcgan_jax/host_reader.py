@@ -1,0 +1,79 @@
+"""The random-access data path: this process's examples of each step, read on host threads by index,
+in exactly the order the in-memory path gathers on the devices.
+
+    reader = HostReader(read, num_examples, config, positions)   # read(indices) -> uint8 (n, H, W, C)
+    batch = reader.batch(step)      # uint8 (local devices, d_steps, per_device_batch, H, W, C)
+
+For step t and D update k, real batch number r = t * d_steps + k; the examples at this process's global
+positions are `randomness.example_indices(data_key, r, positions, batch_size, N)`, evaluated here on the
+host CPU (integer arithmetic: the same indices as inside the step on any device). So for one seed the
+in-memory and the random-access path train on the same images in the same order, resuming at step t
+needs only t, and every process reads only its own positions.
+
+Batches of the next `prefetch` steps are read ahead by `workers` threads; host memory holds at most
+`prefetch` batches, whatever the dataset's size.
+"""
+
+import collections
+import concurrent.futures
+from typing import Callable
+
+import jax
+import numpy as np
+
+from dcgan_jax import randomness
+from dcgan_jax.config import Config
+
+
+class HostReader:
+
+  def __init__(self, read: Callable[[np.ndarray], np.ndarray], num_examples: int, config: Config,
+               positions: np.ndarray, workers: int = 2, prefetch: int = 4):
+    """read(indices int (n,)) -> uint8 images (n, H, W, C); positions: int32 (local devices,
+    per_device_batch), this process's global batch positions."""
+    self._read, self._positions = read, np.asarray(positions, np.int32)
+    self._d_steps, self._prefetch = config.d_steps, prefetch
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's own: never another process's device
+    key = jax.device_put(jax.random.key(config.seed), cpu)
+    indices = jax.jit(lambda key, number, positions: randomness.example_indices(
+        randomness.purpose_key(key, randomness.DATA), number, positions, config.batch_size, num_examples))
+    flat = jax.device_put(self._positions.reshape(-1), cpu)
+    self._indices = lambda number: np.asarray(indices(key, jax.device_put(np.int32(number), cpu), flat))
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                       thread_name_prefix="dcgan_jax_reader")
+    self._pending = collections.OrderedDict()  # step -> Future of its batch
+
+  def indices(self, step: int) -> np.ndarray:
+    """int32 (d_steps, local devices * per_device_batch): the dataset indices of step `step`."""
+    return np.stack([self._indices(step * self._d_steps + k) for k in range(self._d_steps)])
+
+  def _load(self, step: int) -> np.ndarray:
+    idx = self.indices(step)
+    images = self._read(idx.reshape(-1))  # one read for all D updates of the step
+    n_local, b = self._positions.shape
+    images = images.reshape((self._d_steps, n_local, b) + images.shape[1:])
+    return np.ascontiguousarray(np.swapaxes(images, 0, 1))  # (local devices, d_steps, b, H, W, C)
+
+  def batch(self, step: int) -> np.ndarray:
+    """uint8 (local devices, d_steps, per_device_batch, H, W, C) of step `step` (0-based: the step that
+    takes the state from step to step + 1), and reads ahead the next `prefetch` steps."""
+    if step not in self._pending:  # a jump (resume, first call): what was read ahead is of no use
+      for future in self._pending.values():
+        future.cancel()
+      self._pending.clear()
+    for ahead in range(step, step + self._prefetch + 1):
+      if ahead not in self._pending:
+        self._pending[ahead] = self._pool.submit(self._load, ahead)
+    return self._pending.pop(step).result()
+
+  def for_call(self, step: int, k: int) -> np.ndarray:
+    """The step's `data` for a call of k steps from state step `step`: one batch (k = 1), or k batches
+    stacked after the device axis."""
+    if k == 1:
+      return self.batch(step)
+    return np.stack([self.batch(step + i) for i in range(k)], axis=1)
+
+  def close(self) -> None:
+    for future in self._pending.values():
+      future.cancel()
+    self._pool.shutdown(wait=True)

@@ -1,0 +1,234 @@
+"""tfds -> uint8 images at the model's resolution. The only module that imports tensorflow_datasets
+(and, on the streaming path only, TensorFlow), always lazily, so the training core runs without either.
+
+What the data paths (data.py) read through:
+  * in memory (MNIST/CIFAR-sized data): `load_in_memory` returns the whole split as one uint8 array
+    (N, H, W, C), read through `tfds.data_source` when the prepared files are array_record (no
+    TensorFlow needed), else through `tfds.load`;
+  * by index: `data_source` and `read_examples` (array_record; no TensorFlow), for host_reader.py;
+  * streaming (datasets stored as tfrecord only): `stream_batches` is a tf.data pipeline with a seeded
+    file and buffer shuffle, repeat, batch and prefetch, yielding uint8 (local_devices, per_device, H,
+    W, C).
+
+Pixels stay uint8 on the host and on the way to the device (4x less traffic than float32); the step
+scales them to [-1, 1] (the seed's [0, 1] scaling against a tanh generator is a bug we do not copy).
+"""
+
+import dataclasses
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+
+from dcgan_jax.config import Config, ConfigError
+
+# Datasets that DCGAN practice crops before resizing: CelebA's 218x178 faces are center-cropped to
+# 108x108 (the crop of carpedm20/DCGAN-tensorflow and of most DCGAN CelebA results), then resized.
+CENTER_CROP = {"celeb_a": 108}
+
+
+class DataUnavailableError(RuntimeError):
+  """The dataset is not on disk and could not be downloaded. The message says how to prepare it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  name: str
+  split: str
+  num_examples: Optional[int]  # None when the metadata does not say (tfds.testing.mock_data)
+  source_shape: tuple  # (h, w, c) as stored; h, w may be None for variable-size images
+
+
+def _tfds():
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataUnavailableError(f"tensorflow_datasets is not installed ({e}); pip install -r requirements.txt"
+                               " (or use the benchmark's synthetic data)") from None
+  return tfds
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # TF must not take GPU memory that JAX needs: it only reads and resizes images here.
+  tf.config.set_visible_devices([], "GPU")
+  return tf
+
+
+def offline_hint(name: str) -> str:
+  return (f"prepare it offline with: python -m dcgan_jax.prepare_data --dataset={name} "
+          f"--idx_dir=DIR_WITH_IDX_FILES --data_dir=DATA_DIR, then pass --data_dir=DATA_DIR")
+
+
+def get_builder(config: Config):
+  """The tfds builder, downloaded and prepared if needed, or a one-line error saying what to do."""
+  tfds = _tfds()
+  try:
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ConfigError(f"--dataset={config.dataset!r}: not a tfds dataset; use a name from "
+                      "tfds.list_builders(), e.g. mnist, fashion_mnist, cifar10, celeb_a.") from None
+  if "image" not in builder.info.features:
+    raise ConfigError(f"--dataset={config.dataset!r}: has no 'image' feature; use an image dataset.")
+  try:
+    builder.download_and_prepare()  # a no-op when already prepared in data_dir
+  except Exception as e:  # pylint: disable=broad-except
+    hint = offline_hint(config.dataset) if config.dataset in ("mnist", "fashion_mnist") else \
+        "download and prepare it on a machine with network (tfds build), then copy it into --data_dir"
+    raise DataUnavailableError(
+        f"dataset {config.dataset!r} is not in --data_dir={config.data_dir} and could not be downloaded "
+        f"({type(e).__name__}); {hint}") from None
+  if builder.info.splits and config.split not in builder.info.splits:
+    raise ConfigError(f"--split={config.split!r}: {config.dataset} has splits "
+                      f"{', '.join(sorted(builder.info.splits))}; pick one of them.")
+  return builder
+
+
+def dataset_spec(config: Config, builder=None) -> DatasetSpec:
+  builder = builder or get_builder(config)
+  split = builder.info.splits.get(config.split) if builder.info.splits else None
+  return DatasetSpec(config.dataset, config.split, split.num_examples if split else None,
+                     tuple(builder.info.features["image"].shape))
+
+
+def choose_in_memory(config: Config, spec: DatasetSpec, image_shape: tuple) -> bool:
+  if config.in_memory != "auto":
+    return config.in_memory == "true"
+  if spec.num_examples is None:
+    return True
+  return spec.num_examples * int(np.prod(image_shape)) <= config.max_in_memory_mb * 2**20
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing (numpy / jax, TensorFlow-free): center crop, resize, channel conversion.
+# --------------------------------------------------------------------------------------------------
+def preprocess(images: np.ndarray, dataset: str, image_shape: tuple) -> np.ndarray:
+  """uint8 (n, h, w, c) -> uint8 (n, H, W, C) = image_shape.
+
+  Crops the center square (CENTER_CROP[dataset] if set, else the shorter side), resizes with
+  antialiased bilinear interpolation, converts 1 <-> 3 channels. Rounds to uint8.
+  """
+  size, _, channels = image_shape
+  h, w = images.shape[1:3]
+  crop = min(CENTER_CROP.get(dataset, min(h, w)), h, w)
+  top, left = (h - crop) // 2, (w - crop) // 2
+  images = images[:, top:top + crop, left:left + crop]
+  if images.shape[-1] != channels:
+    if channels == 3:
+      images = np.repeat(images, 3, axis=-1)
+    else:  # ITU-R 601 luma, as PIL's "L" conversion
+      images = np.round(images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+      images = images.astype(np.uint8)
+  if crop != size:
+    import jax  # pylint: disable=g-import-not-at-top
+    out = []
+    for chunk in np.array_split(images, max(1, len(images) // 4096)):
+      x = jax.image.resize(chunk.astype(np.float32), (len(chunk), size, size, channels), "linear",
+                           antialias=True)
+      out.append(np.clip(np.round(np.asarray(x)), 0, 255).astype(np.uint8))
+    images = np.concatenate(out)
+  return np.ascontiguousarray(images)
+
+
+def data_source(builder, split: str):
+  """The split as a random-access `tfds.data_source` (array_record files; no TensorFlow needed), or None
+  when the prepared files are tfrecord only."""
+  tfds = _tfds()
+  array_record = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
+  if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    # The metadata on disk lists every stored file format (prepare_data adds array_record beside
+    # tfrecord); the registered builder's code-side info only knows the primary one.
+    builder = tfds.builder_from_directory(builder.data_dir)
+  if array_record not in builder.info.available_file_formats():
+    return None
+  return builder.as_data_source(split=split, file_format=array_record)
+
+
+def read_examples(source, indices, dataset: str, image_shape: tuple) -> np.ndarray:
+  """uint8 images (len(indices), H, W, C) at image_shape: the examples `indices` of a data_source,
+  decoded and preprocessed."""
+  raw = np.stack([ex["image"] for ex in source.__getitems__([int(i) for i in indices])])
+  return preprocess((raw[..., None] if raw.ndim == 3 else raw).astype(np.uint8), dataset, image_shape)
+
+
+def read_split(builder, split: str, features=("image",)) -> dict:
+  """Whole split as numpy arrays {feature: (N, ...)}, in the stored order. Images are raw (as stored).
+
+  Read through `tfds.data_source` when the prepared files include array_record (no TensorFlow needed),
+  else through `tfds.load`'s tf.data path.
+  """
+  tfds = _tfds()
+  source = data_source(builder, split)
+  if source is not None:
+    n = len(source)
+    chunks = [source.__getitems__(list(range(i, min(i + 4096, n)))) for i in range(0, n, 4096)]
+    return {f: np.concatenate([np.stack([ex[f] for ex in c]) for c in chunks]) for f in features}
+  _tf()
+  # Batches of 4096 rather than batch_size=-1: TF 2.21 aborts (std::length_error) on the latter.
+  ds = builder.as_dataset(split=split).map(lambda ex: {f: ex[f] for f in features}).batch(4096)
+  batches = list(tfds.as_numpy(ds))
+  return {f: np.concatenate([b[f] for b in batches]) for f in features}
+
+
+def load_in_memory(config: Config, image_shape: tuple, builder=None) -> np.ndarray:
+  """The whole split as uint8 (N, H, W, C) at image_shape = (H, W, C)."""
+  builder = builder or get_builder(config)
+  raw = read_split(builder, config.split)["image"]
+  if raw.ndim == 3:
+    raw = raw[..., None]
+  return preprocess(raw.astype(np.uint8), config.dataset, image_shape)
+
+
+def load_labeled(dataset: str, split: str, data_dir: Optional[str], image_shape: tuple):
+  """(uint8 images (N, H, W, C) at image_shape, int32 labels (N,), number of classes) of a labelled
+  image dataset (one with a ClassLabel 'label' feature), for the evaluator network."""
+  config = Config(dataset=dataset, split=split, data_dir=data_dir)
+  builder = get_builder(config)
+  label = builder.info.features["label"] if "label" in builder.info.features else None
+  num_classes = getattr(label, "num_classes", None)
+  if not num_classes:
+    raise ConfigError(f"--dataset={dataset!r}: has no class 'label' feature, so there is no classifier to "
+                      "evaluate with; evaluate on a labelled dataset (mnist, fashion_mnist, cifar10, ...)")
+  arrays = read_split(builder, split, ("image", "label"))
+  raw = arrays["image"]
+  if raw.ndim == 3:
+    raw = raw[..., None]
+  return (preprocess(raw.astype(np.uint8), dataset, image_shape), arrays["label"].astype(np.int32),
+          int(num_classes))
+
+
+def stream_batches(config: Config, image_shape: tuple, local_devices: int, per_device_batch: int,
+                   process_index: int = 0, process_count: int = 1, builder=None) -> Iterator[np.ndarray]:
+  """tf.data pipeline: yields uint8 (local_devices, per_device_batch, H, W, C) forever.
+
+  Seeded (file order, shuffle buffer) but, unlike the in-memory path, its position is not a pure
+  function of the step: a resumed run sees a different order.
+  """
+  builder = builder or get_builder(config)
+  tfds, tf = _tfds(), _tf()
+  size, _, channels = image_shape
+  crop = CENTER_CROP.get(config.dataset)
+  read_config = tfds.ReadConfig(shuffle_seed=config.seed,
+                                input_context=tf.distribute.InputContext(process_count, process_index))
+
+  def prep(example):
+    img = example["image"]
+    h, w = tf.shape(img)[0], tf.shape(img)[1]
+    side = tf.minimum(h, w) if crop is None else tf.minimum(crop, tf.minimum(h, w))
+    img = tf.image.crop_to_bounding_box(img, (h - side) // 2, (w - side) // 2, side, side)
+    if img.shape[-1] != channels:
+      img = tf.image.grayscale_to_rgb(img) if channels == 3 else tf.image.rgb_to_grayscale(img)
+    img = tf.image.resize(tf.cast(img, tf.float32), (size, size), "bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+
+  ds = builder.as_dataset(split=config.split, shuffle_files=True, read_config=read_config)
+  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.shuffle(config.shuffle_buffer, seed=config.seed).repeat()
+  ds = ds.batch(local_devices * per_device_batch, drop_remainder=True)
+  ds = ds.map(lambda x: tf.reshape(x, (local_devices, per_device_batch) + tuple(image_shape)))
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return iter(tfds.as_numpy(ds))
+
+
+def dataset_channels(spec: DatasetSpec, override: Optional[int]) -> int:
+  return override or spec.source_shape[-1]

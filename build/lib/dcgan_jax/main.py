@@ -1,0 +1,50 @@
+"""Command line: parse flags into a Config and train.
+
+    python -m dcgan_jax.main --flagfile=fashion_mnist.flags --data_dir=data/tfds
+    python -m dcgan_jax.main --flagfile=mnist.flags --batch_size=256 --seed=3   # later flags override
+    python -m dcgan_jax.main --helpfull                                          # every flag, documented
+
+Every Config field is a flag of the same name (config.py holds their help texts). Errors in the input
+(unknown values, missing files, data that cannot be had, a diverging run) end the run with one line on
+stderr and exit status 2.
+"""
+
+from absl import flags
+from absl import logging
+
+from dcgan_jax import cli
+from dcgan_jax import config as config_lib
+from dcgan_jax.config import ConfigError, exit_with_error
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, TensorBoard events, samples and "
+                    "checkpoints (docs/training.md). Rerunning with the same workdir resumes.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host: host:port of process 0, e.g. 10.0.0.1:1234 (with --num_processes, "
+                    "--process_id). Without them, clusters JAX detects itself (TPU pods, SLURM, Open MPI) "
+                    "are joined automatically.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
+config_lib.define_flags()
+
+
+def main(argv):
+  del argv
+  if not FLAGS.workdir:
+    exit_with_error("--workdir is required; pass a directory for the run's outputs, e.g. --workdir=/tmp/dcgan")
+  # Imported here so that --help is fast and JAX starts after cli.run's setup.
+  from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import parallel  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    config = config_lib.from_flags().resolved()
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    logging.info("Training in %s", FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
+  except (ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError) as e:
+    exit_with_error(str(e))
+
+
+if __name__ == "__main__":
+  cli.run(main)

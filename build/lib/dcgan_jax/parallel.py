@@ -1,0 +1,170 @@
+"""Everything about running on many devices and processes, in one place: the mesh, jax.distributed,
+the pmap of the step, K steps per call, global arrays, and values agreed by all processes.
+
+The step itself (step.py) only names the axis (AXIS) its means run over; how it is mapped over devices
+lives here, so moving from pmap to jit + shard_map is a change of this file.
+
+Layout: one axis, AXIS, over all devices of all processes. The state is replicated (one jax.Array per
+leaf, pmap in_axes/out_axes None: nothing is replicated or unreplicated by hand); the global batch is
+cut into consecutive blocks, process p's local devices holding positions [p * L * b, (p + 1) * L * b).
+"""
+
+import os
+from typing import Callable, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+from dcgan_jax.config import Config, ConfigError
+
+AXIS = "batch"  # the pmap axis: BatchNorm statistics and gradient means run over it
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None) -> None:
+  """jax.distributed.initialize from explicit settings (all three, or none), or from the cluster's
+  environment when JAX can read it (TPU pods, SLURM, Open MPI). ConfigError for incomplete settings."""
+  given = [coordinator_address, num_processes, process_id]
+  if any(v is not None for v in given):
+    if any(v is None for v in given):
+      raise ConfigError("--coordinator_address, --num_processes and --process_id go together; pass all three")
+    if not 0 <= process_id < num_processes:
+      raise ConfigError(f"--process_id={process_id}: must be in 0..{num_processes - 1}")
+    # Cross-process collectives on CPU need gloo; the setting does nothing on GPU/TPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _cluster_detected():
+    jax.distributed.initialize()
+  if jax.process_count() > 1:
+    logging.info("Process %d of %d; %d local devices of %d.", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+
+
+def _cluster_detected() -> bool:
+  """A multi-process launch that jax.distributed.initialize() can configure by itself."""
+  env = os.environ
+  return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def global_mesh() -> Mesh:
+  """All devices of all processes along AXIS (= the local devices in a single-process run)."""
+  return Mesh(np.array(jax.devices()), (AXIS,))
+
+
+def platform(mesh: Mesh) -> str:
+  """The platform the step is compiled for ("cpu", "gpu", "tpu"): chooses the convolution form."""
+  return mesh.devices.flat[0].platform
+
+
+def check_devices(config: Config, num_devices: int) -> None:
+  """ConfigError unless the global batch (and --invariant_groups) split evenly over all devices."""
+  if config.batch_size % num_devices:
+    raise ConfigError(f"--batch_size={config.batch_size}: must be divisible by the number of devices "
+                      f"({num_devices}); pick a multiple of it.")
+  if config.invariant_groups % (2 * num_devices):
+    # At least two groups per device: XLA:CPU fuses the per-group results of one group differently from
+    # those of several (no concatenation), and its FMA contraction then rounds differently.
+    raise ConfigError(f"--invariant_groups={config.invariant_groups}: must be a multiple of twice the "
+                      f"number of devices ({2 * num_devices}); pick one that twice every device count "
+                      "you compare divides, e.g. 16 for up to 8 devices.")
+
+
+def replicate(tree, mesh: Mesh):
+  """Host or device values -> one jax.Array per leaf, replicated on every device of `mesh`. In a
+  multi-process run every process must pass the same values (they do: same seed, same data)."""
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):  # device_put cannot target other processes' devices
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(one, tree)
+
+
+def global_replicated(tree):
+  """The step's outputs (replicated over this process's devices) as arrays replicated over all devices
+  of all processes: one logical array, which orbax writes once."""
+  if jax.process_count() == 1:
+    return tree
+  sharding = NamedSharding(global_mesh(), P())
+  return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+      x.shape, sharding, [s.data for s in x.addressable_shards]), tree)
+
+
+def local_positions(per_device: int) -> np.ndarray:
+  """int32 (local devices, per_device): the global batch positions of this process's examples."""
+  n_local = jax.local_device_count()
+  first = jax.process_index() * n_local * per_device
+  return np.arange(first, first + n_local * per_device, dtype=np.int32).reshape(n_local, per_device)
+
+
+def batch_positions(mesh: Mesh, per_device: int) -> jax.Array:
+  """int32 (global devices, per_device): the global batch positions of each device's examples, placed
+  once (sharded over AXIS) and passed to every step."""
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local_positions(per_device))
+
+
+def pmap_step(train_step: Callable, in_memory: bool) -> Callable:
+  """pmaps a step: state and metrics replicated (in/out_axes None), positions mapped, data replicated
+  (in-memory) or mapped (streaming). The input state's buffers are donated."""
+  return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, 0, None if in_memory else 0),
+                  out_axes=(None, None), donate_argnums=(0,))
+
+
+def scan_by_default(platform_name: str) -> bool:
+  """Whether make_multi_step runs its steps as one lax.scan for this platform (not on XLA:CPU)."""
+  return platform_name != "cpu"
+
+
+def make_multi_step(train_step: Callable, num_steps: int, in_memory: bool, scan: bool,
+                    p_step: Optional[Callable] = None) -> Callable:
+  """`num_steps` training steps per call, one host round trip: what --steps_per_call runs.
+
+  Returns call(state, positions, data) -> (state, metrics with a leading (num_steps,) axis, on device).
+  `data` as for the step (in-memory), or with a step axis after the device axis (streaming:
+  (devices, num_steps, d_steps, per_device_batch, H, W, C)).
+
+  scan (accelerators): the steps are one pmapped `lax.scan`, so a fast accelerator is not kept waiting
+  by the host between steps. The loop body is compiled apart from the single step: the same math,
+  other rounding.
+
+  Otherwise (XLA:CPU) the call dispatches the single-step program `p_step` (pmap_step(train_step); pass
+  the one already in use to share its compilation) num_steps times, asynchronously, and stacks the
+  metrics on device, so its results are bitwise those of num_steps single steps. Why not one program on
+  XLA:CPU: inside a loop body its convolutions take a far slower path (jax-ml/jax#12868; 9-12x per
+  step), and a program with the steps written out lets XLA fuse across steps (the BatchNorm running
+  averages of consecutive steps become one fusion), which rounds differently; a dispatch costs
+  microseconds against a CPU step's tens of milliseconds.
+  """
+  if scan:
+    def scanned(state, positions, data):
+      if in_memory:
+        return jax.lax.scan(lambda s, _: train_step(s, positions, data), state, None, length=num_steps)
+      return jax.lax.scan(lambda s, batch: train_step(s, positions, batch), state, data)
+
+    return pmap_step(scanned, in_memory)
+  p_step = p_step or pmap_step(train_step, in_memory)
+  stack = jax.jit(lambda history: jax.tree.map(lambda *x: jnp.stack(x), *history))
+
+  def call(state, positions, data):
+    history = []
+    for i in range(num_steps):
+      state, metrics = p_step(state, positions, data if in_memory else data[:, i])
+      history.append(metrics)
+    return state, stack(history)
+
+  return call
+
+
+def broadcast_from_process_0(value: float) -> float:
+  """Process 0's value, on every process (decisions all processes must take together)."""
+  if jax.process_count() == 1:
+    return float(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return float(multihost_utils.broadcast_one_to_all(np.float32(value)))

@@ -1,0 +1,142 @@
+"""Offline data: IDX files (MNIST / Fashion-MNIST) on disk -> a regular tfds dataset in --data_dir.
+
+    python -m dcgan_jax.prepare_data --dataset=fashion_mnist \
+        --idx_dir=/usr/share/datasets/fashion-mnist --data_dir=data/tfds
+
+Afterwards `tfds.load("fashion_mnist", data_dir="data/tfds")`, `tfds.data_source(...)` and the trainer
+(`--data_dir=data/tfds`) read it with no network. Why not tfds's own `manual_dir`: it verifies the
+download checksums, and redistributed copies (e.g. Debian's dataset-fashion-mnist, which recompresses
+the .gz files) have other checksums although the pixels are the same.
+
+The files are validated first (IDX magic numbers, header sizes against file lengths, image shape, label
+range, matching image/label counts); any problem is a one-line error naming the file. The dataset is
+written by the registered tfds builder itself (same name, version and features) with only its download
+step replaced: as tfrecord (what `tfds.load` reads) plus array_record as an alternative format (what
+`tfds.data_source` reads, also where TensorFlow is not installed).
+"""
+
+import glob
+import gzip
+import os
+import shutil
+import tempfile
+
+from absl import flags
+import numpy as np
+
+from dcgan_jax import cli
+from dcgan_jax.config import exit_with_error
+
+DATASETS = ("mnist", "fashion_mnist")
+SPLIT_FILES = {  # split -> (images, labels), the names LeCun's and Zalando's distributions use
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+STANDARD_COUNTS = {"train": 60000, "test": 10000}
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # 0x00000803: uint8, 3 dims; 0x00000801: uint8, 1 dim
+
+flags.DEFINE_enum("dataset", None, DATASETS, "Which tfds dataset the IDX files are.")
+flags.DEFINE_string("idx_dir", None, "Directory holding the four IDX files (.gz or uncompressed).")
+flags.DEFINE_string("data_dir", None, "tfds data directory to write into (then pass it as --data_dir).")
+
+
+class IdxError(ValueError):
+  """An IDX file is missing or malformed. One line: the file and the problem."""
+
+
+def _find(idx_dir: str, stem: str) -> str:
+  for name in (stem, stem + ".gz"):
+    if os.path.exists(os.path.join(idx_dir, name)):
+      return os.path.join(idx_dir, name)
+  raise IdxError(f"{os.path.join(idx_dir, stem)}[.gz]: not found; --idx_dir must hold "
+                 f"{', '.join(f for pair in SPLIT_FILES.values() for f in pair)} (.gz or not)")
+
+
+def read_idx(path: str, magic: int) -> np.ndarray:
+  """Reads a uint8 IDX file (optionally gzipped), checking the magic number and the sizes."""
+  try:
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise IdxError(f"{path}: cannot be read ({e})") from None
+  ndim = magic & 0xFF
+  if len(raw) < 4 + 4 * ndim:
+    raise IdxError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+  found = int.from_bytes(raw[:4], "big")
+  if found != magic:
+    raise IdxError(f"{path}: magic number {found}, expected {magic} "
+                   f"({'images' if magic == IMAGES_MAGIC else 'labels'} file, uint8, {ndim} dims)")
+  dims = tuple(int(d) for d in np.frombuffer(raw[4:4 + 4 * ndim], ">u4"))
+  body = raw[4 + 4 * ndim:]
+  if len(body) != int(np.prod(dims)):
+    raise IdxError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes of data, file has {len(body)}")
+  return np.frombuffer(body, np.uint8).reshape(dims)
+
+
+def read_split(idx_dir: str, split: str):
+  """Returns (images uint8 (n, 28, 28, 1), labels int64 (n,)), validated."""
+  images_path, labels_path = (_find(idx_dir, stem) for stem in SPLIT_FILES[split])
+  images, labels = read_idx(images_path, IMAGES_MAGIC), read_idx(labels_path, LABELS_MAGIC)
+  if images.shape[1:] != (28, 28):
+    raise IdxError(f"{images_path}: images are {images.shape[1:]}, expected 28x28")
+  if len(images) != len(labels):
+    raise IdxError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels")
+  if labels.size and labels.max() > 9:
+    raise IdxError(f"{labels_path}: label {labels.max()} outside 0..9")
+  return images[..., None], labels.astype(np.int64)
+
+
+def prepare(dataset: str, idx_dir: str, data_dir: str):
+  """Validates the IDX files and writes the tfds dataset. Returns (its directory, {split: count})."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if dataset not in DATASETS:
+    raise IdxError(f"--dataset={dataset!r}: IDX import supports {', '.join(DATASETS)}")
+  arrays = {split: read_split(idx_dir, split) for split in SPLIT_FILES}  # validate all before writing
+
+  class OfflineBuilder(tfds.builder_cls(dataset), skip_registration=True):
+    """The registered builder with its download replaced by the validated local arrays."""
+    name = dataset
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # nothing to download
+      return {split: self._generate_examples(*arrays[split]) for split in arrays}
+
+    def _generate_examples(self, images, labels):  # pylint: disable=arguments-differ
+      for i, (image, label) in enumerate(zip(images, labels)):
+        yield i, {"image": image, "label": int(label)}
+
+  builder = OfflineBuilder(data_dir=data_dir, file_format="tfrecord")
+  builder.download_and_prepare()
+  # tfds.load reads tfrecord, tfds.data_source reads array_record (and needs no TensorFlow). Write the
+  # same examples in both and register array_record as an alternative format of this dataset version.
+  # (tfds's own converter, `tfds convert_format`, needs apache_beam.)
+  if tfds.core.file_adapters.FileFormat.ARRAY_RECORD not in builder.info.available_file_formats():
+    with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+      twin = OfflineBuilder(data_dir=tmp, file_format="array_record")
+      twin.download_and_prepare()
+      for split in arrays:
+        if twin.info.splits[split].shard_lengths != builder.info.splits[split].shard_lengths:
+          raise RuntimeError(f"array_record and tfrecord shards of {split} differ")  # never seen
+      for path in glob.glob(os.path.join(twin.data_dir, "*.array_record-*")):
+        shutil.move(path, os.path.join(builder.data_dir, os.path.basename(path)))
+    builder.info.add_alternative_file_format("array_record")
+    builder.info.write_to_directory(builder.data_dir)
+  return builder.data_dir, {split: len(labels) for split, (_, labels) in arrays.items()}
+
+
+def main(argv):
+  del argv
+  for name in ("dataset", "idx_dir", "data_dir"):
+    if not flags.FLAGS[name].value:
+      exit_with_error(f"--{name} is required; see --helpfull")
+  try:
+    path, counts = prepare(flags.FLAGS.dataset, flags.FLAGS.idx_dir, flags.FLAGS.data_dir)
+  except IdxError as e:
+    exit_with_error(str(e))
+  unusual = [f"{s}={n} (standard {STANDARD_COUNTS[s]})" for s, n in counts.items() if n != STANDARD_COUNTS[s]]
+  print(f"wrote {flags.FLAGS.dataset} ({', '.join(f'{s}: {n}' for s, n in counts.items())}) to {path}"
+        + (f"; note unusual counts: {', '.join(unusual)}" if unusual else ""))
+
+
+if __name__ == "__main__":
+  cli.run(main)

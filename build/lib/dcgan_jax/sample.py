@@ -1,0 +1,134 @@
+"""Command line: images from a trained generator. No TensorFlow needed.
+
+    python -m dcgan_jax.sample --workdir=W --num=64 --out=grid.png      # a sample grid
+    python -m dcgan_jax.sample --workdir=W --num=10000 --out=s.npy      # float32 (N, H, W, C) in [-1, 1]
+    python -m dcgan_jax.sample --workdir=W --interpolate --num=8 --out=walk.png   # + walk.gif
+
+The generator is the workdir's newest checkpoint (--step=N for another, --best for the best by FID), or
+its generator export (<workdir>/generator) when it has no checkpoints; --workdir may also be the export
+directory itself. With an EMA generator (--g_ema_decay at training) the EMA weights are used unless
+--use_ema=false. The noise is the run's fixed evaluation noise (the same z as the run's sample grids)
+unless --seed is given.
+
+--interpolate: each of --num rows walks in a straight line through latent space between two random
+points, in --interpolation_steps images (the DCGAN paper's figure 4); the animated GIF shows all rows
+walking together, forth and back.
+"""
+
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcgan_jax import checkpoints
+from dcgan_jax import cli
+from dcgan_jax import models
+from dcgan_jax import randomness
+from dcgan_jax import sampling
+from dcgan_jax import step as step_lib
+from dcgan_jax import workdir as workdir_lib
+from dcgan_jax import writers
+from dcgan_jax.config import ConfigError, exit_with_error
+
+
+def define_flags():
+  """The command line's flags; defined only when run as a program, so that importing this module
+  (as a library) defines none."""
+  flags.DEFINE_string("workdir", None, "A training run's --workdir, or a generator export directory.")
+  flags.DEFINE_string("out", None, "Output file: .png (a grid) or .npy (float32 (N, H, W, C) in [-1, 1]).")
+  flags.DEFINE_integer("num", 64, "Number of images (with --interpolate: number of rows).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest; 0: the untrained "
+                       "generator).")
+  flags.DEFINE_bool("best", False, "Use the best checkpoint by FID (runs with --eval_every).")
+  flags.DEFINE_integer("seed", None, "Noise seed (default: the run's, i.e. its sample grids' noise).")
+  flags.DEFINE_bool("use_ema", True, "Use the EMA generator when the run has one.")
+  flags.DEFINE_enum("sample_bn", None, ["running", "batch"], "BatchNorm statistics (default: the run's).")
+  flags.DEFINE_bool("interpolate", False, "Write a latent interpolation grid (and a GIF beside it).")
+  flags.DEFINE_integer("interpolation_steps", 10, "Images per interpolation row.")
+
+
+FLAGS = flags.FLAGS
+
+
+def load(workdir, step=None, best=False, use_ema=True, sample_bn=None):
+  """(sample(z) -> float32 images in [-1, 1], config, step, used_ema) for a run or an export.
+
+  step=0 without a checkpoint 0 is the untrained generator, rebuilt from the run's config (the initial
+  weights are a function of the seed): the baseline that training should improve on.
+  """
+  if step == 0 and 0 not in workdir_lib.checkpoint_steps(workdir):
+    generator, variables, config = _initial_generator(workdir)
+    used_ema = False
+  else:
+    generator, variables, config, step, used_ema = checkpoints.load_run_generator(workdir, step, use_ema,
+                                                                                  best)
+  sampler = sampling.make_sampler(generator, sample_bn or config.sample_bn)
+  g = step_lib.NetState(jax.tree.map(jnp.asarray, variables["params"]),
+                        jax.tree.map(jnp.asarray, variables["batch_stats"]), None)
+  return (lambda z: sampling.sample_images(sampler, g, z)), config, step, used_ema
+
+
+def _initial_generator(workdir):
+  config, run = workdir_lib.read_config(workdir)
+  state = step_lib.create_train_state(config, run["channels"])
+  generator, _ = models.build_models(config, run["channels"])
+  return generator, {"params": state.g.params, "batch_stats": state.g.batch_stats}, config
+
+
+def latents(config, num: int, seed=None) -> jax.Array:
+  """The run's evaluation noise (num, latent_dim), or that of another seed."""
+  return randomness.eval_latents(jax.random.key(config.seed if seed is None else seed), num,
+                                 config.latent_dim)
+
+
+def interpolation_latents(config, rows: int, steps: int, seed=None) -> jax.Array:
+  """(rows, steps, latent_dim): row r goes linearly from z[2r] to z[2r + 1] of the evaluation noise."""
+  ends = latents(config, 2 * rows, seed).reshape(rows, 2, -1)
+  t = jnp.linspace(0.0, 1.0, steps)[None, :, None]
+  return (1 - t) * ends[:, :1] + t * ends[:, 1:]
+
+
+def main(argv):
+  del argv
+  for name in ("workdir", "out"):
+    if not FLAGS[name].value:
+      exit_with_error(f"--{name} is required")
+  ext = os.path.splitext(FLAGS.out)[1].lower()
+  if ext not in (".png", ".npy"):
+    exit_with_error(f"--out={FLAGS.out}: unknown file type {ext!r}; use .png (a grid) or .npy (an array)")
+  if FLAGS.num < 1 or FLAGS.interpolation_steps < 2:
+    exit_with_error("--num must be >= 1 and --interpolation_steps >= 2")
+  try:
+    sample, config, step, used_ema = load(FLAGS.workdir, FLAGS.step, FLAGS.best, FLAGS.use_ema,
+                                          FLAGS.sample_bn)
+  except (ConfigError, FileNotFoundError) as e:
+    exit_with_error(str(e))
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  if FLAGS.interpolate:
+    z = interpolation_latents(config, FLAGS.num, FLAGS.interpolation_steps, FLAGS.seed)
+    images = sample(z.reshape(-1, config.latent_dim))
+    images = images.reshape(z.shape[:2] + images.shape[1:])  # (rows, steps, H, W, C)
+    if ext == ".npy":
+      np.save(FLAGS.out, images)
+    else:
+      writers.save_png(writers.image_grid(images.reshape((-1,) + images.shape[2:]),
+                                          columns=FLAGS.interpolation_steps), FLAGS.out)
+      gif = os.path.splitext(FLAGS.out)[0] + ".gif"
+      frames = [writers.image_grid(images[:, t]) for t in range(images.shape[1])]
+      writers.save_gif(frames + frames[-2:0:-1], gif, frame_ms=120, last_frame_ms=120)
+      print(f"wrote {gif}")
+  else:
+    images = sample(latents(config, FLAGS.num, FLAGS.seed))
+    if ext == ".npy":
+      np.save(FLAGS.out, images.astype(np.float32))
+    else:
+      writers.save_png(writers.image_grid(images), FLAGS.out)
+  print(f"wrote {FLAGS.out}: {images.shape} from step {step}{' (EMA generator)' if used_ema else ''}")
+
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

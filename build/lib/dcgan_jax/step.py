@@ -1,0 +1,208 @@
+"""The training state, the optimizers, and the pure training step (per device; parallel.py pmaps it).
+
+    state, metrics = train_step(state, positions, data)
+
+* `state` (TrainState) is one pytree holding everything a step needs: the step, the base PRNG key and,
+  for G and D, params + batch_stats + optax state (and the EMA of G's params). It is exactly what a
+  checkpoint holds.
+* `positions` (int32, (per_device_batch,)) are the global positions of this device's examples within
+  the global batch. Noise, dropout masks and the data order are functions of (seed, step, position)
+  (randomness.py), not of the device that happens to compute them.
+* `data` is either the whole dataset (uint8 (N, H, W, C), the same on every device; batches gathered
+  inside the step) or this step's streamed examples (uint8 (d_steps, per_device_batch, H, W, C)).
+
+One step = `d_steps` discriminator updates, then one generator update through the *updated* D
+(pytorch/examples order). G runs forward once per D update; the last one's fakes are reused for the G
+update (jax.vjp keeps G's backward pass), so its BatchNorm statistics are updated once per D update.
+Gradients and BatchNorm statistics are averaged over the global batch (pmap axis parallel.AXIS).
+"""
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+from jax import lax
+import jax.numpy as jnp
+import optax
+
+from dcgan_jax import invariant
+from dcgan_jax import losses
+from dcgan_jax import models
+from dcgan_jax import parallel
+from dcgan_jax import randomness
+from dcgan_jax.config import Config
+
+AXIS = parallel.AXIS  # BatchNorm statistics and gradient means run over the global batch
+
+
+@flax.struct.dataclass
+class NetState:
+  params: Any
+  batch_stats: Any  # {} for a network without BatchNorm
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates of G done so far
+  key: jax.Array  # typed PRNG key: jax.random.key(seed); every other key is derived from it
+  g: NetState
+  d: NetState
+  g_ema: Any = None  # EMA of G's params (--g_ema_decay > 0), else None (no leaves: not checkpointed)
+
+  def generator(self, use_ema: bool = True) -> NetState:
+    """G for sampling: the EMA params when there are any (and use_ema), with G's BatchNorm statistics."""
+    if use_ema and self.g_ema is not None:
+      return self.g.replace(params=self.g_ema)
+    return self.g
+
+
+def make_optimizer(config: Config, learning_rate: float) -> optax.GradientTransformation:
+  if config.optimizer == "adam":  # DCGAN paper: Adam(2e-4, beta1=0.5)
+    return optax.adam(learning_rate, b1=config.beta1, b2=config.beta2)
+  # The seed's RMSprop(0.0002, 0.5): Keras' second positional argument is rho (the decay).
+  return optax.rmsprop(learning_rate, decay=config.beta1)
+
+
+def image_shape(config: Config, channels: int) -> tuple:
+  return (config.image_size, config.image_size, channels)
+
+
+def create_train_state(config: Config, channels: int) -> TrainState:
+  """The initial state (float32 parameters, whatever --compute_dtype), on the default device.
+  `config` must be resolved (Config.resolved())."""
+  generator, discriminator = models.build_models(config, channels)
+  key = jax.random.key(config.seed)
+  g_key, d_key = jax.random.split(randomness.purpose_key(key, randomness.INIT))
+  g_vars = generator.init(g_key, jnp.zeros((1, config.latent_dim), jnp.float32), train=False)
+  d_vars = discriminator.init(d_key, jnp.zeros((1,) + image_shape(config, channels), jnp.float32),
+                              train=False)
+
+  def net(variables, lr):
+    params = variables["params"]
+    return NetState(params, variables.get("batch_stats", {}), make_optimizer(config, lr).init(params))
+
+  g = net(g_vars, config.learning_rate_g)
+  # A copy, not the same arrays: the state's buffers are donated, and one buffer cannot be donated twice.
+  g_ema = jax.tree.map(jnp.copy, g.params) if config.g_ema_decay > 0 else None
+  return TrainState(step=jnp.zeros((), jnp.int32), key=key, g=g, d=net(d_vars, config.learning_rate_d),
+                    g_ema=g_ema)
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 [0, 255] -> float32 [-1, 1] (matches the generator's tanh range)."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def ema_decay(decay: float, num_updates: jax.Array) -> jax.Array:
+  """The EMA's decay after `num_updates` G updates: min(decay, (1 + n) / (10 + n)), the warm-up of
+  tf.train.ExponentialMovingAverage. Without it the average would hold the random initial weights for
+  ~1/(1 - decay) steps (63% of them after 468 steps at 0.999); with it, early on it averages over the
+  steps taken so far.  ema <- d * ema + (1 - d) * params."""
+  n = num_updates.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def make_train_step(config: Config, channels: int, num_examples: Optional[int] = None,
+                    platform: Optional[str] = None) -> Callable:
+  """Returns train_step(state, positions, data) -> (state, metrics), to be pmapped over AXIS.
+
+  num_examples: set for the in-memory path (data = the whole uint8 dataset (N, H, W, C));
+                None for the streaming path (data = uint8 (d_steps, per_device_batch, H, W, C)).
+  platform: of the devices the step is compiled for (chooses the convolution form; models.py).
+  """
+  generator, discriminator = models.build_models(config, channels, axis_name=AXIS, platform=platform)
+  # --invariant_groups: the layers return gradients already summed over all devices in a fixed order,
+  # of a loss that is each device's share of the global mean (invariant.py); else the usual pmean.
+  grouped = config.invariant_groups > 0
+  if grouped:
+    group_size = config.batch_size // config.invariant_groups
+    share = lambda v: jnp.sum(v) / config.batch_size  # this device's share of the global mean
+    exact_mean = lambda v: invariant.global_mean(v, group_size, AXIS)  # metrics
+    average = lambda grads: grads
+  else:
+    share = exact_mean = jnp.mean
+    average = lambda grads: lax.pmean(grads, AXIS)
+  g_tx = make_optimizer(config, config.learning_rate_g)
+  d_tx = make_optimizer(config, config.learning_rate_d)
+
+  def g_forward(params, batch_stats, z):
+    fake, updates = generator.apply({"params": params, "batch_stats": batch_stats}, z, train=True,
+                                    mutable=["batch_stats"])
+    return fake, updates["batch_stats"]
+
+  def d_forward(params, batch_stats, images, dropout_keys):
+    logits, updates = discriminator.apply({"params": params, "batch_stats": batch_stats}, images,
+                                          train=True, dropout_keys=dropout_keys, mutable=["batch_stats"])
+    return logits, updates.get("batch_stats", {})
+
+  def d_update(d: NetState, real, fake, keys: randomness.StepKeys, k: int):
+    """The k-th discriminator update, on a real and a fake batch (fake carries no gradient to G)."""
+
+    def loss_fn(params):
+      real_logits, bs = d_forward(params, d.batch_stats, real, keys.dropout_real(k))
+      fake_logits, bs = d_forward(params, bs, fake, keys.dropout_fake_d(k))
+      return losses.d_loss(real_logits, fake_logits, share), (bs, real_logits, fake_logits)
+
+    (_, (bs, real_logits, fake_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d.params)
+    grads = average(grads)
+    updates, opt_state = d_tx.update(grads, d.opt_state, d.params)
+    metrics = dict(d_loss=losses.d_loss(real_logits, fake_logits, exact_mean),
+                   d_real=exact_mean(jax.nn.sigmoid(real_logits)),
+                   d_fake=exact_mean(jax.nn.sigmoid(fake_logits)), d_grad_norm=optax.tree.norm(grads))
+    return NetState(optax.apply_updates(d.params, updates), bs, opt_state), metrics
+
+  def g_update(g: NetState, g_vjp, g_batch_stats, fake, d: NetState, keys: randomness.StepKeys):
+    """The generator update: backprop the G loss through the updated D, then through G's saved vjp.
+
+    D's BatchNorm statistics from this pass are discarded: D is only ever run in training mode.
+    """
+
+    def loss_fn(fake):
+      logits, _ = d_forward(d.params, d.batch_stats, fake, keys.dropout_fake_g())
+      return losses.g_loss(logits, config.loss, share), logits
+
+    (_, logits), fake_grad = jax.value_and_grad(loss_fn, has_aux=True)(fake)
+    (grads,) = g_vjp(fake_grad)
+    grads = average(grads)
+    updates, opt_state = g_tx.update(grads, g.opt_state, g.params)
+    new_g = NetState(optax.apply_updates(g.params, updates), g_batch_stats, opt_state)
+    return new_g, dict(g_loss=losses.g_loss(logits, config.loss, exact_mean),
+                       g_grad_norm=optax.tree.norm(grads))
+
+  def train_step(state: TrainState, positions: jax.Array, data: jax.Array):
+    keys = randomness.StepKeys(randomness.purpose_key(state.key, randomness.TRAIN), state.step, positions)
+    data_key = randomness.purpose_key(state.key, randomness.DATA)
+
+    def real_batch(k):
+      if num_examples is None:
+        return to_float(data[k])
+      idx = randomness.example_indices(data_key, state.step * config.d_steps + k, positions,
+                                       config.batch_size, num_examples)
+      return to_float(data[idx])
+
+    d, g_bs = state.d, state.g.batch_stats
+    for k in range(config.d_steps):
+      z = randomness.latents(keys.z(k), config.latent_dim)
+      if k < config.d_steps - 1:
+        fake, g_bs = g_forward(state.g.params, g_bs, z)
+      else:  # keep G's backward pass for the G update
+        fake, g_vjp, g_bs = jax.vjp(functools.partial(g_forward, batch_stats=g_bs, z=z), state.g.params,
+                                    has_aux=True)
+      d, d_metrics = d_update(d, real_batch(k), lax.stop_gradient(fake), keys, k)
+    g, g_metrics = g_update(state.g, g_vjp, g_bs, fake, d, keys)
+
+    metrics = {**d_metrics, **g_metrics}
+    if not grouped:  # (grouped: already global means, from gradients that are the same everywhere)
+      metrics = lax.pmean(metrics, AXIS)
+    metrics["g_param_norm"] = optax.tree.norm(g.params)
+    metrics["d_param_norm"] = optax.tree.norm(d.params)
+    finite = [jnp.isfinite(metrics[k]) for k in ("d_loss", "g_loss", "g_param_norm", "d_param_norm")]
+    metrics["finite"] = jnp.all(jnp.stack(finite)).astype(jnp.float32)
+    g_ema = state.g_ema
+    if g_ema is not None:
+      g_ema = optax.incremental_update(g.params, g_ema, 1.0 - ema_decay(config.g_ema_decay, state.step + 1))
+    return TrainState(step=state.step + 1, key=state.key, g=g, d=d, g_ema=g_ema), metrics
+
+  return train_step

@@ -80,8 +80,9 @@ def open_training_data(config: Config, mesh, per_device: int) -> TrainingData:
     for_call = lambda step, k: (next_batch() if k == 1 else
                                 np.stack([next_batch() for _ in range(k)], axis=1))
     logging.warning("%s:%s is stored as tfrecord only: streaming it with tf.data, whose order is seeded "
-                    "but not a function of the step (a resumed run sees other batches).", config.dataset,
-                    config.split)
+                    "but not a function of the step (a resumed run sees other batches). For the exact "
+                    "order: python -m dcgan_jax.prepare_data --convert=%s", config.dataset, config.split,
+                    builder.data_dir)
     data = TrainingData(False, spec.num_examples, channels, shape, for_call, exact_order=False,
                         path="tf_data")
   if data.num_examples is not None and config.batch_size > data.num_examples:

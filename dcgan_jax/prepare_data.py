@@ -13,13 +13,16 @@ range, matching image/label counts); any problem is a one-line error naming the 
 written by the registered tfds builder itself (same name, version and features) with only its download
 step replaced: as tfrecord (what `tfds.load` reads) plus array_record as an alternative format (what
 `tfds.data_source` reads, also where TensorFlow is not installed).
+
+    python -m dcgan_jax.prepare_data --convert=DATA_DIR/celeb_a/2.1.0
+
+writes a tfds dataset that was prepared as tfrecord only (tfds' default) again as array_record, so the
+trainer reads it by index (exact order and resume) instead of streaming it with tf.data.
 """
 
 import glob
 import gzip
 import os
-import shutil
-import tempfile
 
 from absl import flags
 import numpy as np
@@ -38,6 +41,9 @@ IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # 0x00000803: uint8, 3 dims; 0x00000801
 flags.DEFINE_enum("dataset", None, DATASETS, "Which tfds dataset the IDX files are.")
 flags.DEFINE_string("idx_dir", None, "Directory holding the four IDX files (.gz or uncompressed).")
 flags.DEFINE_string("data_dir", None, "tfds data directory to write into (then pass it as --data_dir).")
+flags.DEFINE_string("convert", None, "Instead: a prepared tfds dataset version directory stored as tfrecord "
+                    "(e.g. DATA_DIR/celeb_a/2.1.0), to write again as array_record for the trainer's "
+                    "random-access path.")
 
 
 class IdxError(ValueError):
@@ -107,25 +113,52 @@ def prepare(dataset: str, idx_dir: str, data_dir: str):
 
   builder = OfflineBuilder(data_dir=data_dir, file_format="tfrecord")
   builder.download_and_prepare()
-  # tfds.load reads tfrecord, tfds.data_source reads array_record (and needs no TensorFlow). Write the
-  # same examples in both and register array_record as an alternative format of this dataset version.
-  # (tfds's own converter, `tfds convert_format`, needs apache_beam.)
-  if tfds.core.file_adapters.FileFormat.ARRAY_RECORD not in builder.info.available_file_formats():
-    with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
-      twin = OfflineBuilder(data_dir=tmp, file_format="array_record")
-      twin.download_and_prepare()
-      for split in arrays:
-        if twin.info.splits[split].shard_lengths != builder.info.splits[split].shard_lengths:
-          raise RuntimeError(f"array_record and tfrecord shards of {split} differ")  # never seen
-      for path in glob.glob(os.path.join(twin.data_dir, "*.array_record-*")):
-        shutil.move(path, os.path.join(builder.data_dir, os.path.basename(path)))
-    builder.info.add_alternative_file_format("array_record")
-    builder.info.write_to_directory(builder.data_dir)
+  # tfds.load reads tfrecord, tfds.data_source reads array_record (and needs no TensorFlow): both.
+  add_array_record(builder.data_dir)
   return builder.data_dir, {split: len(labels) for split, (_, labels) in arrays.items()}
+
+
+def add_array_record(version_dir: str) -> int:
+  """Writes every tfrecord shard of a prepared tfds dataset version (e.g. DATA_DIR/celeb_a/2.1.0) again
+  as array_record, record for record (the same serialized examples, the same shard lengths), and
+  registers array_record as an alternative format, so that `tfds.data_source` (and the trainer's
+  random-access path) can read it. Returns the number of shards written (0: already there).
+  (tfds's own converter, `tfds convert_format`, needs apache_beam.)"""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(version_dir, "dataset_info.json")):
+    raise IdxError(f"--convert={version_dir}: not a prepared tfds dataset version (no dataset_info.json); "
+                   "pass a directory like DATA_DIR/celeb_a/2.1.0")
+  builder = tfds.builder_from_directory(version_dir)
+  if tfds.core.file_adapters.FileFormat.ARRAY_RECORD in builder.info.available_file_formats():
+    return 0
+  shards = sorted(glob.glob(os.path.join(version_dir, "*.tfrecord-*")))
+  if not shards:
+    raise IdxError(f"--convert={version_dir}: holds no tfrecord shards to convert")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # it only reads files here
+  for shard in shards:
+    target = shard.replace(".tfrecord-", ".array_record-")
+    writer = array_record_module.ArrayRecordWriter(target + ".incomplete", "group_size:1")
+    for record in tf.data.TFRecordDataset(shard):
+      writer.write(record.numpy())
+    writer.close()
+    os.replace(target + ".incomplete", target)  # a killed conversion leaves no shard that looks whole
+  builder.info.add_alternative_file_format("array_record")
+  builder.info.write_to_directory(version_dir)
+  return len(shards)
 
 
 def main(argv):
   del argv
+  if flags.FLAGS.convert:
+    try:
+      shards = add_array_record(flags.FLAGS.convert)
+    except IdxError as e:
+      exit_with_error(str(e))
+    print(f"{flags.FLAGS.convert}: " + (f"wrote {shards} array_record shards" if shards else
+                                       "already has array_record shards"))
+    return
   for name in ("dataset", "idx_dir", "data_dir"):
     if not flags.FLAGS[name].value:
       exit_with_error(f"--{name} is required; see --helpfull")

@@ -77,7 +77,8 @@ def test_shipped_flagfiles_are_found_by_name_from_any_directory(tmp_path, monkey
 @pytest.mark.parametrize("module,absent", [
     ("dcgan_jax.sample", ("dcgan_jax.train", "dcgan_jax.data", "tensorflow", "tensorflow_datasets")),
     ("dcgan_jax.study", ("jax", "tensorflow")),
-    ("dcgan_jax.benchmark", ("dcgan_jax.train", "tensorflow", "tensorflow_datasets")),
+    pytest.param("dcgan_jax.benchmark", ("dcgan_jax.train", "tensorflow", "tensorflow_datasets"),
+                 marks=pytest.mark.slow),
 ])
 def test_tools_import_only_what_they_need(module, absent):
   """`sample` needs no training loop and no TensorFlow, `study` no JAX, `benchmark` neither the loop nor

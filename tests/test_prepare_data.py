@@ -78,6 +78,7 @@ def test_malformed_files_are_rejected(tmp_path, damage, message):
   assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_convert_writes_array_record_that_reads_as_the_tfrecord(tmp_path):
   """`prepare_data --convert=DIR` turns a dataset stored as tfrecord only (tfds' default) into one that
   tfds.data_source reads, record for record the same examples in the same order as tfds.load's

@@ -5,8 +5,11 @@
 
 Prints {"fid", "kid", "kid_std", "precision", "recall", "coverage", "num_classes", "class_kl",
 "classifier_score", "num_samples", "num_real", "evaluator": {...}, "reference": {...}, ...}:
-  * every metric compares the samples with the dataset's test split, in the features of a small CNN
-    classifier the library trains on the train split (evaluator.py; cached, its test accuracy reported);
+  * every metric compares the samples with the dataset's test split (`real_split`: train for datasets
+    with no other, e.g. image folders), in the features of a small CNN classifier the library trains on
+    the train split (evaluator.py; cached, its test accuracy reported). Without labels the network is
+    trained to predict rotations instead, and the class metrics (coverage, num_classes, class_kl,
+    classifier_score) are left out: the report then has "label_free": true;
   * "reference" holds the same metrics for --num_samples real *train* images: the floor a perfect
     generator would reach at this sample count (FID is biased upwards for small samples).
 Not comparable with published Inception-FIDs (other network, other features); comparable across runs
@@ -113,7 +116,7 @@ def evaluate(workdir=None, data_dir=None, dataset=None, num_samples=10000, step=
   if reference:
     ref = scorer.reference(len(images))
     report["reference"] = {k: ref[k] for k in ("fid", "kid", "kid_std", "precision", "recall", "coverage",
-                                               "class_kl", "classifier_score", "num_samples")}
+                                               "class_kl", "classifier_score", "num_samples") if k in ref}
   return report
 
 

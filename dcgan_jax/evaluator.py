@@ -1,9 +1,22 @@
 """The evaluator network and sample scoring, offline: no downloaded Inception weights.
 
-For a labelled dataset (mnist, fashion_mnist, cifar10, ...) the library trains a small CNN classifier
-itself, on the train split, with a fixed seed, and caches it (--evaluator_dir, default
-~/.cache/dcgan_jax/evaluators). Its 128-d penultimate activations, scaled to unit RMS on the test split,
-are the features of FID, KID and precision/recall; its class probabilities give class coverage, the class KL and the classifier score.
+For a labelled dataset (mnist, fashion_mnist, cifar10, an image folder with class subfolders, ...) the
+library trains a small CNN classifier itself, on the train split, with a fixed seed, and caches it
+(--evaluator_dir, default ~/.cache/dcgan_jax/evaluators). Its 128-d penultimate activations, scaled to
+unit RMS on the real split, are the features of FID, KID and precision/recall; its class probabilities
+give class coverage, the class KL and the classifier score.
+
+A dataset without labels (an image folder without class subfolders) gets the same network trained
+self-supervised, to predict by how many quarter turns an image was rotated (RotNet: Gidaris et al.
+2018, "Unsupervised representation learning by predicting image rotations"): recognising which way is
+up needs the shapes of the objects, so its features separate real from generated images without any
+label. Its FID, KID, precision and recall are given; class coverage, the class KL and the classifier
+score are not (there are no classes), and the report says so.
+
+The real side of every metric is the `test` split, or `train` for datasets that have only that (image
+folders); the report's `real_split` says which. The cache is keyed by the dataset's contents (the
+fingerprint prepare_data writes for image folders, else the stored split sizes), so a folder imported
+again under the same name gets a new evaluator.
 
     evaluator = load_or_train("fashion_mnist", data_dir, (28, 28, 1))   # trains once (~1 min on CPU)
     scorer = Scorer(evaluator, data_dir)       # the test split is the real-data side of every metric
@@ -32,7 +45,7 @@ import optax
 from dcgan_jax import metrics
 from dcgan_jax.config import ConfigError
 
-VERSION = 1  # bump when the network or its training changes: cached evaluators are then retrained
+VERSION = 2  # bump when the network or its training changes: cached evaluators are then retrained
 DEFAULT_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dcgan_jax",
                            "evaluators")
 TRAIN = dict(seed=0, epochs=3, batch_size=128, learning_rate=1e-3)
@@ -57,20 +70,38 @@ def _to_float(images):
   return images.astype(jnp.float32) / 127.5 - 1.0  # the generator's range
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, epochs: int,
-                     batch_size: int, learning_rate: float) -> dict:
+ROTATIONS = 4  # the label-free evaluator's classes: 0, 90, 180, 270 degrees
+
+
+def rotate(images, quarter_turns):
+  """uint8 (n, H, W, C) square images, int (n,) in 0..3 -> each image turned counter-clockwise."""
+  turned = jnp.stack([jnp.rot90(images, k, axes=(1, 2)) for k in range(ROTATIONS)])
+  return turned[quarter_turns, jnp.arange(images.shape[0])]
+
+
+def rotation_labels(n: int, seed: int) -> np.ndarray:
+  """int32 (n,): a fixed quarter-turn count per example (the rotation task's labels)."""
+  return np.random.default_rng(seed).integers(0, ROTATIONS, n).astype(np.int32)
+
+
+def train_classifier(images: np.ndarray, labels: Optional[np.ndarray], num_classes: int, seed: int,
+                     epochs: int, batch_size: int, learning_rate: float) -> dict:
   """Trains the Classifier with Adam on uint8 images (N, H, W, C) and int labels (N,); returns its
-  variables. The data stay on the device; each step gathers a batch from a seeded per-epoch order."""
+  variables. The data stay on the device; each step gathers a batch from a seeded per-epoch order.
+  labels=None: the rotation task (num_classes = ROTATIONS), each batch turned by fresh seeded turns."""
   model = Classifier(num_classes)
   params = model.init(jax.random.key(seed), jnp.zeros((1,) + images.shape[1:]))["params"]
   tx = optax.adam(learning_rate)
-  data, targets = jnp.asarray(images), jnp.asarray(labels)
+  data = jnp.asarray(images)
+  targets = None if labels is None else jnp.asarray(labels)
 
   @jax.jit
-  def step(params, opt_state, idx):
+  def step(params, opt_state, idx, turns):
+    x, y = (data[idx], targets[idx]) if targets is not None else (rotate(data[idx], turns), turns)
+
     def loss_fn(p):
-      _, logits = model.apply({"params": p}, _to_float(data[idx]))
-      return optax.softmax_cross_entropy_with_integer_labels(logits, targets[idx]).mean()
+      _, logits = model.apply({"params": p}, _to_float(x))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -82,21 +113,24 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, s
   for epoch in range(epochs):
     perm = order.permutation(len(images))
     for i in range(len(images) // batch_size):
-      params, opt_state, loss = step(params, opt_state, perm[i * batch_size:(i + 1) * batch_size])
+      turns = order.integers(0, ROTATIONS, batch_size).astype(np.int32)
+      params, opt_state, loss = step(params, opt_state, perm[i * batch_size:(i + 1) * batch_size], turns)
     logging.info("Evaluator epoch %d/%d: loss %.4f", epoch + 1, epochs, float(loss))
   return {"params": params}
 
 
 @dataclasses.dataclass
 class Evaluator:
-  """A trained classifier and what it was trained on."""
+  """A trained classifier (of classes, or of rotations for unlabelled data) and what it was trained on."""
   dataset: str
   image_shape: tuple
-  num_classes: int
-  test_accuracy: float
+  num_classes: int  # outputs of the network: the dataset's classes, or ROTATIONS when label_free
+  test_accuracy: float  # on the real split (of the rotation task when label_free)
   path: str
   variables: dict
-  feature_scale: float = 1.0  # raw features are divided by it: their RMS over the test split
+  feature_scale: float = 1.0  # raw features are divided by it: their RMS over the real split
+  label_free: bool = False
+  real_split: str = "test"
 
   def __post_init__(self):
     model = Classifier(self.num_classes)
@@ -112,30 +146,63 @@ class Evaluator:
     return np.concatenate(feats), np.concatenate(probs)
 
   def describe(self) -> dict:
-    return dict(name=f"dcgan_jax-cnn-v{VERSION}", dataset=self.dataset, test_accuracy=self.test_accuracy,
-                feature_dim=128, path=self.path)
+    return dict(name=f"dcgan_jax-cnn-v{VERSION}" + ("-rotation" if self.label_free else ""),
+                dataset=self.dataset, task="rotation" if self.label_free else "classes",
+                test_accuracy=self.test_accuracy, real_split=self.real_split, feature_dim=128,
+                path=self.path)
 
 
-def cache_path(cache_dir: str, dataset: str, image_shape: tuple, num_train: int) -> str:
+def cache_path(cache_dir: str, dataset: str, image_shape: tuple, num_train: int, fingerprint: str) -> str:
   h, w, c = image_shape
-  return os.path.join(cache_dir, f"{dataset}-{h}x{w}x{c}-n{num_train}-seed{TRAIN['seed']}-v{VERSION}")
+  return os.path.join(cache_dir, f"{dataset}-{h}x{w}x{c}-n{num_train}-{fingerprint[:12]}-seed{TRAIN['seed']}"
+                                 f"-v{VERSION}")
+
+
+def content_fingerprint(builder) -> str:
+  """What the evaluator cache is keyed by: the import fingerprint of an image folder (a hash of every
+  record), else a hash of the stored version and split sizes (for tfds's own datasets, whose contents a
+  version pins)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import image_folder  # pylint: disable=g-import-not-at-top
+  imported = image_folder.fingerprint(str(builder.data_dir))
+  if imported:
+    return imported
+  splits = builder.info.splits or {}
+  facts = dict(version=str(builder.info.version), splits={
+      name: [s.num_examples, int(s.num_bytes), list(s.shard_lengths)] for name, s in splits.items()})
+  return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def real_split(builder) -> str:
+  """The split generated samples are compared with: `test`, or `train` when it is the only one."""
+  splits = builder.info.splits
+  if not splits or "test" in splits:  # (no split metadata at all: tfds.testing.mock_data)
+    return "test"
+  if "train" in splits:
+    return "train"
+  raise ConfigError(f"--dataset={builder.info.name!r}: has neither a 'test' nor a 'train' split (has "
+                    f"{', '.join(sorted(splits))}); evaluation needs one of them")
 
 
 def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
                   cache_dir: Optional[str] = None) -> Evaluator:
-  """The cached evaluator for (dataset, image shape, train size), trained and cached first if absent."""
+  """The cached evaluator for (dataset contents, image shape), trained and cached first if absent."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dcgan_jax.config import Config  # pylint: disable=g-import-not-at-top
   cache_dir = cache_dir or DEFAULT_DIR
-  # The train size keys the cache; read it from the metadata, so that a cached evaluator is loaded
-  # without reading the train split (only tfds.testing.mock_data has no sizes: then count).
+  config = Config(dataset=dataset, data_dir=data_dir)
+  builder = input_pipeline.get_builder(config)
+  split = real_split(builder)
+  # The train size and the contents key the cache; both come from the metadata, so that a cached
+  # evaluator is loaded without reading the train split (only tfds.testing.mock_data has no sizes).
   train = None
-  num_train = input_pipeline.dataset_spec(Config(dataset=dataset, data_dir=data_dir)).num_examples
+  num_train = input_pipeline.dataset_spec(config, builder).num_examples
   if num_train is None:
-    train = input_pipeline.load_labeled(dataset, "train", data_dir, image_shape)
+    train = input_pipeline.load_images(dataset, "train", data_dir, image_shape)
     num_train = len(train[0])
-  path = os.path.abspath(cache_path(cache_dir, dataset, image_shape, num_train))
+  path = os.path.abspath(cache_path(cache_dir, dataset, image_shape, num_train,
+                                    content_fingerprint(builder)))
   meta_path = os.path.join(path, "evaluator.json")
   if os.path.exists(meta_path):
     with open(meta_path) as f:
@@ -145,19 +212,28 @@ def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
         "params"]}
     with ocp.StandardCheckpointer() as checkpointer:
       variables = checkpointer.restore(os.path.join(path, "variables"), like)
-    return Evaluator(dataset, tuple(image_shape), num_classes, meta["test_accuracy"], path, variables,
-                     meta["feature_scale"])
+    return _announce(Evaluator(dataset, tuple(image_shape), num_classes, meta["test_accuracy"], path,
+                               variables, meta["feature_scale"], meta["label_free"], meta["real_split"]))
 
   # ---- Train, test, and cache (written to a temporary directory, then renamed: never half-written) --
-  logging.info("Training the %s evaluator (cached in %s afterwards).", dataset, path)
   t0 = time.time()
-  train_x, train_y, num_classes = train or input_pipeline.load_labeled(dataset, "train", data_dir,
-                                                                       image_shape)
-  variables = train_classifier(train_x, train_y, num_classes, TRAIN["seed"], TRAIN["epochs"],
-                               TRAIN["batch_size"], TRAIN["learning_rate"])
-  test_x, test_y, _ = input_pipeline.load_labeled(dataset, _test_split(dataset, data_dir), data_dir,
-                                                  image_shape)
-  evaluator = Evaluator(dataset, tuple(image_shape), num_classes, 0.0, path, variables)
+  train_x, train_y, classes = train or input_pipeline.load_images(dataset, "train", data_dir, image_shape)
+  label_free = classes is None
+  if label_free and image_shape[0] != image_shape[1]:
+    raise ConfigError(f"--dataset={dataset!r}: has no labels, and the label-free evaluator (rotation "
+                      f"prediction) needs square images, not {image_shape[0]}x{image_shape[1]}")
+  num_classes = ROTATIONS if label_free else classes
+  logging.info("Training the %s evaluator (%s; cached in %s afterwards).", dataset,
+               "rotation prediction: the dataset has no labels" if label_free else f"{classes} classes", path)
+  variables = train_classifier(train_x, None if label_free else train_y, num_classes, TRAIN["seed"],
+                               TRAIN["epochs"], TRAIN["batch_size"], TRAIN["learning_rate"])
+  del train_x, train_y
+  test_x, test_y, _ = input_pipeline.load_images(dataset, split, data_dir, image_shape)
+  if label_free:  # the rotation task on the real split, one fixed turn per image
+    test_y = rotation_labels(len(test_x), TRAIN["seed"])
+    test_x = np.asarray(rotate(jnp.asarray(test_x), jnp.asarray(test_y)))
+  evaluator = Evaluator(dataset, tuple(image_shape), num_classes, 0.0, path, variables,
+                        label_free=label_free, real_split=split)
   features, probs = evaluator.embed(test_x)
   evaluator.test_accuracy = float(np.mean(probs.argmax(1) == test_y))
   # Unit RMS features: the KID kernel (x.y / d + 1)^3 then sees x.y / d ~ 1, as with Inception features
@@ -169,26 +245,28 @@ def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
     checkpointer.save(os.path.join(tmp, "variables"), variables)
   with open(os.path.join(tmp, "evaluator.json"), "w") as f:
     json.dump(dict(dataset=dataset, image_shape=list(image_shape), num_classes=num_classes,
-                   train_examples=len(train_x), test_accuracy=evaluator.test_accuracy,
-                   feature_scale=evaluator.feature_scale, version=VERSION,
-                   train_settings=TRAIN, train_seconds=round(time.time() - t0, 1)), f, indent=2)
+                   label_free=label_free, real_split=split, train_examples=num_train,
+                   test_accuracy=evaluator.test_accuracy, feature_scale=evaluator.feature_scale,
+                   version=VERSION, train_settings=TRAIN, train_seconds=round(time.time() - t0, 1)), f,
+              indent=2)
   if os.path.exists(path):  # another process cached it meanwhile: keep theirs
     shutil.rmtree(tmp)
   else:
     os.replace(tmp, path)
-  logging.info("Evaluator trained in %.0fs: test accuracy %.4f.", time.time() - t0,
-               evaluator.test_accuracy)
+  logging.info("Evaluator trained in %.0fs: %s accuracy %.4f on %s.", time.time() - t0,
+               "rotation" if label_free else "test", evaluator.test_accuracy, split)
+  return _announce(evaluator)
+
+
+def _announce(evaluator: Evaluator) -> Evaluator:
+  if evaluator.label_free:
+    logging.info("%s has no labels: FID, KID, precision and recall use a rotation-prediction feature "
+                 "network; class coverage, class KL and classifier score need labels and are not "
+                 "reported.", evaluator.dataset)
+  if evaluator.real_split != "test":
+    logging.info("%s has no test split: samples are compared with the %s split.", evaluator.dataset,
+                 evaluator.real_split)
   return evaluator
-
-
-def _test_split(dataset: str, data_dir: Optional[str]) -> str:
-  from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from dcgan_jax.config import Config  # pylint: disable=g-import-not-at-top
-  splits = input_pipeline.get_builder(Config(dataset=dataset, data_dir=data_dir)).info.splits
-  if splits and "test" not in splits:  # (no split metadata at all: tfds.testing.mock_data)
-    raise ConfigError(f"--dataset={dataset!r}: has no 'test' split (has {', '.join(sorted(splits))}), "
-                      "which evaluation compares samples against; use a dataset with a test split")
-  return "test"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,14 +305,14 @@ def as_uint8_images(samples: np.ndarray, image_shape: tuple) -> np.ndarray:
 
 
 class Scorer:
-  """Scores sample sets against the test split of the evaluator's dataset."""
+  """Scores sample sets against the real split of the evaluator's dataset."""
 
   def __init__(self, evaluator: Evaluator, data_dir: Optional[str], kid_subsets: int = 100):
     from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     self.evaluator, self.data_dir, self.kid_subsets = evaluator, data_dir, kid_subsets
-    test_x, _, _ = input_pipeline.load_labeled(evaluator.dataset, _test_split(evaluator.dataset, data_dir),
-                                               data_dir, evaluator.image_shape)
-    self.real_features, self.real_probs = evaluator.embed(test_x)
+    real_x, _, _ = input_pipeline.load_images(evaluator.dataset, evaluator.real_split, data_dir,
+                                              evaluator.image_shape)
+    self.real_features, self.real_probs = evaluator.embed(real_x)
     self.real_histogram = metrics.class_histogram(self.real_probs)
 
   def score(self, images: np.ndarray, precision_recall: bool = True) -> dict:
@@ -244,22 +322,27 @@ class Scorer:
     report["kid"], report["kid_std"] = metrics.kid(feats, self.real_features, self.kid_subsets)
     if precision_recall:
       report["precision"], report["recall"] = metrics.precision_recall(self.real_features, feats)
-    report.update(coverage=metrics.class_coverage(probs), num_classes=self.evaluator.num_classes,
-                  class_kl=metrics.class_kl(probs, self.real_histogram),
-                  classifier_score=metrics.classifier_score(probs), num_samples=len(images),
-                  num_real=len(self.real_features), real_split="test")
+    if self.evaluator.label_free:
+      report.update(label_free=True)
+    else:
+      report.update(coverage=metrics.class_coverage(probs), num_classes=self.evaluator.num_classes,
+                    class_kl=metrics.class_kl(probs, self.real_histogram),
+                    classifier_score=metrics.classifier_score(probs))
+    report.update(num_samples=len(images), num_real=len(self.real_features),
+                  real_split=self.evaluator.real_split)
     return report
 
   def reference(self, num: int) -> dict:
-    """The floor: the same metrics for `num` real train images (a seeded subset) against the test split.
-    Cached next to the evaluator."""
+    """The floor: the same metrics for `num` real train images (a seeded subset) against the real split
+    (for a dataset with only a train split, a subset of the very images it is compared with: a floor
+    lower than any generator can reach). Cached next to the evaluator."""
     path = os.path.join(self.evaluator.path, f"reference_n{num}.json")
     if os.path.exists(path):
       with open(path) as f:
         return json.load(f)
     from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    train_x, _, _ = input_pipeline.load_labeled(self.evaluator.dataset, "train", self.data_dir,
-                                                self.evaluator.image_shape)
+    train_x, _, _ = input_pipeline.load_images(self.evaluator.dataset, "train", self.data_dir,
+                                               self.evaluator.image_shape)
     pick = np.random.default_rng(TRAIN["seed"]).permutation(len(train_x))[:num]
     report = self.score(train_x[np.sort(pick)])
     report["source"] = "train split subset (real data)"

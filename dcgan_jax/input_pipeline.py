@@ -216,22 +216,19 @@ def load_in_memory(config: Config, image_shape: tuple, builder=None) -> np.ndarr
   return preprocess(raw.astype(np.uint8), config.dataset, image_shape)
 
 
-def load_labeled(dataset: str, split: str, data_dir: Optional[str], image_shape: tuple):
-  """(uint8 images (N, H, W, C) at image_shape, int32 labels (N,), number of classes) of a labelled
-  image dataset (one with a ClassLabel 'label' feature), for the evaluator network."""
+def load_images(dataset: str, split: str, data_dir: Optional[str], image_shape: tuple):
+  """(uint8 images (N, H, W, C) at image_shape, int32 labels (N,) or None, number of classes or None)
+  of a split, for the evaluator network: labels when the dataset has a ClassLabel 'label' feature."""
   config = Config(dataset=dataset, split=split, data_dir=data_dir)
   builder = get_builder(config)
   label = builder.info.features["label"] if "label" in builder.info.features else None
-  num_classes = getattr(label, "num_classes", None)
-  if not num_classes:
-    raise ConfigError(f"--dataset={dataset!r}: has no class 'label' feature, so there is no classifier to "
-                      "evaluate with; evaluate on a labelled dataset (mnist, fashion_mnist, cifar10, ...)")
-  arrays = read_split(builder, split, ("image", "label"))
+  num_classes = getattr(label, "num_classes", None) or None
+  arrays = read_split(builder, split, ("image", "label") if num_classes else ("image",))
   raw = arrays["image"]
   if raw.ndim == 3:
     raw = raw[..., None]
-  return (preprocess(raw.astype(np.uint8), dataset, image_shape), arrays["label"].astype(np.int32),
-          int(num_classes))
+  labels = arrays["label"].astype(np.int32) if num_classes else None
+  return preprocess(raw.astype(np.uint8), dataset, image_shape), labels, num_classes
 
 
 def stream_batches(config: Config, image_shape: tuple, local_devices: int, per_device_batch: int,

@@ -1,4 +1,9 @@
-"""Offline data: IDX files (MNIST / Fashion-MNIST) on disk -> a regular tfds dataset in --data_dir.
+"""Offline data: IDX files (MNIST / Fashion-MNIST) or a folder of images -> a tfds dataset in --data_dir.
+
+    python -m dcgan_jax.prepare_data --image_dir=DIR --dataset=NAME --data_dir=D --image_size=64
+
+imports any folder of images (image_folder.py: formats, labels from subfolders, the skipped-file
+report); it prints a progress bar and ends with one JSON line. For MNIST / Fashion-MNIST from IDX files:
 
     python -m dcgan_jax.prepare_data --dataset=fashion_mnist \
         --idx_dir=/usr/share/datasets/fashion-mnist --data_dir=data/tfds
@@ -22,6 +27,7 @@ trainer reads it by index (exact order and resume) instead of streaming it with 
 
 import glob
 import gzip
+import json
 import os
 
 from absl import flags
@@ -38,8 +44,16 @@ SPLIT_FILES = {  # split -> (images, labels), the names LeCun's and Zalando's di
 STANDARD_COUNTS = {"train": 60000, "test": 10000}
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # 0x00000803: uint8, 3 dims; 0x00000801: uint8, 1 dim
 
-flags.DEFINE_enum("dataset", None, DATASETS, "Which tfds dataset the IDX files are.")
+flags.DEFINE_string("dataset", None, f"With --idx_dir: which tfds dataset the IDX files are ({', '.join(DATASETS)}). "
+                    "With --image_dir: the name to give the imported dataset (then train with --dataset=NAME).")
 flags.DEFINE_string("idx_dir", None, "Directory holding the four IDX files (.gz or uncompressed).")
+flags.DEFINE_string("image_dir", None, "Instead: a folder (nested folders too) of PNG/JPEG/BMP/GIF/WebP images "
+                    "to import as --dataset; two or more first-level subfolders become class labels.")
+flags.DEFINE_integer("image_size", 64, "With --image_dir: the side the images are stored at (train at it).")
+flags.DEFINE_enum("crop", "center", ["center", "none"], "With --image_dir: keep the central square (center) "
+                  "or squeeze the whole image square (none).")
+flags.DEFINE_enum("channels", None, ["1", "3"], "With --image_dir: channels to store; default 3 when any "
+                  "image is in colour, else 1.")
 flags.DEFINE_string("data_dir", None, "tfds data directory to write into (then pass it as --data_dir).")
 flags.DEFINE_string("convert", None, "Instead: a prepared tfds dataset version directory stored as tfrecord "
                     "(e.g. DATA_DIR/celeb_a/2.1.0), to write again as array_record for the trainer's "
@@ -151,6 +165,19 @@ def add_array_record(version_dir: str) -> int:
 
 def main(argv):
   del argv
+  if flags.FLAGS.image_dir:
+    for name in ("dataset", "data_dir"):
+      if not flags.FLAGS[name].value:
+        exit_with_error(f"--{name} is required with --image_dir; see --helpfull")
+    from dcgan_jax import image_folder  # pylint: disable=g-import-not-at-top
+    channels = flags.FLAGS.channels and int(flags.FLAGS.channels)
+    try:
+      summary = image_folder.import_folder(flags.FLAGS.image_dir, flags.FLAGS.dataset, flags.FLAGS.data_dir,
+                                           flags.FLAGS.image_size, flags.FLAGS.crop, channels)
+    except image_folder.ImportError_ as e:
+      exit_with_error(str(e))
+    print(json.dumps(summary), flush=True)
+    return
   if flags.FLAGS.convert:
     try:
       shards = add_array_record(flags.FLAGS.convert)

@@ -225,7 +225,7 @@ class _Evaluation:
     images = evaluator.as_uint8_images(sampling.sample_images(self.sample, g, self.z),
                                        self.scorer.evaluator.image_shape)
     report = self.scorer.score(images, precision_recall=False)
-    return {k: float(report[k]) for k in ("fid", "kid", "coverage", "class_kl")}
+    return {k: float(report[k]) for k in ("fid", "kid", "coverage", "class_kl") if k in report}
 
   def run(self, state, step, writer) -> None:
     results = self._score(state.generator())

@@ -68,14 +68,14 @@ def test_evaluator_learns_a_dataset_it_can_learn(tmp_path_factory):
                                str(tmp_path_factory.mktemp("learnable_evaluators")))
   assert ev.test_accuracy >= 0.95, ev.test_accuracy
   from dcgan_jax import input_pipeline
-  test_x, test_y, _ = input_pipeline.load_labeled("fashion_mnist", "test", str(data_dir), (28, 28, 1))
+  test_x, test_y, _ = input_pipeline.load_images("fashion_mnist", "test", str(data_dir), (28, 28, 1))
   _, probs = ev.embed(test_x)
   assert float(np.mean(probs.argmax(1) == test_y)) == pytest.approx(ev.test_accuracy)
 
 
 def test_scores_of_real_and_collapsed_samples(scorer, tiny_data_dir):
   from dcgan_jax import input_pipeline
-  test_x, _, _ = input_pipeline.load_labeled("fashion_mnist", "test", tiny_data_dir, (28, 28, 1))
+  test_x, _, _ = input_pipeline.load_images("fashion_mnist", "test", tiny_data_dir, (28, 28, 1))
   same = scorer.score(test_x)  # the test split against itself
   assert same["fid"] == pytest.approx(0.0, abs=1e-6)
   assert same["precision"] == same["recall"] == 1.0

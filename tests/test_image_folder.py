@@ -182,3 +182,45 @@ def test_registered_names_are_refused(tmp_path):
   Image.fromarray(gradient(16, 16)).save(tmp_path / "a.png")
   with pytest.raises(image_folder.ImportError_, match="registered tfds dataset"):
     image_folder.import_folder(str(tmp_path), "mnist", str(tmp_path / "tfds"), 16)
+
+
+def shapes_folder(root, n, classes=False, seed=0):
+  """n 28x28 gray images of bright rectangles, distinct per seed; in two class folders or flat."""
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    x = np.zeros((28, 28), np.uint8)
+    top, left = rng.integers(0, 14, 2)
+    x[top:top + 8 + i % 6, left:left + 14] = 200 + i % 50
+    folder = os.path.join(root, f"k{i % 2}") if classes else root
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(x).save(os.path.join(folder, f"{i:03d}.png"))
+
+
+@pytest.mark.slow
+def test_an_imported_folder_trains_and_evaluates_by_name(tmp_path):
+  """A flat (unlabelled) folder imported as `shapes` trains by name through the random-access path with
+  --eval_every, and `evaluate` scores it with the label-free evaluator against the train split: FID,
+  KID, precision, recall and no class metrics. Importing another folder under the same name gives a new
+  evaluator. Catches a dataset the trainer cannot open by name, an evaluator that fails (or invents
+  classes) without labels, and an evaluator cache keyed by name and size only (a stale evaluator)."""
+  from dcgan_jax import evaluate, evaluator, train
+  data_dir, cache = str(tmp_path / "tfds"), str(tmp_path / "evaluators")
+  shapes_folder(str(tmp_path / "one"), 64)
+  image_folder.import_folder(str(tmp_path / "one"), "shapes", data_dir, 28)
+  config = Config(dataset="shapes", data_dir=data_dir, in_memory="false", batch_size=8, latent_dim=16,
+                  num_steps=2, log_every=1, sample_every=1000, eval_every=2, eval_samples=32,
+                  evaluator_dir=cache)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    lines = [json.loads(line) for line in f]
+  scored = [line for line in lines if "fid" in line]
+  assert len(scored) == 1 and "coverage" not in scored[0] and np.isfinite(scored[0]["fid"])
+  report = evaluate.evaluate(str(tmp_path / "run"), num_samples=32, evaluator_dir=cache, reference=False)
+  assert report["label_free"] and report["real_split"] == "train" and report["num_real"] == 64
+  assert {"fid", "kid", "precision", "recall"} <= set(report) and "coverage" not in report
+  assert report["evaluator"]["task"] == "rotation"
+  first = evaluator.load_or_train("shapes", data_dir, (28, 28, 1), cache)
+  shapes_folder(str(tmp_path / "two"), 64, seed=1)  # same name, same size, other images
+  image_folder.import_folder(str(tmp_path / "two"), "shapes", data_dir, 28)
+  second = evaluator.load_or_train("shapes", data_dir, (28, 28, 1), cache)
+  assert second.path != first.path

@@ -24,11 +24,14 @@ import numpy as np
 from dcgan_jax import randomness
 from dcgan_jax.config import Config
 
+WORKERS = 2  # reader threads: decoding is light (images are stored at training resolution)
+PREFETCH = 4  # steps read ahead
+
 
 class HostReader:
 
   def __init__(self, read: Callable[[np.ndarray], np.ndarray], num_examples: int, config: Config,
-               positions: np.ndarray, workers: int = 2, prefetch: int = 4):
+               positions: np.ndarray, workers: int = WORKERS, prefetch: int = PREFETCH):
     """read(indices int (n,)) -> uint8 images (n, H, W, C); positions: int32 (local devices,
     per_device_batch), this process's global batch positions."""
     self._read, self._positions = read, np.asarray(positions, np.int32)

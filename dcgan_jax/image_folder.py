@@ -58,12 +58,14 @@ class ImportError_(ValueError):  # pylint: disable=invalid-name  (not the builti
 def list_files(image_dir: str) -> Tuple[List[str], List[str], List[Tuple[str, str]]]:
   """(relative paths of candidate files in sorted order, class names or [], [(path, reason)] skipped).
 
-  Hidden files and folders (names starting with '.') are ignored, as file managers hide them."""
+  Hidden files and folders (names starting with '.') are ignored, as file managers hide them. Links
+  are followed, each folder once."""
   if not os.path.isdir(image_dir):
     raise ImportError_(f"--image_dir={image_dir}: not a directory; pass the folder that holds the images")
-  files = []
+  files, seen = [], {os.path.realpath(image_dir)}
   for root, dirs, names in os.walk(image_dir, followlinks=True):
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    # Linked folders are followed once: a link to a folder above it would otherwise be walked forever.
+    dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and _first_visit(os.path.join(root, d), seen)]
     rel = os.path.relpath(root, image_dir)
     files.extend(os.path.normpath(os.path.join(rel, n)) for n in names if not n.startswith("."))
   files.sort()
@@ -75,6 +77,14 @@ def list_files(image_dir: str) -> Tuple[List[str], List[str], List[Tuple[str, st
   else:
     classes = []
   return files, classes, skipped
+
+
+def _first_visit(folder: str, seen: set) -> bool:
+  real = os.path.realpath(folder)
+  if real in seen:
+    return False
+  seen.add(real)
+  return True
 
 
 def _to_array(img) -> np.ndarray:

@@ -224,3 +224,22 @@ def test_an_imported_folder_trains_and_evaluates_by_name(tmp_path):
   image_folder.import_folder(str(tmp_path / "two"), "shapes", data_dir, 28)
   second = evaluator.load_or_train("shapes", data_dir, (28, 28, 1), cache)
   assert second.path != first.path
+
+
+def test_a_link_loop_is_walked_once(tmp_path):
+  """A folder holding a link to itself (or to a folder above it) is imported once, not walked forever.
+  Catches an import that follows links without remembering where it has been (it never ends, and
+  its file list grows without bound)."""
+  root = tmp_path / "images"
+  (root / "a").mkdir(parents=True)
+  Image.fromarray(gradient(16, 16)).save(root / "a" / "x.png")
+  os.symlink(root, root / "a" / "loop")
+  os.symlink(root / "a", root / "again")
+  import threading
+  result = []
+  walker = threading.Thread(target=lambda: result.append(image_folder.list_files(str(root))), daemon=True)
+  walker.start()
+  walker.join(timeout=30)  # the looping walk would not end: fail instead of hanging the suite
+  assert result, "list_files did not return within 30 s"
+  files, classes, _ = result[0]
+  assert files == ["a/x.png"] and classes == []

@@ -65,7 +65,8 @@ def open_training_data(config: Config, mesh, per_device: int) -> TrainingData:
   elif source is not None:
     from dcgan_jax import host_reader  # pylint: disable=g-import-not-at-top
     read = lambda indices: input_pipeline.read_examples(source, indices, config.dataset, shape)
-    reader = host_reader.HostReader(read, len(source), config, parallel.local_positions(per_device))
+    reader = host_reader.HostReader(read, len(source), config, parallel.local_positions(per_device),
+                                    lambda batch: parallel.put_batch(batch, mesh))
     logging.info("Reading %s:%s by index on the host (%d examples), in the in-memory path's order.",
                  config.dataset, config.split, len(source))
     data = TrainingData(False, len(source), channels, shape, reader.for_call, close=reader.close,

@@ -110,6 +110,12 @@ def batch_positions(mesh: Mesh, per_device: int) -> jax.Array:
   return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local_positions(per_device))
 
 
+def put_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
+  """This process's batch, uint8 (local devices, ...), -> one global array sharded over AXIS like the
+  positions: the copy to the devices, started at once (the data path calls it on a reader thread)."""
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), batch)
+
+
 def pmap_step(train_step: Callable, in_memory: bool) -> Callable:
   """pmaps a step: state and metrics replicated (in/out_axes None), positions mapped, data replicated
   (in-memory) or mapped (streaming). The input state's buffers are donated."""

@@ -168,6 +168,33 @@ def make_multi_step(train_step: Callable, num_steps: int, in_memory: bool, scan:
   return call
 
 
+class StopAgreement:
+  """A stop that one process asks for (a signal reaches processes of a pod at different moments),
+  taken by all of them after the same call.
+
+      agree = StopAgreement(mesh)
+      ...after each call: if agree(local_signal_number): checkpoint together, then stop
+
+  Each call every process contributes its local request (0, or a signal number) to a max over all
+  devices, a tiny pmapped program dispatched behind the call's steps. Its result is read one call
+  later, when it has long been computed, so the host never waits for it: every process reads the same
+  value after the same call. A request therefore stops the run one call after it arrives."""
+
+  def __init__(self, mesh: Mesh):
+    self._mesh = mesh
+    self._max = jax.pmap(lambda request: jax.lax.pmax(request, AXIS), axis_name=AXIS)
+    self._pending = None
+
+  def __call__(self, local_request: int) -> int:
+    """This process's request now -> the request agreed after the previous call (0: none)."""
+    agreed = 0
+    if self._pending is not None:
+      agreed = int(np.asarray(self._pending.addressable_shards[0].data).reshape(-1)[0])
+    requests = np.full((jax.local_device_count(),), local_request, np.int32)
+    self._pending = self._max(put_batch(requests, self._mesh))
+    return agreed
+
+
 def broadcast_from_process_0(value: float) -> float:
   """Process 0's value, on every process (decisions all processes must take together)."""
   if jax.process_count() == 1:

@@ -82,14 +82,18 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
   # ---- Train --------------------------------------------------------------------------------------
   step = int(state.step)
   progress = _Progress(config, writer, step)
+  agree_to_stop = parallel.StopAgreement(mesh)
   with _StopOnSignal() as stop, contextlib.closing(data):
     while step < config.num_steps:
       k = min(config.steps_per_call, config.num_steps - step)
       state, metrics = steps(state, step, k)
       step += k
       progress.ran(step, metrics)
+      # A signal to any process stops every process after the same call (never on the local signal
+      # alone: the others would wait for it in the next step's collectives).
+      stopping = agree_to_stop(stop.signal or 0)
       reached = lambda every: step // every > (step - k) // every  # (step - k, step] holds a multiple
-      done = step == config.num_steps or stop.signal is not None
+      done = step == config.num_steps or stopping
       save = done or reached(config.checkpoint_every)
       log = done or reached(config.log_every)
       if save or log:
@@ -105,10 +109,11 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
         evaluation.run(state, step, writer)
       if save:
         checkpointer.save(state, step)  # asynchronous: returns once the arrays are off the devices
-      if stop.signal is not None:
+      if stopping:
         checkpointer.wait()
-        logging.warning("Stopped by %s at step %d; checkpoint written. Run the same command again to "
-                        "resume.", stop.signal.name, step)
+        logging.warning("Stopped by %s at step %d%s; checkpoint written. Run the same command again to "
+                        "resume.", signal.Signals(stopping).name, step,
+                        " (sent to one or more of the processes)" if jax.process_count() > 1 else "")
         break
 
   # ---- Finish -------------------------------------------------------------------------------------

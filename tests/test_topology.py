@@ -121,3 +121,44 @@ def test_random_access_path_is_bitwise_identical_on_1_device_and_2_processes(tin
   assert step == 6
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_on_one_device(tiny_data_dir, tmp_path):
+  """2 processes x 2 devices, SIGTERM to process 1 only: both processes stop after the same step, write
+  one checkpoint together and exit 0; the run then continues on 1 process x 1 device and ends bitwise
+  equal to an uninterrupted 1-device run (--invariant_groups=8). Catches a process that stops on its own
+  signal alone (the other waits forever in a collective, or they checkpoint different steps), and a
+  resume that cannot change topology."""
+  import signal
+  import time
+  workdir, port = str(tmp_path / "stopped"), free_port()
+  run = lambda w, steps: args(tiny_data_dir, w, batch_size=8, invariant_groups=8, num_steps=steps)
+  procs = [subprocess.Popen([sys.executable, "-m", "dcgan_jax.main"] + run(workdir, 100_000) +
+                            [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+  metrics, t0 = os.path.join(workdir, "metrics.jsonl"), time.time()
+  while not (os.path.exists(metrics) and len(read_jsonl(metrics)) >= 3):
+    assert all(p.poll() is None for p in procs) and time.time() - t0 < 300, "run did not start"
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  try:
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+  stopped = [int(o.split("Stopped by SIGTERM at step ")[1].split()[0]) for o in outs]
+  assert stopped[0] == stopped[1], stopped
+  step = stopped[0]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
+  total = step + 4
+  r = run_cli(run(workdir, total), devices=1)  # the same run, continued on one device
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"Resuming from step {step}" in r.stderr
+  straight = str(tmp_path / "straight")
+  r = run_cli(run(straight, total), devices=1)
+  assert r.returncode == 0, r.stderr[-3000:]
+  a, b = checkpoints.read_state_numpy(workdir)[0], checkpoints.read_state_numpy(straight)[0]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)

@@ -143,6 +143,7 @@ class Checkpointer:
               "use the same settings to resume, or another --workdir to start a new run.")
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
+        _say_if_topology_changed(self.manager, step)
         return _from_saveable(restored, like), step
       except ConfigError:
         raise
@@ -153,6 +154,22 @@ class Checkpointer:
         os.replace(path, aside)
         self.manager.reload()
     return None, None
+
+
+def _say_if_topology_changed(manager, step: int) -> None:
+  """One console line when a checkpoint is resumed on another number of processes or devices (a
+  preempted slice often comes back with another shape): the run continues, on the same data order."""
+  try:
+    saved = manager.restore(step, args=ocp.args.Composite(provenance=ocp.args.JsonRestore())).provenance
+    before = (saved["process_count"], saved["device_count"])
+  except Exception:  # pylint: disable=broad-except  (a checkpoint without provenance: nothing to say)
+    return
+  now = (jax.process_count(), jax.device_count())
+  if before != now:
+    logging.info("Topology changed: the checkpoint of step %d was written by %d process(es) with %d "
+                 "devices in all; continuing on %d with %d. The data order does not depend on it (with "
+                 "--invariant_groups neither do the results; otherwise they differ by float rounding).",
+                 step, *before, *now)
 
 
 def read_state_numpy(workdir: str, step: Optional[int] = None,

@@ -9,6 +9,9 @@ Every Config field is a flag of the same name (config.py holds their help texts)
 stderr and exit status 2.
 """
 
+import os
+import sys
+
 from absl import flags
 from absl import logging
 
@@ -26,6 +29,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "are joined automatically.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
+flags.DEFINE_integer("heartbeat_timeout", 100, "Multi-host: seconds without a heartbeat after which a "
+                     "process counts as lost and the others exit (non-zero); resume from the last "
+                     "checkpoint. Bounds how long survivors wait for a dead process.")
 config_lib.define_flags()
 
 
@@ -33,17 +39,42 @@ def main(argv):
   del argv
   if not FLAGS.workdir:
     exit_with_error("--workdir is required; pass a directory for the run's outputs, e.g. --workdir=/tmp/dcgan")
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    exit_with_error(f"--workdir={FLAGS.workdir}: is a file, not a directory; pass a directory (new or a "
+                    "run's) for the run's outputs")
   # Imported here so that --help is fast and JAX starts after cli.run's setup.
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dcgan_jax import parallel  # pylint: disable=g-import-not-at-top
   from dcgan_jax import train  # pylint: disable=g-import-not-at-top
   try:
     config = config_lib.from_flags().resolved()
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         FLAGS.heartbeat_timeout)
     logging.info("Training in %s", FLAGS.workdir)
     train.train_and_evaluate(config, FLAGS.workdir)
   except (ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError) as e:
     exit_with_error(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
+      raise
+    _lost_a_process(e)
+
+
+def _lost_a_process(error: Exception) -> None:
+  """A collective failed in a multi-process run: another process died (killed, preempted, crashed).
+  One line naming what failed and where the run resumes, then exit 3 at once: JAX's own shutdown would
+  wait for the lost process and abort with a stack trace."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  steps = workdir_lib.checkpoint_steps(FLAGS.workdir)
+  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  print(f"error: process {jax.process_index()} of {jax.process_count()}: lost another process of the run "
+        f"({first[:200]}); start all processes again to resume from "
+        + (f"step {steps[-1]} (the newest checkpoint)" if steps else "the start (no checkpoint yet)"),
+        file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(3)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

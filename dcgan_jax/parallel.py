@@ -23,9 +23,13 @@ from dcgan_jax.config import Config, ConfigError
 AXIS = "batch"  # the pmap axis: BatchNorm statistics and gradient means run over it
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None) -> None:
+def initialize(coordinator_address=None, num_processes=None, process_id=None,
+               heartbeat_timeout: int = 100) -> None:
   """jax.distributed.initialize from explicit settings (all three, or none), or from the cluster's
-  environment when JAX can read it (TPU pods, SLURM, Open MPI). ConfigError for incomplete settings."""
+  environment when JAX can read it (TPU pods, SLURM, Open MPI). ConfigError for incomplete settings.
+
+  heartbeat_timeout: seconds without a heartbeat after which the coordinator declares a process lost
+  and the others end (non-zero); it bounds how long survivors wait for a dead process."""
   given = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in given):
     if any(v is None for v in given):
@@ -34,9 +38,10 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None) ->
       raise ConfigError(f"--process_id={process_id}: must be in 0..{num_processes - 1}")
     # Cross-process collectives on CPU need gloo; the setting does nothing on GPU/TPU backends.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout)
   elif _cluster_detected():
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
   if jax.process_count() > 1:
     logging.info("Process %d of %d; %d local devices of %d.", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())

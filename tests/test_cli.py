@@ -182,3 +182,15 @@ def test_offline_download_fails_within_seconds(tmp_path, monkeypatch):
   with pytest.raises(input_pipeline.DataUnavailableError, match="python -m dcgan_jax.prepare_data"):
     input_pipeline.get_builder(Config(dataset="mnist", data_dir=str(tmp_path)))
   assert time.time() - t0 < 30
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+  """--workdir naming an existing file: one line, exit 2, and the file untouched. Catches a run that
+  ends in a NotADirectoryError traceback (or writes over the file)."""
+  path = tmp_path / "notes.txt"
+  path.write_text("keep me")
+  r = run([f"--workdir={path}", "--num_steps=1"], timeout=300)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "is a file, not a directory" in errors[0]
+  assert path.read_text() == "keep me"

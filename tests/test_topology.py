@@ -156,9 +156,50 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_on_one_device(
   r = run_cli(run(workdir, total), devices=1)  # the same run, continued on one device
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"Resuming from step {step}" in r.stderr
+  assert "Topology changed: the checkpoint of step" in r.stderr and "by 2 process(es) with 4" in r.stderr
   straight = str(tmp_path / "straight")
   r = run_cli(run(straight, total), devices=1)
   assert r.returncode == 0, r.stderr[-3000:]
   a, b = checkpoints.read_state_numpy(workdir)[0], checkpoints.read_state_numpy(straight)[0]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tiny_data_dir, tmp_path):
+  """2 processes x 2 devices, SIGKILL to process 1: process 0 exits 3 within a minute with one line
+  naming the lost process and the checkpoint step to resume from (no hang, no stack trace); starting
+  both again resumes from that checkpoint and finishes. Catches survivors that wait forever, an abort
+  with a C++ stack trace, and a half-written checkpoint that blocks the resume."""
+  import signal
+  import time
+  workdir = str(tmp_path / "run")
+  run = lambda steps: args(tiny_data_dir, workdir, num_steps=steps) + ["--checkpoint_every=5"]
+
+  def launch(steps):
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "dcgan_jax.main"] + run(steps) +
+                             [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                              f"--process_id={i}"], cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+
+  procs = launch(100_000)
+  try:
+    metrics, t0 = os.path.join(workdir, "metrics.jsonl"), time.time()
+    while not (os.path.exists(metrics) and len(read_jsonl(metrics)) >= 12):
+      assert all(p.poll() is None for p in procs) and time.time() - t0 < 300, "run did not start"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    out = procs[0].communicate(timeout=60)[0]
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[0].returncode == 3, out[-3000:]
+  assert "Traceback" not in out and "Fatal Python error" not in out, out[-3000:]
+  errors = [l for l in out.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "process 0 of 2: lost another process" in errors[0], out[-3000:]
+  resume_step = int(errors[0].split("resume from step ")[1].split()[0])
+  assert resume_step >= 10 and resume_step % 5 == 0
+  procs = launch(resume_step + 3)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+  assert all(f"Resuming from step {resume_step}" in o for o in outs)

@@ -35,6 +35,8 @@ flags.DEFINE_integer("num_examples", 60000, "Synthetic dataset size (the data or
 flags.DEFINE_enum("multi_step", "auto", ["auto", "scan", "dispatch"],
                   "With --steps_per_call > 1: one lax.scan per call, or one dispatch of the single "
                   "step per step (auto: dispatch on CPU, scan elsewhere).")
+flags.DEFINE_bool("stop_agreement", True, "After each call, agree on stopping as the training loop does "
+                  "(--nostop_agreement: the steps alone, to measure what the agreement costs).")
 flags.DEFINE_enum("xla_cpu_convolutions", "eigen", ["eigen", "ynnpack"],
                   "XLA:CPU's convolution library: eigen (what dcgan_jax's programs choose, "
                   "convolutions.configure_xla_cpu) or ynnpack (jaxlib 0.10's default).")
@@ -49,9 +51,10 @@ def peak_memory_bytes():
 
 
 def run(config: Config, channels: int, steps: int, warmup: int, num_examples: int,
-        scan: Optional[bool] = None) -> dict:
+        scan: Optional[bool] = None, stop_agreement: bool = True) -> dict:
   """Times `steps` training steps (rounded up to whole calls of --steps_per_call); returns the JSON
-  record. scan: for --steps_per_call > 1 (None: the platform's default)."""
+  record. scan: for --steps_per_call > 1 (None: the platform's default). stop_agreement: after each
+  call, the training loop's agreement on stopping (parallel.StopAgreement), as the loop runs it."""
   config = config.resolved()
   mesh = parallel.global_mesh()
   n_dev = mesh.devices.size
@@ -70,16 +73,19 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
           parallel.make_multi_step(train_step, k, in_memory=True, scan=scan))
   calls = -(-steps // k)  # the timed steps, rounded up to whole calls
   steps = calls * k
+  agree = parallel.StopAgreement(mesh) if stop_agreement else lambda request: 0
   t0 = time.perf_counter()
   state, metrics = call(state, positions, data)
   jax.block_until_ready((state, metrics))
   compile_sec = time.perf_counter() - t0
   for _ in range(warmup):
     state, metrics = call(state, positions, data)
+    agree(0)
   jax.block_until_ready((state, metrics))
   t0 = time.perf_counter()
   for _ in range(calls):
     state, metrics = call(state, positions, data)
+    agree(0)
   jax.block_until_ready((state, metrics))
   elapsed = time.perf_counter() - t0
   final = jax.tree.map(lambda x: np.asarray(x).reshape(-1)[-1], jax.device_get(metrics))  # last step
@@ -87,7 +93,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   return dict(impl="dcgan_jax", preset=config.preset, image_size=config.image_size,
               batch_size=config.batch_size, steps=steps, steps_per_call=k,
               multi_step=None if k == 1 else ("scan" if scan else "dispatch"),
-              invariant_groups=config.invariant_groups,
+              invariant_groups=config.invariant_groups, stop_agreement=stop_agreement,
               compute_dtype=config.compute_dtype, xla_flags=os.environ.get("XLA_FLAGS", ""),
               sec_per_step=elapsed / steps, images_per_sec=config.batch_size * steps / elapsed,
               compile_sec=compile_sec, backend=jax.default_backend(),
@@ -102,7 +108,8 @@ def main(argv):
   config = config_lib.from_flags(CONFIG_FLAGS, dataset="synthetic")
   try:
     result = run(config, FLAGS.channels, FLAGS.steps, FLAGS.warmup, FLAGS.num_examples,
-                 scan=None if FLAGS.multi_step == "auto" else FLAGS.multi_step == "scan")
+                 scan=None if FLAGS.multi_step == "auto" else FLAGS.multi_step == "scan",
+                 stop_agreement=FLAGS.stop_agreement)
   except ConfigError as e:
     exit_with_error(str(e))
   print(json.dumps(result), flush=True)

@@ -105,7 +105,9 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
         writer.write_samples(step, sampling.sample_images(sample, state.generator(), grid_z))
         if ema:
           writer.write_samples(step, sampling.sample_images(sample, state.g, grid_z), prefix="raw_")
-      if evaluation and (done or reached(config.eval_every)):
+      # Not on a stop: the resumed run evaluates at the multiples an uninterrupted run does, so
+      # evaluations.jsonl lines and best/ are the same however often the run was stopped.
+      if evaluation and (step == config.num_steps or reached(config.eval_every)):
         evaluation.run(state, step, writer)
       if save:
         checkpointer.save(state, step)  # asynchronous: returns once the arrays are off the devices

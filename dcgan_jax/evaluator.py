@@ -36,6 +36,7 @@ import time
 from typing import Optional, Tuple
 
 from absl import logging
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,8 @@ import optax
 from dcgan_jax import metrics
 from dcgan_jax.config import ConfigError
 
-VERSION = 2  # bump when the network or its training changes: cached evaluators are then retrained
+VARIABLES = "variables.msgpack"
+VERSION = 3  # bump when the network or its training changes: cached evaluators are then retrained
 DEFAULT_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dcgan_jax",
                            "evaluators")
 TRAIN = dict(seed=0, epochs=3, batch_size=128, learning_rate=1e-3)
@@ -187,7 +189,6 @@ def real_split(builder) -> str:
 def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
                   cache_dir: Optional[str] = None) -> Evaluator:
   """The cached evaluator for (dataset contents, image shape), trained and cached first if absent."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dcgan_jax.config import Config  # pylint: disable=g-import-not-at-top
   cache_dir = cache_dir or DEFAULT_DIR
@@ -210,8 +211,8 @@ def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
     num_classes = meta["num_classes"]
     like = {"params": Classifier(num_classes).init(jax.random.key(0), jnp.zeros((1,) + image_shape))[
         "params"]}
-    with ocp.StandardCheckpointer() as checkpointer:
-      variables = checkpointer.restore(os.path.join(path, "variables"), like)
+    with open(os.path.join(path, VARIABLES), "rb") as f:
+      variables = flax.serialization.from_bytes(like, f.read())
     return _announce(Evaluator(dataset, tuple(image_shape), num_classes, meta["test_accuracy"], path,
                                variables, meta["feature_scale"], meta["label_free"], meta["real_split"]))
 
@@ -241,18 +242,22 @@ def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
   evaluator.feature_scale = float(np.sqrt(np.mean(np.square(features, dtype=np.float64))))
   os.makedirs(cache_dir, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(tmp, "variables"), variables)
+  # msgpack, not orbax: a file of this process alone (orbax's save is collective in a multi-process run,
+  # and here one process trains and caches while the others wait).
+  with open(os.path.join(tmp, VARIABLES), "wb") as f:
+    f.write(flax.serialization.to_bytes(jax.device_get(variables)))
   with open(os.path.join(tmp, "evaluator.json"), "w") as f:
     json.dump(dict(dataset=dataset, image_shape=list(image_shape), num_classes=num_classes,
                    label_free=label_free, real_split=split, train_examples=num_train,
                    test_accuracy=evaluator.test_accuracy, feature_scale=evaluator.feature_scale,
                    version=VERSION, train_settings=TRAIN, train_seconds=round(time.time() - t0, 1)), f,
               indent=2)
-  if os.path.exists(path):  # another process cached it meanwhile: keep theirs
+  try:
+    os.rename(tmp, path)  # fails if another process cached it meanwhile: then keep theirs
+  except OSError:
+    if not os.path.exists(os.path.join(path, "evaluator.json")):
+      raise
     shutil.rmtree(tmp)
-  else:
-    os.replace(tmp, path)
   logging.info("Evaluator trained in %.0fs: %s accuracy %.4f on %s.", time.time() - t0,
                "rotation" if label_free else "test", evaluator.test_accuracy, split)
   return _announce(evaluator)

@@ -200,6 +200,30 @@ class StopAgreement:
     return agreed
 
 
+WAIT_MINUTES = 60  # how long process_0_first lets the others wait (an evaluator trains in minutes)
+_barriers = iter(range(1 << 30))
+
+
+def process_0_first(make: Callable, what: str):
+  """make() on process 0 first, then on the others, and every process returns its own result once all
+  are done: for work whose first run fills a shared cache that the others then read (the evaluator),
+  instead of every process doing it at once and racing to write it. The waits are the coordination
+  service's barriers, not device collectives, which give up after seconds (gloo: 30 s)."""
+  if jax.process_count() == 1:
+    return make()
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client, n = distributed.global_state.client, next(_barriers)
+  timeout_ms = WAIT_MINUTES * 60 * 1000
+  result = make() if jax.process_index() == 0 else None
+  if jax.process_index() != 0:
+    logging.info("Waiting for process 0: %s.", what)
+  client.wait_at_barrier(f"dcgan_jax_{n}_process_0_done", timeout_in_ms=timeout_ms)
+  if jax.process_index() != 0:
+    result = make()
+  client.wait_at_barrier(f"dcgan_jax_{n}_all_done", timeout_in_ms=timeout_ms)
+  return result
+
+
 def broadcast_from_process_0(value: float) -> float:
   """Process 0's value, on every process (decisions all processes must take together)."""
   if jax.process_count() == 1:

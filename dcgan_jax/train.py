@@ -213,6 +213,7 @@ class _Evaluation:
   """--eval_every: FID/KID of the generator (and of the raw one beside an EMA one) on the fixed
   evaluation noise, and the best checkpoint by FID in <workdir>/best.
 
+  Process 0 trains and caches the evaluator first, then the others load it (no race on the cache).
   Every process evaluates (the same computation on the same data), so that all arrive at the
   best-checkpoint decision together: a process waiting on another's minute-long evaluation would time
   out in the collective (gloo: 30 s). Process 0's FID decides; only process 0 writes."""
@@ -222,7 +223,8 @@ class _Evaluation:
     self.sample = sample
     self.checkpointer = checkpoints.Checkpointer(workdir, config, subdir="best", max_to_keep=1)
     self.best = (self.checkpointer.latest_score() or {}).get("fid", float("inf"))
-    ev = evaluator.load_or_train(config.dataset, config.data_dir, image_shape, config.evaluator_dir)
+    ev = parallel.process_0_first(lambda: evaluator.load_or_train(
+        config.dataset, config.data_dir, image_shape, config.evaluator_dir), "the evaluator")
     logging.info("Evaluator %s: test accuracy %.4f.", ev.path, ev.test_accuracy)
     self.scorer = evaluator.Scorer(ev, config.data_dir, kid_subsets=20)
     self.z = randomness.eval_latents(jax.random.key(config.seed), config.eval_samples, config.latent_dim)

@@ -203,3 +203,26 @@ def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tin
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
   assert all(f"Resuming from step {resume_step}" in o for o in outs)
+
+
+def test_two_processes_starting_cold_train_the_evaluator_once(tiny_data_dir, tmp_path):
+  """2 processes x 2 devices with --eval_every and an empty evaluator cache: process 0 trains and caches
+  the evaluator while process 1 waits, then process 1 loads it; one evaluator in the cache, no
+  temporary leftovers, both exit 0. Catches every process training at once and racing to rename its
+  copy into the cache (the loser crashed)."""
+  workdir, port, cache = str(tmp_path / "run"), free_port(), tmp_path / "evaluators"
+  procs = [subprocess.Popen([sys.executable, "-m", "dcgan_jax.main"] +
+                            args(tiny_data_dir, workdir, num_steps=4) +
+                            ["--eval_every=2", "--eval_samples=16", f"--evaluator_dir={cache}",
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+  try:
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+  assert "Training the fashion_mnist evaluator" in outs[0]
+  assert "Training the fashion_mnist evaluator" not in outs[1] and "Waiting for process 0" in outs[1]
+  assert len(os.listdir(cache)) == 1 and not os.listdir(cache)[0].startswith(".tmp")

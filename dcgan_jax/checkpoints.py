@@ -14,8 +14,10 @@ after a newer one is finalised (`max_to_keep`). Saving is asynchronous: the arra
 devices, then written in a background thread while training goes on.
 """
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import functools
 import json
 import os
@@ -32,6 +34,10 @@ from dcgan_jax import config as config_lib
 from dcgan_jax import parallel
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import Config, ConfigError
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (the disk is full). One line: where, and the step to resume."""
+
 
 def provenance(config: Config) -> dict:
   """Where and with what a checkpoint was made."""
@@ -96,14 +102,33 @@ class Checkpointer:
 
   def save(self, state, step: int, score: Optional[dict] = None) -> None:
     """Starts an asynchronous save of `state` as checkpoint `step` (returns once arrays are off device).
-    `score`: evaluation results stored beside it (JSON), e.g. {"fid": ...} for the best checkpoint."""
+    `score`: evaluation results stored beside it (JSON), e.g. {"fid": ...} for the best checkpoint.
+    CheckpointWriteError when this or the previous save found the disk full."""
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_saveable(state)),
-        config=ocp.args.JsonSave(dataclasses.asdict(self.config)),
-        provenance=ocp.args.JsonSave(provenance(self.config)),
-        score=ocp.args.JsonSave(score or {})))
+    with self._disk_full_is_one_line():
+      self.manager.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_to_saveable(state)),
+          config=ocp.args.JsonSave(dataclasses.asdict(self.config)),
+          provenance=ocp.args.JsonSave(provenance(self.config)),
+          score=ocp.args.JsonSave(score or {})))
+
+  @contextlib.contextmanager
+  def _disk_full_is_one_line(self):
+    """orbax reports a full disk from its writer threads as RESOURCE_EXHAUSTED / ENOSPC errors: turned
+    into one CheckpointWriteError naming the directory and the step the run resumes from."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      text = str(e)
+      if not ((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "RESOURCE_EXHAUSTED" in text
+              or "No space left" in text):
+        raise
+      complete = [s for s in self.manager.all_steps() if os.path.isdir(os.path.join(self.directory, str(s)))]
+      raise CheckpointWriteError(
+          f"{self.directory}: the disk is full, a checkpoint could not be written; free space (or move "
+          "the workdir) and run the same command again to resume from "
+          + (f"step {max(complete)}" if complete else "the start (no checkpoint is complete)")) from None
 
   def latest_score(self) -> Optional[dict]:
     """The score saved with the newest checkpoint here, or None (no checkpoint, or none saved)."""
@@ -116,10 +141,11 @@ class Checkpointer:
       return None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._disk_full_is_one_line():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
   def restore_latest(self, like) -> Tuple[Optional[object], Optional[int]]:

@@ -10,6 +10,7 @@ Before `main` runs (after flag parsing, before JAX starts a backend):
 
 import logging as logging_std
 import os
+import sys
 from typing import Callable, Optional
 
 from absl import app
@@ -52,11 +53,28 @@ def parse_flags(argv: list) -> list:
     exit_with_error(f"{e}; see --helpfull")
 
 
+# Errors that orbax's writer threads (and the asyncio loops under them) log with a traceback each,
+# before the same failure reaches dcgan_jax as one exception, which ends the run with one line.
+_DUPLICATE_ERRORS = (os.sep + "orbax" + os.sep, os.sep + "asyncio" + os.sep)
+
+
 class _OwnLinesOnly(logging_std.Filter):
-  """Lets through dcgan_jax's own log lines, and other libraries' warnings and errors."""
+  """Lets through dcgan_jax's own log lines, and other libraries' warnings and errors (except the
+  duplicates above)."""
 
   def filter(self, record):
-    return record.levelno >= logging_std.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+    if record.pathname.startswith(_PACKAGE_DIR):
+      return True
+    if record.levelno >= logging_std.ERROR and any(p in record.pathname for p in _DUPLICATE_ERRORS):
+      return record.levelno >= logging_std.CRITICAL
+    return record.levelno >= logging_std.WARNING
+
+
+def _quiet_unraisable(unraisable) -> None:
+  """Callbacks that reach a closed asyncio loop while a failed save shuts down say nothing useful."""
+  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def configure_console() -> None:
@@ -65,6 +83,7 @@ def configure_console() -> None:
   handler = logging.get_absl_handler()
   if flags.FLAGS["verbosity"].value < 1 and not any(isinstance(f, _OwnLinesOnly) for f in handler.filters):
     handler.addFilter(_OwnLinesOnly())
+    sys.unraisablehook = _quiet_unraisable
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines (streaming path)
 
 

@@ -43,6 +43,7 @@ def main(argv):
     exit_with_error(f"--workdir={FLAGS.workdir}: is a file, not a directory; pass a directory (new or a "
                     "run's) for the run's outputs")
   # Imported here so that --help is fast and JAX starts after cli.run's setup.
+  from dcgan_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dcgan_jax import parallel  # pylint: disable=g-import-not-at-top
   from dcgan_jax import train  # pylint: disable=g-import-not-at-top
@@ -54,6 +55,10 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
   except (ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError) as e:
     exit_with_error(str(e))
+  except checkpoints.CheckpointWriteError as e:
+    # At once: orbax's writer threads would add a traceback each while the interpreter shuts down.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    os._exit(2)  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
     import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):

@@ -194,3 +194,27 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
   errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and "is a file, not a directory" in errors[0]
   assert path.read_text() == "keep me"
+
+
+def test_closed_loop_noise_is_dropped_and_other_unraisable_errors_are_not(capsys, monkeypatch):
+  """cli's unraisable hook drops the "Event loop is closed" errors that orbax's callbacks raise while a
+  failed save shuts down (a traceback each, after the run's one-line error), and passes every other
+  unraisable error to Python's default hook. Catches a hook that hides everything, or nothing."""
+  import gc
+  import sys
+  from dcgan_jax import cli
+  monkeypatch.setattr(sys, "unraisablehook", cli._quiet_unraisable)  # pylint: disable=protected-access
+
+  class RaisesWhenCollected:
+    def __init__(self, error):
+      self.error = error
+
+    def __del__(self):
+      raise self.error
+
+  RaisesWhenCollected(RuntimeError("Event loop is closed"))
+  gc.collect()
+  assert "Event loop is closed" not in capsys.readouterr().err
+  RaisesWhenCollected(ValueError("something else"))
+  gc.collect()
+  assert "something else" in capsys.readouterr().err

@@ -323,6 +323,10 @@ class Scorer:
   def score(self, images: np.ndarray, precision_recall: bool = True) -> dict:
     """uint8 images (n, H, W, C) -> one dict of every metric, with the evaluator and the sample counts."""
     feats, probs = self.evaluator.embed(images)
+    return self.score_embedded(feats, probs, precision_recall)
+
+  def score_embedded(self, feats: np.ndarray, probs: np.ndarray, precision_recall: bool = True) -> dict:
+    """The same from the samples' embeddings (Evaluator.embed), e.g. gathered from several processes."""
     report = dict(fid=metrics.fid(feats, self.real_features))
     report["kid"], report["kid_std"] = metrics.kid(feats, self.real_features, self.kid_subsets)
     if precision_recall:
@@ -333,7 +337,7 @@ class Scorer:
       report.update(coverage=metrics.class_coverage(probs), num_classes=self.evaluator.num_classes,
                     class_kl=metrics.class_kl(probs, self.real_histogram),
                     classifier_score=metrics.classifier_score(probs))
-    report.update(num_samples=len(images), num_real=len(self.real_features),
+    report.update(num_samples=len(feats), num_real=len(self.real_features),
                   real_split=self.evaluator.real_split)
     return report
 

@@ -224,6 +224,25 @@ def process_0_first(make: Callable, what: str):
   return result
 
 
+def process_share(rows: np.ndarray) -> np.ndarray:
+  """This process's contiguous share of `rows` (all of them in a single-process run): work that every
+  process would otherwise repeat, split (e.g. the evaluation's samples)."""
+  return np.array_split(rows, jax.process_count())[jax.process_index()]
+
+
+def gather_shares(share: np.ndarray, total: int) -> np.ndarray:
+  """The inverse of process_share for results: every process's share of `total` rows, concatenated in
+  process order, on every process. (Shares differ by at most one row: padded for the all-gather.)"""
+  if jax.process_count() == 1:
+    return share
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sizes = [len(part) for part in np.array_split(np.empty(total), jax.process_count())]
+  padded = np.zeros((max(sizes),) + share.shape[1:], share.dtype)
+  padded[:len(share)] = share
+  gathered = np.asarray(multihost_utils.process_allgather(padded, tiled=False))
+  return np.concatenate([gathered[p, :n] for p, n in enumerate(sizes)])
+
+
 def broadcast_from_process_0(value: float) -> float:
   """Process 0's value, on every process (decisions all processes must take together)."""
   if jax.process_count() == 1:

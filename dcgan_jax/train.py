@@ -217,9 +217,9 @@ class _Evaluation:
   evaluation noise, and the best checkpoint by FID in <workdir>/best.
 
   Process 0 trains and caches the evaluator first, then the others load it (no race on the cache).
-  Every process evaluates (the same computation on the same data), so that all arrive at the
-  best-checkpoint decision together: a process waiting on another's minute-long evaluation would time
-  out in the collective (gloo: 30 s). Process 0's FID decides; only process 0 writes."""
+  Each process generates and embeds its share of the samples; the metrics, computed by every process
+  from all the gathered embeddings, are the same everywhere, so all take the best-checkpoint decision
+  together (process 0's FID decides, broadcast). Only process 0 writes."""
 
   def __init__(self, config, workdir, image_shape, sample):
     from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
@@ -233,10 +233,15 @@ class _Evaluation:
     self.z = randomness.eval_latents(jax.random.key(config.seed), config.eval_samples, config.latent_dim)
 
   def _score(self, g) -> dict:
+    """Each process generates and embeds its share of the evaluation samples; the embeddings are
+    gathered, and every process computes the same metrics from all of them."""
     from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
-    images = evaluator.as_uint8_images(sampling.sample_images(self.sample, g, self.z),
-                                       self.scorer.evaluator.image_shape)
-    report = self.scorer.score(images, precision_recall=False)
+    share = sampling.sample_images(self.sample, g, parallel.process_share(self.z))
+    images = evaluator.as_uint8_images(share, self.scorer.evaluator.image_shape)
+    feats, probs = self.scorer.evaluator.embed(images)
+    n = len(self.z)
+    report = self.scorer.score_embedded(parallel.gather_shares(feats, n), parallel.gather_shares(probs, n),
+                                        precision_recall=False)
     return {k: float(report[k]) for k in ("fid", "kid", "coverage", "class_kl") if k in report}
 
   def run(self, state, step, writer) -> None:

@@ -174,7 +174,8 @@ def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tin
   import signal
   import time
   workdir = str(tmp_path / "run")
-  run = lambda steps: args(tiny_data_dir, workdir, num_steps=steps) + ["--checkpoint_every=5"]
+  run = lambda steps: args(tiny_data_dir, workdir, num_steps=steps) + ["--checkpoint_every=50",
+                                                                       "--heartbeat_timeout=20"]
 
   def launch(steps):
     port = free_port()
@@ -186,7 +187,10 @@ def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tin
   procs = launch(100_000)
   try:
     metrics, t0 = os.path.join(workdir, "metrics.jsonl"), time.time()
-    while not (os.path.exists(metrics) and len(read_jsonl(metrics)) >= 12):
+    # Between saves (a process killed while a save is being finalised leaves the others in orbax's
+    # barrier until the heartbeat timeout, and JAX then aborts them: docs/training.md).
+    while not (os.path.exists(metrics) and len(read_jsonl(metrics)) >= 53
+               and os.path.exists(os.path.join(workdir, "checkpoints", "50"))):
       assert all(p.poll() is None for p in procs) and time.time() - t0 < 300, "run did not start"
       time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)
@@ -199,7 +203,7 @@ def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tin
   errors = [l for l in out.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and "process 0 of 2: lost another process" in errors[0], out[-3000:]
   resume_step = int(errors[0].split("resume from step ")[1].split()[0])
-  assert resume_step >= 10 and resume_step % 5 == 0
+  assert resume_step == 50
   procs = launch(resume_step + 3)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
@@ -227,3 +231,21 @@ def test_two_processes_starting_cold_train_the_evaluator_once(tiny_data_dir, tmp
   assert "Training the fashion_mnist evaluator" in outs[0]
   assert "Training the fashion_mnist evaluator" not in outs[1] and "Waiting for process 0" in outs[1]
   assert len(os.listdir(cache)) == 1 and not os.listdir(cache)[0].startswith(".tmp")
+
+
+def test_evaluation_split_over_2_processes_gives_the_1_process_numbers(tiny_data_dir, tmp_path):
+  """--eval_every with --invariant_groups=8 (the same generator on every topology): the FID, KID and
+  class metrics of 2 processes x 2 devices, each generating and embedding half of the 17 samples, equal
+  a single process's on all of them. Catches a process scoring only its own share (another sample set:
+  another FID), and shares that overlap or drop the odd sample. (Row order is not checked: these
+  metrics do not depend on it.)"""
+  cache = str(tmp_path / "evaluators")
+  runs = run_topologies(lambda w: args(tiny_data_dir, w, batch_size=8, invariant_groups=8, num_steps=4)
+                        + ["--eval_every=2", "--eval_samples=17", f"--evaluator_dir={cache}"],
+                        tmp_path, devices=(1,))
+  scored = {name: [l for l in read_jsonl(os.path.join(w, "metrics.jsonl")) if "fid" in l]
+            for name, w in runs.items()}
+  assert [l["step"] for l in scored["2x2"]] == [2, 4]
+  for one, two in zip(scored["1x1"], scored["2x2"], strict=True):
+    for key in ("fid", "kid", "coverage", "class_kl"):
+      assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (key, one, two)

@@ -59,12 +59,6 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
       channels=data.channels, git_commit=checkpoints.git_commit()))
   logging.info("Config: %s", json.dumps(dict(config.__dict__)))
 
-  # ---- Sampling and evaluation (before any checkpoint manager: the evaluator reads its data first,
-  # and orbax's background clean-up of a checkpoint directory must not overlap tfds's file access) ----
-  sample = sampling.make_sampler(models.build_models(config, data.channels)[0], config.sample_bn)
-  grid_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
-  evaluation = _Evaluation(config, workdir, data.image_shape, sample) if config.eval_every else None
-
   # ---- State: fresh, or the newest readable checkpoint of this workdir ----------------------------
   state = parallel.replicate(step_lib.create_train_state(config, data.channels), mesh)
   checkpointer = checkpoints.Checkpointer(workdir, config)
@@ -78,8 +72,11 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
       logging.warning("tf.data streaming path: the data order after a resume differs from an "
                       "uninterrupted run's.")
 
-  # ---- Step programs ------------------------------------------------------------------------------
+  # ---- Step programs, sampling, evaluation --------------------------------------------------------
   steps = _Steps(config, data, mesh, per_device)
+  sample = sampling.make_sampler(models.build_models(config, data.channels)[0], config.sample_bn)
+  grid_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
+  evaluation = _Evaluation(config, workdir, data.image_shape, sample) if config.eval_every else None
   ema = state.g_ema is not None
 
   # ---- Train --------------------------------------------------------------------------------------
@@ -228,6 +225,8 @@ class _Evaluation:
         config.dataset, config.data_dir, image_shape, config.evaluator_dir), "the evaluator")
     logging.info("Evaluator %s: test accuracy %.4f.", ev.path, ev.test_accuracy)
     self.scorer = evaluator.Scorer(ev, config.data_dir, kid_subsets=20)
+    # After the evaluator's data are read: orbax's background clean-up of a new checkpoint directory
+    # must not overlap tfds's file access (tfds.testing.mock_data patches the file system meanwhile).
     self.checkpointer = checkpoints.Checkpointer(workdir, config, subdir="best", max_to_keep=1)
     self.best = (self.checkpointer.latest_score() or {}).get("fid", float("inf"))
     self.z = randomness.eval_latents(jax.random.key(config.seed), config.eval_samples, config.latent_dim)

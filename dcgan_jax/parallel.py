@@ -199,6 +199,12 @@ class StopAgreement:
     self._pending = self._max(put_batch(requests, self._mesh))
     return agreed
 
+  def finish(self) -> None:
+    """Waits for the last agreement: no process may leave with its share of a collective not run,
+    while another still waits in it."""
+    if self._pending is not None:
+      jax.block_until_ready(self._pending)
+
 
 WAIT_MINUTES = 60  # how long process_0_first lets the others wait (an evaluator trains in minutes)
 _barriers = iter(range(1 << 30))

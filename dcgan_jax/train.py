@@ -119,6 +119,7 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
         break
 
   # ---- Finish -------------------------------------------------------------------------------------
+  agree_to_stop.finish()
   checkpointer.close()
   if evaluation:
     evaluation.close()

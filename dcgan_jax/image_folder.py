@@ -20,8 +20,7 @@ What becomes of each image, in order:
 
 Storage, and why: images are stored uncompressed, already at --image_size (a uint8 tensor feature of
 shape (S, S, C) as raw bytes, array_record files). A training read is then a copy: no decoder, no resize.
-Measured through `tfds.data_source` on one thread, 5,000 random 64x64x3 images: raw 23-31k images/s, PNG
-10k (see docs/data.md). The cost is disk: the dataset is its decoded size at training resolution (12 KiB
+(docs/data.md has the reader's measured speed.) The cost is disk: the dataset is its decoded size at training resolution (12 KiB
 per 64x64x3 image, about what a JPEG of the 218x178 original takes). Train at another resolution by
 importing again with that --image_size (the trainer can also resize on the fly, at a cost).
 

@@ -47,10 +47,14 @@ def main(argv):
   from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from dcgan_jax import parallel  # pylint: disable=g-import-not-at-top
   from dcgan_jax import train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     config = config_lib.from_flags().resolved()
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.heartbeat_timeout)
+    # Process 0 holds the lock for the whole run (the processes of one run share its workdir).
+    lock = workdir_lib.hold_lock(FLAGS.workdir) if jax.process_index() == 0 else None  # pylint: disable=unused-variable
     logging.info("Training in %s", FLAGS.workdir)
     train.train_and_evaluate(config, FLAGS.workdir)
   except (ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError) as e:
@@ -60,7 +64,6 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr, flush=True)
     os._exit(2)  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
-    import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
       raise
     _lost_a_process(e)

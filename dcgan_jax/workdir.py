@@ -9,13 +9,17 @@
     checkpoints/<step>/  the rolling checkpoints (checkpoints.py)
     best/<step>/         the checkpoint with the lowest in-training FID (--eval_every)
     generator/           the generator-only export
+    run.lock             held (flock) by the trainer writing this workdir; a dead process holds nothing
 
 Every module that reads or writes one of these asks this one for its path.
 """
 
+import datetime
+import fcntl
 import json
 import os
-from typing import Tuple
+import socket
+from typing import IO, Tuple
 
 from dcgan_jax import config as config_lib
 from dcgan_jax.config import Config, ConfigError
@@ -28,6 +32,35 @@ SAMPLES = "samples"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
 GENERATOR = "generator"
+LOCK = "run.lock"
+
+
+def hold_lock(workdir: str) -> IO:
+  """Creates workdir if needed and takes its lock for this process's lifetime (keep the returned file
+  open). ConfigError when workdir cannot be written, or when another live trainer holds the lock (the
+  message names it). An flock: the kernel releases it when its holder exits or is killed, so a crashed
+  run never blocks the next one."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(path(workdir, LOCK), "a+")
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir}: cannot be written ({e.strerror}); pass a directory you can "
+                      "write to") from None
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock.seek(0)
+    holder = lock.read().strip() or "another process"
+    lock.close()
+    raise ConfigError(f"--workdir={workdir}: in use by a training run ({holder}); wait for it to end or "
+                      "stop it (SIGTERM), or pass another --workdir") from None
+  except OSError:  # a file system without locks: go on without one
+    return lock
+  lock.truncate(0)
+  lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+             f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n")
+  lock.flush()
+  return lock
 
 
 def path(workdir: str, *parts: str) -> str:

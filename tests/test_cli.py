@@ -218,3 +218,36 @@ def test_closed_loop_noise_is_dropped_and_other_unraisable_errors_are_not(capsys
   RaisesWhenCollected(ValueError("something else"))
   gc.collect()
   assert "something else" in capsys.readouterr().err
+
+
+def test_a_second_trainer_on_a_workdir_in_use_is_refused_and_a_killed_one_holds_nothing(tmp_path):
+  """While a process holds the workdir's lock (workdir.hold_lock, what every trainer takes), a trainer
+  started on that workdir ends with one line naming the holder's pid, exit 2, and writes nothing; once
+  the holder is SIGKILLed, the same command trains. Catches a trainer that takes no lock (two runs
+  interleave checkpoints and metrics), and a lock file that outlives a killed process (a pid file that
+  blocks every later run). A workdir below a file is one line too."""
+  import subprocess
+  import sys
+  from helpers import ROOT
+  workdir = tmp_path / "run"
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dcgan_jax import workdir; "
+                             "lock = workdir.hold_lock(sys.argv[1]); print('held', flush=True); "
+                             "time.sleep(600)", str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    train = ["--flagfile=mnist.flags", f"--workdir={workdir}", "--batch_size=16", "--num_steps=2"]
+    r = run(train, mocked_examples=64)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "in use by a training run" in errors[0] and f"pid {holder.pid} " in errors[0]
+    assert sorted(os.listdir(workdir)) == ["run.lock"]
+  finally:
+    holder.kill()
+    holder.wait()
+  r = run(train, mocked_examples=64)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert os.path.exists(workdir / "checkpoints" / "2")
+  (tmp_path / "notes.txt").write_text("keep me")
+  r = run([f"--workdir={tmp_path / 'notes.txt' / 'run'}", "--num_steps=1"], timeout=300)
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  assert r.returncode == 2 and len(errors) == 1 and "cannot be written" in errors[0], r.stderr[-2000:]

@@ -245,17 +245,22 @@ class _Evaluation:
     return {k: float(report[k]) for k in ("fid", "kid", "coverage", "class_kl") if k in report}
 
   def run(self, state, step, writer) -> None:
+    start = time.time()
     results = self._score(state.generator())
     ema = state.g_ema is not None
     if ema:
       results.update({f"{k}_raw": v for k, v in self._score(state.g).items()})
     writer.write_metrics(step, results)
     if writer.enabled:
-      logging.info("step %d | %s", step, " ".join(f"{k} {v:.4g}" for k, v in results.items()))
+      logging.info("step %d | %s | evaluated in %.1f s", step,
+                   " ".join(f"{k} {v:.4g}" for k, v in results.items()), time.time() - start)
     fid = parallel.broadcast_from_process_0(results["fid"])  # every process takes the same decision
     if fid < self.best:
       self.best = fid
       self.checkpointer.save(state, step, score=dict(fid=fid, step=step, ema=ema))
+      # Finished before the rolling checkpoint of the same step starts: orbax names its multi-process
+      # barriers by step alone, and two saves of one step in flight at once collide (a deadlock).
+      self.checkpointer.wait()
       logging.info("New best FID %.4g at step %d: checkpoint in %s.", fid, step, self.checkpointer.directory)
 
   def close(self):

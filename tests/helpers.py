@@ -61,3 +61,45 @@ def run_cli(args, mocked_examples=None, timeout=600, devices=2):
                             else ["-m", "dcgan_jax.main"]) + args
   return subprocess.run(cmd, cwd=ROOT, env=cli_env(devices), capture_output=True, text=True,
                         timeout=timeout)
+
+
+def launch(args, log, num_processes=2, devices=2):
+  """`python -m dcgan_jax.launch --num_processes=N -- args`: one run as N local processes of `devices`
+  CPU devices each. The output of all processes (prefixed "[i] ") and the launcher's own goes to the
+  file `log` (a pipe that the test does not drain would fill up and block every process)."""
+  with open(log, "w") as out:
+    launcher = subprocess.Popen([sys.executable, "-m", "dcgan_jax.launch",
+                                 f"--num_processes={num_processes}", "--"] + args, cwd=ROOT,
+                                env=cli_env(devices), stdout=out, stderr=subprocess.STDOUT, text=True)
+  launcher.log = log
+  return launcher
+
+
+def launched_output(launcher, timeout):
+  """Waits for a launch() to end; its output."""
+  try:
+    launcher.wait(timeout=timeout)
+  finally:
+    launcher.kill()
+  with open(launcher.log) as f:
+    return f.read()
+
+
+def process_output(out, i):
+  """Process i's lines of a launcher's output, without the prefix."""
+  return "\n".join(l[len(f"[{i}] "):] for l in out.splitlines() if l.startswith(f"[{i}] "))
+
+
+def child_pid(launcher, process_id):
+  """The pid of process `process_id` of a launched run (a child of the launcher)."""
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{pid}/cmdline") as f:
+        cmdline = f.read().split("\0")
+    except (OSError, IndexError, ValueError):
+      continue
+    if ppid == launcher.pid and f"--process_id={process_id}" in cmdline:
+      return int(pid)
+  raise LookupError(f"no process {process_id} under launcher {launcher.pid}")

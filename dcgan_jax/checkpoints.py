@@ -148,8 +148,9 @@ class Checkpointer:
     self.wait()
     self.manager.close()
 
-  def restore_latest(self, like) -> Tuple[Optional[object], Optional[int]]:
-    """Restores the newest readable checkpoint into the structure and shardings of `like`.
+  def restore_latest(self, like, at_most: Optional[int] = None) -> Tuple[Optional[object], Optional[int]]:
+    """Restores the newest readable checkpoint (of step <= at_most, when given) into the structure and
+    shardings of `like`.
 
     Returns (state, step), or (None, None) when there is no checkpoint. A checkpoint of another
     configuration raises ConfigError. An unreadable one is moved aside to <step>.unreadable (kept for
@@ -158,6 +159,8 @@ class Checkpointer:
     """
     target = _to_saveable(like)
     for step in sorted(self.manager.all_steps(), reverse=True):
+      if at_most is not None and step > at_most:
+        continue
       path = os.path.join(self.directory, str(step))
       try:
         saved_config = self.manager.restore(step, args=ocp.args.Composite(

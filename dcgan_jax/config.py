@@ -93,6 +93,9 @@ class Config:
   batch_size: int = setting(128, "Global batch size (all devices and hosts together).")
   num_steps: int = setting(2000, "Generator updates to train for.", OUTCOME)
   seed: int = setting(0, "Seeds initialisation, noise, dropout and data order.")
+  seeds: str = setting(
+      "", "Many runs in one program, one member per seed, e.g. 0,1,2,3 or 0-15: member s is the run of "
+      "--seed=s, written to its own run directory <workdir>/seed_<s>. Empty: one run (--seed).", OUTPUT)
   optimizer: str = setting("adam", "adam (DCGAN paper) or rmsprop (the seed's choice; --beta1 is then "
                            "RMSprop's decay).")
   learning_rate_g: float = setting(2e-4, "Generator learning rate.")
@@ -135,6 +138,25 @@ class Config:
       "~/.cache/dcgan_jax/evaluators.", OUTPUT)
 
   # ---------------------------------------------------------------------------------------------
+  def member_seeds(self) -> list:
+    """--seeds as a list of ints in the order given ([] when empty). ConfigError for bad syntax,
+    negative or repeated seeds."""
+    seeds = []
+    for part in filter(None, (p.strip() for p in self.seeds.split(","))):
+      try:
+        first, _, last = part.partition("-")
+        low, high = int(first), int(last or first)
+      except ValueError:
+        raise ConfigError(f"--seeds={self.seeds!r}: {part!r} is not a seed or a range; pass e.g. 0,1,2 "
+                          "or 0-15") from None
+      if low < 0 or high < low:
+        raise ConfigError(f"--seeds={self.seeds!r}: {part!r} is not an ascending range of seeds >= 0; "
+                          "pass e.g. 0-15")
+      seeds += range(low, high + 1)
+    if len(set(seeds)) != len(seeds):
+      raise ConfigError(f"--seeds={self.seeds!r}: a seed appears twice; list each seed once")
+    return seeds
+
   def resolved(self) -> "Config":
     """Returns a copy with every preset-dependent `None` filled in, validated."""
     self.validate()
@@ -157,6 +179,7 @@ class Config:
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         fail(name, "must be a positive integer", "pass a whole number >= 1")
 
+    self.member_seeds()
     choice("preset", PRESETS)
     choice("loss", LOSSES)
     choice("optimizer", OPTIMIZERS)

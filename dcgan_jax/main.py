@@ -53,8 +53,11 @@ def main(argv):
     config = config_lib.from_flags().resolved()
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.heartbeat_timeout)
-    # Process 0 holds the lock for the whole run (the processes of one run share its workdir).
-    lock = workdir_lib.hold_lock(FLAGS.workdir) if jax.process_index() == 0 else None  # pylint: disable=unused-variable
+    # Process 0 holds the locks for the whole run (the processes of one run share its workdir); with
+    # --seeds also each member's, which may be continued alone as a single run.
+    from dcgan_jax import members  # pylint: disable=g-import-not-at-top
+    locks = ([workdir_lib.hold_lock(w) for w in dict.fromkeys([FLAGS.workdir] + members.workdirs(config, FLAGS.workdir))]  # pylint: disable=unused-variable
+             if jax.process_index() == 0 else [])
     logging.info("Training in %s", FLAGS.workdir)
     train.train_and_evaluate(config, FLAGS.workdir)
   except (ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError) as e:

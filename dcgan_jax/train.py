@@ -20,6 +20,7 @@ import numpy as np
 
 from dcgan_jax import checkpoints
 from dcgan_jax import data as data_lib
+from dcgan_jax import members
 from dcgan_jax import models
 from dcgan_jax import parallel
 from dcgan_jax import randomness
@@ -35,10 +36,14 @@ class TrainingDivergedError(RuntimeError):
   """A loss or a parameter became NaN/inf. The message names the first such step."""
 
 
-def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
+def train_and_evaluate(config: Config, workdir: str):
   """Trains a DCGAN as configured, writing logs, samples, checkpoints and the config into workdir.
 
-  Returns the final TrainState (replicated over the devices).
+  With --seeds, one member per seed trains in this one program, each the run of its --seed with its
+  own run directory <workdir>/seed_<s> (members.py's layout): on every platform each member's steps run
+  the single run's compiled program, so a member is bitwise the single run of its seed.
+
+  Returns the final TrainState (replicated over the devices), or with --seeds the members' list.
   """
   # ---- Devices and data --------------------------------------------------------------------------
   config = config.resolved()
@@ -48,71 +53,47 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
   if (config.num_steps * config.d_steps + 1) * config.batch_size >= 2**31:
     raise ConfigError(f"--num_steps={config.num_steps}: more than 2**31 examples would be drawn; "
                       "train for fewer steps (or a smaller batch).")
-  data = data_lib.open_training_data(config, mesh, per_device)
+  runs = members.runs(config, workdir)  # [(the run's config, its run directory, its name)]
+  data = data_lib.open_training_data(runs[0][0], mesh, per_device)
+  # The in-memory dataset is the same for every seed (the order is drawn inside the step); the
+  # streamed paths read in their seed's order, one reader per member.
+  datas = [data] + [data if data.in_memory else data_lib.open_training_data(c, mesh, per_device)
+                    for c, _, _ in runs[1:]]
 
-  # ---- Outputs ------------------------------------------------------------------------------------
-  writer = writers.RunWriter(workdir, enabled=jax.process_index() == 0)
-  device = jax.local_devices()[0]
-  writer.write_config(config, extra=dict(
-      devices=jax.local_device_count(), device_kind=device.device_kind, backend=jax.default_backend(),
-      in_memory=data.in_memory, data_path=data.path, num_examples=data.num_examples,
-      channels=data.channels, git_commit=checkpoints.git_commit()))
-  logging.info("Config: %s", json.dumps(dict(config.__dict__)))
-
-  # ---- State: fresh, or the newest readable checkpoint of this workdir ----------------------------
-  state = parallel.replicate(step_lib.create_train_state(config, data.channels), mesh)
-  checkpointer = checkpoints.Checkpointer(workdir, config)
-  restored, restored_step = checkpointer.restore_latest(state)
-  if restored is not None:
-    state = restored
-    logging.info("Resuming from step %d (%s).", restored_step,
-                 os.path.join(checkpointer.directory, str(restored_step)))
-    writer.truncate_metrics(restored_step)  # lines a killed run logged after its last checkpoint
-    if not data.exact_order:
-      logging.warning("tf.data streaming path: the data order after a resume differs from an "
-                      "uninterrupted run's.")
+  # ---- Outputs and state: fresh, or the newest checkpoint every member has ------------------------
+  common = members.common_step(runs) if len(runs) > 1 else None
+  group = [_Member(c, w, name, d, mesh, common) for (c, w, name), d in zip(runs, datas)]
+  if len(set(m.step for m in group)) > 1:  # a member's newest common checkpoint was unreadable
+    for m in group:
+      m.restore(min(m.step for m in group))
 
   # ---- Step programs, sampling, evaluation --------------------------------------------------------
   steps = _Steps(config, data, mesh, per_device)
-  sample = sampling.make_sampler(models.build_models(config, data.channels)[0], config.sample_bn)
-  grid_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
-  evaluation = _Evaluation(config, workdir, data.image_shape, sample) if config.eval_every else None
-  ema = state.g_ema is not None
+  if config.eval_every:
+    scorer = _make_scorer(config, data.image_shape)
+    for m in group:
+      m.evaluation = _Evaluation(m.config, m.workdir, m.sample, scorer, m.name)
 
   # ---- Train --------------------------------------------------------------------------------------
-  step = int(state.step)
-  progress = _Progress(config, writer, step)
+  step = group[0].step
+  for m in group:
+    m.progress = _Progress(m.config, m.writer, step, m.name)
   agree_to_stop = parallel.StopAgreement(mesh)
-  with _StopOnSignal() as stop, contextlib.closing(data):
+  with _StopOnSignal() as stop, contextlib.ExitStack() as closing:
+    for d in {id(d): d for d in datas}.values():
+      closing.callback(d.close)
     while step < config.num_steps:
       k = min(config.steps_per_call, config.num_steps - step)
-      state, metrics = steps(state, step, k)
+      for m in group:
+        m.state, metrics = steps(m.state, step, k, m.data)
+        m.progress.ran(step + k, metrics)
       step += k
-      progress.ran(step, metrics)
       # A signal to any process stops every process after the same call (never on the local signal
       # alone: the others would wait for it in the next step's collectives).
       stopping = agree_to_stop(stop.signal or 0)
-      reached = lambda every: step // every > (step - k) // every  # (step - k, step] holds a multiple
-      done = step == config.num_steps or stopping
-      save = done or reached(config.checkpoint_every)
-      log = done or reached(config.log_every)
-      if save or log:
-        progress.fetch(step)  # never checkpoint a state that is not finite: this raises first
-      if log:
-        progress.log(step)
-      if (done or reached(config.sample_every)) and writer.enabled:
-        # From a host copy of G, on this process's default device: only process 0 draws samples.
-        writer.write_samples(step, sampling.sample_images(sample, state.generator(), grid_z))
-        if ema:
-          writer.write_samples(step, sampling.sample_images(sample, state.g, grid_z), prefix="raw_")
-      # Not on a stop: the resumed run evaluates at the multiples an uninterrupted run does, so
-      # evaluations.jsonl lines and best/ are the same however often the run was stopped.
-      if evaluation and (step == config.num_steps or reached(config.eval_every)):
-        evaluation.run(state, step, writer)
-      if save:
-        checkpointer.save(state, step)  # asynchronous: returns once the arrays are off the devices
+      for m in group:
+        m.after_call(step, k, stopping)
       if stopping:
-        checkpointer.wait()
         logging.warning("Stopped by %s at step %d%s; checkpoint written. Run the same command again to "
                         "resume.", signal.Signals(stopping).name, step,
                         " (sent to one or more of the processes)" if jax.process_count() > 1 else "")
@@ -120,21 +101,92 @@ def train_and_evaluate(config: Config, workdir: str) -> step_lib.TrainState:
 
   # ---- Finish -------------------------------------------------------------------------------------
   agree_to_stop.finish()
-  checkpointer.close()
-  if evaluation:
-    evaluation.close()
-  if step == config.num_steps:
-    path = checkpoints.export_generator(workdir, state, config, data.channels)
-    logging.info("Done: %d steps. Generator exported to %s.", step, path)
-    gif = writer.write_progress_gif()
-    if gif:
-      logging.info("Sample grids over training: %s", gif)
-  writer.close()
-  return state
+  for m in group:
+    m.finish(step)
+  if len(group) > 1 and step == config.num_steps and group[0].writer.enabled:
+    logging.info("The members' study table (python -m dcgan_jax.study %s):\n%s", workdir,
+                 members.study_table(workdir))
+  return [m.state for m in group] if config.seeds else group[0].state
+
+
+class _Member:
+  """One run in the program: its config (its own seed), run directory, state and outputs."""
+
+  def __init__(self, config, workdir, name, data, mesh, at_most):
+    self.config, self.workdir, self.name, self.data, self.mesh = config, workdir, name, data, mesh
+    self.writer = writers.RunWriter(workdir, enabled=jax.process_index() == 0)
+    device = jax.local_devices()[0]
+    self.writer.write_config(config, extra=dict(
+        devices=jax.local_device_count(), device_kind=device.device_kind, backend=jax.default_backend(),
+        in_memory=data.in_memory, data_path=data.path, num_examples=data.num_examples,
+        channels=data.channels, git_commit=checkpoints.git_commit()))
+    logging.info("Config%s: %s", f" of {name}" if name else "", json.dumps(dict(config.__dict__)))
+    self.checkpointer = checkpoints.Checkpointer(workdir, config)
+    # Several members save the same step; in a multi-process run orbax's barriers are named by step
+    # alone, so each save must finish before the next member's starts.
+    self.save_alone = jax.process_count() > 1 and bool(config.seeds or name)
+    self.restore(at_most)
+    self.sample = sampling.make_sampler(models.build_models(config, data.channels)[0], config.sample_bn)
+    self.grid_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
+    self.evaluation, self.progress = None, None
+
+  def restore(self, at_most):
+    """The fresh state, or the newest checkpoint (of step <= at_most); drops metrics lines after it."""
+    self.state = parallel.replicate(step_lib.create_train_state(self.config, self.data.channels), self.mesh)
+    restored, restored_step = self.checkpointer.restore_latest(self.state, at_most)
+    if restored is not None:
+      self.state = restored
+      logging.info("Resuming %sfrom step %d (%s).", f"{self.name} " if self.name else "", restored_step,
+                   os.path.join(self.checkpointer.directory, str(restored_step)))
+      if not self.data.exact_order:
+        logging.warning("tf.data streaming path: the data order after a resume differs from an "
+                        "uninterrupted run's.")
+    self.step = int(self.state.step)
+    self.writer.truncate_metrics(self.step)  # lines a killed run logged after its last checkpoint
+
+  def after_call(self, step, k, stopping):
+    """Log, sample, evaluate and checkpoint as due after the call that reached `step`."""
+    config, state, writer = self.config, self.state, self.writer
+    reached = lambda every: step // every > (step - k) // every  # (step - k, step] holds a multiple
+    done = step == config.num_steps or stopping
+    save = done or reached(config.checkpoint_every)
+    log = done or reached(config.log_every)
+    if save or log:
+      self.progress.fetch(step)  # never checkpoint a state that is not finite: this raises first
+    if log:
+      self.progress.log(step)
+    if (done or reached(config.sample_every)) and writer.enabled:
+      # From a host copy of G, on this process's default device: only process 0 draws samples.
+      writer.write_samples(step, sampling.sample_images(self.sample, state.generator(), self.grid_z))
+      if state.g_ema is not None:
+        writer.write_samples(step, sampling.sample_images(self.sample, state.g, self.grid_z), prefix="raw_")
+    # Not on a stop: the resumed run evaluates at the multiples an uninterrupted run does, so
+    # evaluations.jsonl lines and best/ are the same however often the run was stopped.
+    if self.evaluation and (step == config.num_steps or reached(config.eval_every)):
+      self.evaluation.run(state, step, writer)
+    if save:
+      self.checkpointer.save(state, step)  # asynchronous: returns once the arrays are off the devices
+      if self.save_alone:
+        self.checkpointer.wait()
+    if stopping:
+      self.checkpointer.wait()
+
+  def finish(self, step):
+    self.checkpointer.close()
+    if self.evaluation:
+      self.evaluation.close()
+    if step == self.config.num_steps:
+      path = checkpoints.export_generator(self.workdir, self.state, self.config, self.data.channels)
+      logging.info("Done%s: %d steps. Generator exported to %s.", f" ({self.name})" if self.name else "",
+                   step, path)
+      gif = self.writer.write_progress_gif()
+      if gif:
+        logging.info("Sample grids over training: %s", gif)
+    self.writer.close()
 
 
 class _Steps:
-  """steps(state, step, k): k training steps from state step `step` in one call
+  """steps(state, step, k, data): k training steps from state step `step` in one call
   (parallel.make_multi_step), one compiled program per k, made on first use (on XLA:CPU all of them
   dispatch the single step's program)."""
 
@@ -145,19 +197,20 @@ class _Steps:
     self._scan = parallel.scan_by_default(platform)
     self._calls = {1: parallel.pmap_step(self._train_step, data.in_memory)}
 
-  def __call__(self, state, step, k):
+  def __call__(self, state, step, k, data):
+    """data: the run's TrainingData (the members' readers differ; their programs do not)."""
     if k not in self._calls:
       self._calls[k] = parallel.make_multi_step(self._train_step, k, self._data.in_memory, self._scan,
                                                 p_step=self._calls[1])
-    return self._calls[k](state, self._positions, self._data.for_call(step, k))
+    return self._calls[k](state, self._positions, data.for_call(step, k))
 
 
 class _Progress:
   """The step metrics: kept on device until a log or checkpoint step needs them, checked for
   non-finite values, averaged per log interval into metrics.jsonl, TensorBoard and the console."""
 
-  def __init__(self, config, writer, step):
-    self.config, self.writer = config, writer
+  def __init__(self, config, writer, step, name=""):
+    self.config, self.writer, self.prefix = config, writer, f"{name} | " if name else ""
     self.pending, self.pending_start = [], step  # metrics still on device
     self.fetched = []  # host metrics (one dict per step) since the last log line
     self.t_last, self.step_last = None, step
@@ -181,8 +234,8 @@ class _Progress:
     mean.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size)
     self.writer.write_metrics(step, mean)
     eta = (config.num_steps - step) / rate if rate > 0 else float("nan")
-    logging.info("step %d/%d | d_loss %.3f g_loss %.3f D(x) %.2f D(G(z)) %.2f | %.2f steps/s %.0f img/s "
-                 "| ETA %s", step, config.num_steps, mean["d_loss"], mean["g_loss"], mean["d_real"],
+    logging.info("%sstep %d/%d | d_loss %.3f g_loss %.3f D(x) %.2f D(G(z)) %.2f | %.2f steps/s %.0f img/s "
+                 "| ETA %s", self.prefix, step, config.num_steps, mean["d_loss"], mean["g_loss"], mean["d_real"],
                  mean["d_fake"], rate, rate * config.batch_size, _format_eta(eta))
     self.fetched, self.t_last, self.step_last = [], now, step
 
@@ -210,6 +263,16 @@ def check_finite(history: list, first_step: int) -> None:
           "--learning_rate_g/--learning_rate_d or check the data")
 
 
+def _make_scorer(config, image_shape):
+  """The evaluator (trained and cached by process 0 first, then loaded by the others) and its scorer,
+  shared by all members."""
+  from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
+  ev = parallel.process_0_first(lambda: evaluator.load_or_train(
+      config.dataset, config.data_dir, image_shape, config.evaluator_dir), "the evaluator")
+  logging.info("Evaluator %s: test accuracy %.4f.", ev.path, ev.test_accuracy)
+  return evaluator.Scorer(ev, config.data_dir, kid_subsets=20)
+
+
 class _Evaluation:
   """--eval_every: FID/KID of the generator (and of the raw one beside an EMA one) on the fixed
   evaluation noise, and the best checkpoint by FID in <workdir>/best.
@@ -219,15 +282,10 @@ class _Evaluation:
   from all the gathered embeddings, are the same everywhere, so all take the best-checkpoint decision
   together (process 0's FID decides, broadcast). Only process 0 writes."""
 
-  def __init__(self, config, workdir, image_shape, sample):
-    from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
-    self.sample = sample
-    ev = parallel.process_0_first(lambda: evaluator.load_or_train(
-        config.dataset, config.data_dir, image_shape, config.evaluator_dir), "the evaluator")
-    logging.info("Evaluator %s: test accuracy %.4f.", ev.path, ev.test_accuracy)
-    self.scorer = evaluator.Scorer(ev, config.data_dir, kid_subsets=20)
-    # After the evaluator's data are read: orbax's background clean-up of a new checkpoint directory
-    # must not overlap tfds's file access (tfds.testing.mock_data patches the file system meanwhile).
+  def __init__(self, config, workdir, sample, scorer, name=""):
+    self.sample, self.scorer, self.prefix = sample, scorer, f"{name} | " if name else ""
+    # After the evaluator's data are read (_make_scorer): orbax's background clean-up of a new checkpoint
+    # directory must not overlap tfds's file access (tfds.testing.mock_data patches the file system).
     self.checkpointer = checkpoints.Checkpointer(workdir, config, subdir="best", max_to_keep=1)
     self.best = (self.checkpointer.latest_score() or {}).get("fid", float("inf"))
     self.z = randomness.eval_latents(jax.random.key(config.seed), config.eval_samples, config.latent_dim)
@@ -252,7 +310,7 @@ class _Evaluation:
       results.update({f"{k}_raw": v for k, v in self._score(state.g).items()})
     writer.write_metrics(step, results)
     if writer.enabled:
-      logging.info("step %d | %s | evaluated in %.1f s", step,
+      logging.info("%sstep %d | %s | evaluated in %.1f s", self.prefix, step,
                    " ".join(f"{k} {v:.4g}" for k, v in results.items()), time.time() - start)
     fid = parallel.broadcast_from_process_0(results["fid"])  # every process takes the same decision
     if fid < self.best:
@@ -261,7 +319,8 @@ class _Evaluation:
       # Finished before the rolling checkpoint of the same step starts: orbax names its multi-process
       # barriers by step alone, and two saves of one step in flight at once collide (a deadlock).
       self.checkpointer.wait()
-      logging.info("New best FID %.4g at step %d: checkpoint in %s.", fid, step, self.checkpointer.directory)
+      logging.info("%sNew best FID %.4g at step %d: checkpoint in %s.", self.prefix, fid, step,
+                   self.checkpointer.directory)
 
   def close(self):
     self.checkpointer.close()

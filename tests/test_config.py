@@ -41,7 +41,7 @@ def test_resume_refuses_exactly_the_settings_that_change_a_step():
 def test_study_groups_on_everything_but_the_seed_and_the_output_settings():
   """Catches study pooling runs of different computations or scores (e.g. num_steps, eval_samples,
   sample_bn) or separating runs that differ only in where and how often they wrote."""
-  assert config_lib.STUDY_IGNORED == {"seed", "data_dir", "log_every", "sample_every", "num_samples",
+  assert config_lib.STUDY_IGNORED == {"seed", "seeds", "data_dir", "log_every", "sample_every", "num_samples",
                                       "checkpoint_every", "keep_checkpoints", "eval_every", "evaluator_dir"}
   from dcgan_jax import study
   assert set(study.IGNORED_FIELDS) == config_lib.STUDY_IGNORED
@@ -90,3 +90,15 @@ def test_tools_import_only_what_they_need(module, absent):
                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_seeds_lists_and_ranges_parse_and_bad_ones_are_one_line():
+  """--seeds: lists, ranges and both mixed give the seeds in order; a repeated seed, a descending range
+  or a word is a ConfigError naming --seeds. Catches a range parsed without its last seed, and members
+  silently trained twice."""
+  assert Config(seeds="0-3").member_seeds() == [0, 1, 2, 3]
+  assert Config(seeds="5, 1,7-8").member_seeds() == [5, 1, 7, 8]
+  assert Config().member_seeds() == []
+  for bad in ("1,1", "0-3,2", "3-1", "a", "1-b", "-1"):
+    with pytest.raises(ConfigError, match="--seeds="):
+      Config(seeds=bad).resolved()

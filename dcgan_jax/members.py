@@ -1,0 +1,49 @@
+"""Many runs in one program (--seeds): which members there are and where each one writes. No JAX here.
+
+    python -m dcgan_jax.main --flagfile=fashion_mnist.flags --seeds=0-3 --workdir=runs/fm4
+    runs/fm4/seed_0/ ... runs/fm4/seed_3/      each an ordinary run directory (workdir.py's layout)
+
+Member s is the run of `--seed=s`: its config.json holds seed=s and no --seeds, so `sample`, `evaluate`
+and `study` read it unchanged, and it continues alone as a single run
+(`--workdir=runs/fm4/seed_3 --seed=3`). The training loop (train.py) runs every member's steps with
+the single run's compiled program, one member after the other within each call.
+"""
+
+import dataclasses
+import os
+
+from dcgan_jax import workdir as workdir_lib
+from dcgan_jax.config import Config
+
+
+def member_dir(workdir: str, seed: int) -> str:
+  return os.path.join(workdir, f"seed_{seed}")
+
+
+def runs(config: Config, workdir: str) -> list:
+  """[(config, run directory, name)]: the run itself without --seeds (name ""), else one per seed."""
+  seeds = config.member_seeds()
+  if not seeds:
+    return [(config, workdir, "")]
+  return [(dataclasses.replace(config, seed=s, seeds=""), member_dir(workdir, s), f"seed {s}")
+          for s in seeds]
+
+
+def workdirs(config: Config, workdir: str) -> list:
+  """The run directories a training run writes: workdir, or its members'."""
+  return [w for _, w, _ in runs(config, workdir)]
+
+
+def common_step(member_runs: list) -> int:
+  """The newest step every member has a complete checkpoint of (0: start afresh). A run killed while
+  its members were saving one step resumes all of them from the step before, so they stay in step."""
+  return min(max(workdir_lib.checkpoint_steps(w), default=0) for _, w, _ in member_runs)
+
+
+def study_table(workdir: str) -> str:
+  """The markdown table of `python -m dcgan_jax.study WORKDIR` over the members (mean ± std per
+  configuration)."""
+  from dcgan_jax import study  # pylint: disable=g-import-not-at-top
+  found = [study.load_run(w) for w in study.find_workdirs([workdir])]
+  metrics = study.choose_metrics(found, None)
+  return study.format_markdown(study.table_rows(found, metrics), metrics)

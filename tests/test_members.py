@@ -1,0 +1,96 @@
+"""Many runs in one program (--seeds): each member is the single run of its seed."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dcgan_jax import checkpoints
+from dcgan_jax import members
+from dcgan_jax import train
+from dcgan_jax.config import Config
+from helpers import ROOT, cli_env, read_json, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast tier
+
+
+def settings(data_dir, **overrides):
+  """The main job's kind of run, small: the mnist preset (dropout), EMA."""
+  return Config(**dict(dict(dataset="fashion_mnist", data_dir=data_dir, batch_size=8, latent_dim=16,
+                            preset="mnist", g_ema_decay=0.9, log_every=1, sample_every=1000,
+                            checkpoint_every=2), **overrides))
+
+
+def assert_same_state(a, b, what):
+  assert jax.tree.structure(a) == jax.tree.structure(b), what
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=what)
+
+
+def without_speed(workdir):
+  return [{k: v for k, v in m.items() if k not in ("steps_per_sec", "images_per_sec")}
+          for m in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_members_are_the_single_runs_of_their_seeds_and_resume_from_the_step_all_have(tiny_data_dir, tmp_path):
+  """--seeds=3,5 for 4 steps; seed_3's newest checkpoint then removed (a run killed between the members'
+  saves of one step); continued to 8 steps, both members resume from step 2 and end bitwise equal (EMA
+  and BatchNorm statistics included) to single runs with --seed=3 and --seed=5, with the same metrics
+  lines. A member directory then continues alone as a single run, equal to the single run continued;
+  the study table over the workdir pools the two members in one row. Catches members sharing a key, a
+  data order, BatchNorm statistics or optimizer state; members resumed from different steps (they would
+  drift apart from their single runs' step numbers); member directories that are not ordinary runs."""
+  multi = str(tmp_path / "multi")
+  train.train_and_evaluate(settings(tiny_data_dir, seeds="3,5", num_steps=4), multi)
+  assert sorted(os.listdir(multi)) == ["seed_3", "seed_5"]  # no run of its own
+  shutil.rmtree(os.path.join(multi, "seed_3", "checkpoints", "4"))
+  train.train_and_evaluate(settings(tiny_data_dir, seeds="3,5", num_steps=8), multi)
+  for seed in (3, 5):
+    member, single = os.path.join(multi, f"seed_{seed}"), str(tmp_path / f"single_{seed}")
+    train.train_and_evaluate(settings(tiny_data_dir, seed=seed, num_steps=8), single)
+    saved = read_json(os.path.join(member, "config.json"))["config"]
+    assert saved["seed"] == seed and saved["seeds"] == ""
+    assert_same_state(checkpoints.read_state_numpy(member, 8)[0], checkpoints.read_state_numpy(single, 8)[0],
+                      f"seed {seed}")
+    assert without_speed(member) == without_speed(single), seed
+    assert [m["step"] for m in read_jsonl(os.path.join(member, "metrics.jsonl"))] == list(range(1, 9))
+  table = members.study_table(multi)
+  assert table.splitlines()[2].startswith("| 2 | 3-5 |"), table
+  for workdir in (os.path.join(multi, "seed_5"), str(tmp_path / "single_5")):
+    train.train_and_evaluate(settings(tiny_data_dir, seed=5, num_steps=10), workdir)
+  assert_same_state(checkpoints.read_state_numpy(os.path.join(multi, "seed_5"), 10)[0],
+                    checkpoints.read_state_numpy(str(tmp_path / "single_5"), 10)[0], "seed_5 continued alone")
+
+
+def test_a_killed_multi_member_run_restarts_to_the_single_runs_by_index(tiny_data_dir, tmp_path):
+  """`python -m dcgan_jax.main --seeds=0,1 --in_memory=false` (a reader per member) SIGKILLed once seed_1
+  has its first checkpoint, then run again: each member ends bitwise equal to the single run of its
+  seed, with the same metrics lines. Catches members sharing one reader (another data order), a restart
+  that loses or repeats a member's steps, and metrics lines a killed run wrote after its checkpoint."""
+  def cli(workdir, steps, seeds):
+    return ["--dataset=fashion_mnist", f"--data_dir={tiny_data_dir}", f"--workdir={workdir}",
+            "--batch_size=8", "--latent_dim=16", "--g_ema_decay=0.9", seeds, "--in_memory=false",
+            f"--num_steps={steps}", "--checkpoint_every=3", "--log_every=1", "--sample_every=1000"]
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen([sys.executable, "-m", "dcgan_jax.main"] + cli(killed, 100_000, "--seeds=0,1"),
+                          cwd=ROOT, env=cli_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  t0 = time.time()
+  while not os.path.exists(os.path.join(killed, "seed_1", "checkpoints", "3")):
+    assert proc.poll() is None and time.time() - t0 < 300
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  r = run_cli(cli(killed, 9, "--seeds=0,1"))
+  assert r.returncode == 0 and "Resuming seed 0 from step" in r.stderr, r.stderr[-3000:]
+  for seed in (0, 1):
+    single, member = str(tmp_path / f"single_{seed}"), os.path.join(killed, f"seed_{seed}")
+    r = run_cli(cli(single, 9, f"--seed={seed}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_state(checkpoints.read_state_numpy(single, 9)[0], checkpoints.read_state_numpy(member, 9)[0],
+                      seed)
+    assert without_speed(single) == without_speed(member)

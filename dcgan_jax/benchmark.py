@@ -1,13 +1,17 @@
 """Training-step throughput on synthetic data; prints one JSON line. Needs no TensorFlow or tfds.
 
     python -m dcgan_jax.benchmark --preset=mnist --batch_size=128 --steps=30
+    python -m dcgan_jax.benchmark --preset=mnist --batch_size=128 --steps=30 --seeds=0-3   # 4 members
 
 Times the real pmapped training step (the in-memory path: a uint8 dataset on the devices, batches
 gathered inside the step in the (seed, step) order) after warm-up, with block_until_ready around the
-timed calls. `compile_sec` is the first call (tracing + XLA compilation + one execution). The model and
+timed calls. With --seeds, every call runs each member's step in turn, as the training loop does:
+`images_per_sec` is the total over the members, `images_per_sec_per_member` one member's share.
+`compile_sec` is the first call (tracing + XLA compilation + one execution). The model and
 training settings are the trainer's own flags (config.py), with the same defaults.
 """
 
+import dataclasses
 import json
 import os
 import resource
@@ -26,7 +30,8 @@ from dcgan_jax.config import Config, ConfigError, exit_with_error
 
 # The Config fields a benchmark varies; every other one keeps its default.
 CONFIG_FLAGS = ("preset", "image_size", "base_width", "latent_dim", "batch_size", "seed", "optimizer",
-                "loss", "d_steps", "g_ema_decay", "compute_dtype", "steps_per_call", "invariant_groups")
+                "loss", "d_steps", "g_ema_decay", "compute_dtype", "steps_per_call", "invariant_groups",
+                "seeds")
 config_lib.define_flags(CONFIG_FLAGS)
 flags.DEFINE_integer("channels", 1, "Image channels.")
 flags.DEFINE_integer("steps", 30, "Timed training steps.")
@@ -64,7 +69,9 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   data = parallel.replicate(rng.integers(0, 256, (num_examples, config.image_size, config.image_size,
                                                   channels), np.uint8), mesh)
   positions = parallel.batch_positions(mesh, config.batch_size // n_dev)
-  state = parallel.replicate(step_lib.create_train_state(config, channels), mesh)
+  seeds = config.member_seeds() or [config.seed]
+  states = [parallel.replicate(step_lib.create_train_state(dataclasses.replace(config, seed=s, seeds=""), channels), mesh)
+            for s in seeds]
   train_step = step_lib.make_train_step(config, channels, num_examples, platform)
   k = config.steps_per_call
   if scan is None:
@@ -74,19 +81,23 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   calls = -(-steps // k)  # the timed steps, rounded up to whole calls
   steps = calls * k
   agree = parallel.StopAgreement(mesh) if stop_agreement else lambda request: 0
+
+  def one_call():
+    out = [call(state, positions, data) for state in states]
+    agree(0)
+    return [state for state, _ in out], out[-1][1]
+
   t0 = time.perf_counter()
-  state, metrics = call(state, positions, data)
-  jax.block_until_ready((state, metrics))
+  states[0], metrics = call(states[0], positions, data)
+  jax.block_until_ready((states[0], metrics))
   compile_sec = time.perf_counter() - t0
   for _ in range(warmup):
-    state, metrics = call(state, positions, data)
-    agree(0)
-  jax.block_until_ready((state, metrics))
+    states, metrics = one_call()
+  jax.block_until_ready((states, metrics))
   t0 = time.perf_counter()
   for _ in range(calls):
-    state, metrics = call(state, positions, data)
-    agree(0)
-  jax.block_until_ready((state, metrics))
+    states, metrics = one_call()
+  jax.block_until_ready((states, metrics))
   elapsed = time.perf_counter() - t0
   final = jax.tree.map(lambda x: np.asarray(x).reshape(-1)[-1], jax.device_get(metrics))  # last step
   kind, peak = peak_memory_bytes()
@@ -95,7 +106,9 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
               multi_step=None if k == 1 else ("scan" if scan else "dispatch"),
               invariant_groups=config.invariant_groups, stop_agreement=stop_agreement,
               compute_dtype=config.compute_dtype, xla_flags=os.environ.get("XLA_FLAGS", ""),
-              sec_per_step=elapsed / steps, images_per_sec=config.batch_size * steps / elapsed,
+              members=len(seeds), sec_per_step=elapsed / steps,
+              images_per_sec=len(seeds) * config.batch_size * steps / elapsed,
+              images_per_sec_per_member=config.batch_size * steps / elapsed,
               compile_sec=compile_sec, backend=jax.default_backend(),
               device_kind=jax.local_devices()[0].device_kind, devices=n_dev, jax=jax.__version__,
               peak_memory_kind=kind, peak_memory_bytes=peak,

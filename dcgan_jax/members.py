@@ -13,7 +13,7 @@ import dataclasses
 import os
 
 from dcgan_jax import workdir as workdir_lib
-from dcgan_jax.config import Config
+from dcgan_jax.config import Config, ConfigError
 
 
 def member_dir(workdir: str, seed: int) -> str:
@@ -47,3 +47,18 @@ def study_table(workdir: str) -> str:
   found = [study.load_run(w) for w in study.find_workdirs([workdir])]
   metrics = study.choose_metrics(found, None)
   return study.format_markdown(study.table_rows(found, metrics), metrics)
+
+
+def check_memory(num_members: int, state_bytes: int, device_bytes_limit, data_bytes: int = 0) -> None:
+  """ConfigError, before any member is made, when the members' states (each held whole on every device:
+  parameters, optimizer moments, BatchNorm statistics, EMA) and the in-memory dataset take more than
+  half the device's memory (the other half: one member's step at a time, its activations and
+  gradients, and XLA's workspace). device_bytes_limit None (the CPU backend reports none): no check."""
+  if not device_bytes_limit or num_members < 2:
+    return
+  need = num_members * state_bytes + data_bytes
+  if need > device_bytes_limit / 2:
+    fit = max(1, int((device_bytes_limit / 2 - data_bytes) // state_bytes))
+    raise ConfigError(f"--seeds: {num_members} members need {need / 2**30:.1f} GiB of state and data on "
+                      f"each device, more than half its {device_bytes_limit / 2**30:.1f} GiB; pass at most "
+                      f"{fit} seeds per run")

@@ -60,6 +60,9 @@ def train_and_evaluate(config: Config, workdir: str):
   datas = [data] + [data if data.in_memory else data_lib.open_training_data(c, mesh, per_device)
                     for c, _, _ in runs[1:]]
 
+  if len(runs) > 1:
+    _check_member_memory(config, data, len(runs))
+
   # ---- Outputs and state: fresh, or the newest checkpoint every member has ------------------------
   common = members.common_step(runs) if len(runs) > 1 else None
   group = [_Member(c, w, name, d, mesh, common) for (c, w, name), d in zip(runs, datas)]
@@ -107,6 +110,16 @@ def train_and_evaluate(config: Config, workdir: str):
     logging.info("The members' study table (python -m dcgan_jax.study %s):\n%s", workdir,
                  members.study_table(workdir))
   return [m.state for m in group] if config.seeds else group[0].state
+
+
+def _check_member_memory(config, data, num_members):
+  """members.check_memory with one member's state size (from shapes alone) and the device's limit."""
+  shapes = jax.eval_shape(lambda: step_lib.create_train_state(config, data.channels))
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)
+                    if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+  limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  data_bytes = data.num_examples * int(np.prod(data.image_shape)) if data.in_memory else 0
+  members.check_memory(num_members, state_bytes, limit, data_bytes)
 
 
 class _Member:

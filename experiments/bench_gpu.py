@@ -1,5 +1,6 @@
 """Side-by-side GPU throughput, seed model: dcgan_jax against ../shared/bench's PyTorch eager and plain
-Flax references, batches 128 / 1024 / 8192, float32 and bfloat16, interleaved repeats, medians.
+Flax references, batches 128 / 1024 / 8192, float32 and bfloat16, interleaved repeats, medians; at
+batch 128 also 4 and 16 members in one program (--seeds; images/s is their total).
 
 Made to run once on the device tool's H200 (no network, no TensorFlow there), inside its 15 minutes:
 
@@ -57,6 +58,12 @@ def configurations(batches, steps_for, device):
                      [py, "-m", "dcgan_jax.benchmark", "--preset=mnist", f"--batch_size={b}",
                       f"--steps={steps}", "--warmup=2", f"--compute_dtype={dtype}",
                       f"--steps_per_call={kk}"], ROOT))
+    if b == 128:  # many members in one program (--seeds): the chip that one run leaves idle
+      for members in (4, 16):
+        runs.append((f"dcgan_jax b{b} float32 k{k} members{members}",
+                     [py, "-m", "dcgan_jax.benchmark", "--preset=mnist", f"--batch_size={b}",
+                      f"--steps={steps}", "--warmup=2", f"--steps_per_call={k}",
+                      f"--seeds=0-{members - 1}"], ROOT))
     runs.append((f"torch-eager b{b}", [py, "ref_torch.py", "--batch", str(b), "--steps", str(steps),
                                         "--warmup", "10", "--alternating", "--device", device], STAGE))
     runs.append((f"jax-flax-jit b{b}", [py, "ref_jax.py", "--batch", str(b), "--steps", str(steps),

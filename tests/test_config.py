@@ -102,3 +102,17 @@ def test_seeds_lists_and_ranges_parse_and_bad_ones_are_one_line():
   for bad in ("1,1", "0-3,2", "3-1", "a", "1-b", "-1"):
     with pytest.raises(ConfigError, match="--seeds="):
       Config(seeds=bad).resolved()
+
+
+def test_a_member_count_that_cannot_fit_the_device_is_refused_with_the_count_that_fits():
+  """members.check_memory: 16 members of 1 GiB of state on a 16 GiB device (half for the states) is a
+  one-line ConfigError naming the count that fits (8); 8 members pass, and so does any count where the
+  backend reports no limit (CPU). Catches a check that ignores the member count or the dataset."""
+  from dcgan_jax import members
+  gib = 2**30
+  with pytest.raises(ConfigError, match="pass at most 8 seeds per run"):
+    members.check_memory(16, gib, 16 * gib)
+  members.check_memory(8, gib, 16 * gib)
+  with pytest.raises(ConfigError, match="pass at most 6 seeds"):
+    members.check_memory(8, gib, 16 * gib, data_bytes=2 * gib)
+  members.check_memory(1000, gib, None)

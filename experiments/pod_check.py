@@ -54,6 +54,21 @@ def launch(workdir, log):
                             flags(workdir), cwd=root, env=env(1), stdout=out, stderr=subprocess.STDOUT)
 
 
+def child_pid(parent: int, process_id: int) -> int:
+  """The pid of the launched process with --process_id=process_id."""
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{pid}/cmdline") as f:
+        cmdline = f.read().split("\0")
+    except (OSError, IndexError, ValueError):
+      continue
+    if ppid == parent and f"--process_id={process_id}" in cmdline:
+      return int(pid)
+  raise LookupError(f"no process {process_id} under {parent}")
+
+
 def eval_seconds(text):
   return [float(x) for x in re.findall(r"evaluated in ([0-9.]+) s", text)]
 
@@ -78,9 +93,7 @@ metrics = workdir_lib.path(stopped, workdir_lib.METRICS)
 while not (os.path.exists(metrics) and len(workdir_lib.read_jsonl(metrics)) >= every // 10 + 2):
   assert launcher.poll() is None, open(log1).read()[-3000:]
   time.sleep(0.1)
-children = subprocess.run(["pgrep", "-P", str(launcher.pid), "-f", "--process_id=1"], capture_output=True,
-                          text=True).stdout.split()
-os.kill(int(children[0]), signal.SIGTERM)
+os.kill(child_pid(launcher.pid, 1), signal.SIGTERM)
 launcher.wait(timeout=600)
 first = open(log1).read()
 assert launcher.returncode == 0, first[-3000:]

@@ -61,6 +61,12 @@ def main(argv):
     logging.info("Training in %s", FLAGS.workdir)
     train.train_and_evaluate(config, FLAGS.workdir)
   except (ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError) as e:
+    if jax.process_count() > 1:
+      # At once: a normal exit waits in jax.distributed's shutdown barrier for the other processes,
+      # which may be waiting for this one in a collective (an error only this process saw).
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(2)  # pylint: disable=protected-access
     exit_with_error(str(e))
   except checkpoints.CheckpointWriteError as e:
     # At once: orbax's writer threads would add a traceback each while the interpreter shuts down.

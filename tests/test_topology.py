@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dcgan_jax import checkpoints
+from dcgan_jax import workdir as workdir_lib
 from helpers import child_pid, launch, launched_output, process_output, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow  # end-to-end and multi-device runs: not in the fast tier
@@ -229,3 +230,21 @@ def test_evaluation_split_over_2_processes_gives_the_1_process_numbers(tiny_data
   for one, two in zip(scored["1x1"], scored["2x2"], strict=True):
     for key in ("fid", "kid", "coverage", "class_kl"):
       assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (key, one, two)
+
+
+def test_a_non_finite_loss_stops_every_process_at_the_same_step(tiny_data_dir, tmp_path):
+  """2 processes x 2 devices with learning rates that diverge: each process ends with the same one line
+  naming the same first non-finite step, exit 2, and the launcher with exit 2; no checkpoint of that
+  step or later. Catches a per-process check that lets one process stop while the other waits in the
+  next step's collectives, and a non-finite state written by some process."""
+  workdir = str(tmp_path / "run")
+  launcher = launch(args(tiny_data_dir, workdir, num_steps=20) + [
+      "--checkpoint_every=1", "--learning_rate_d=1e35", "--learning_rate_g=1e35"], tmp_path / "nan.log")
+  out = launched_output(launcher, timeout=300)
+  assert launcher.returncode == 2, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  errors = [[l for l in process_output(out, i).splitlines() if l.startswith("error: ")] for i in (0, 1)]
+  assert all(len(e) == 1 and e[0].startswith("error: training diverged at step ") for e in errors), out[-3000:]
+  assert errors[0] == errors[1]
+  bad_step = int(errors[0][0].split("at step ")[1].split(":")[0])
+  assert all(s < bad_step for s in workdir_lib.checkpoint_steps(workdir)), bad_step

@@ -71,6 +71,22 @@ def start(main_args: list, num_processes: int, gpus_per_process: int = 0) -> lis
   return procs
 
 
+def child_pid(launcher_pid: int, process_id: int) -> int:
+  """The pid of process `process_id` of a run a launcher started (for a signal to one process of a run,
+  as a pod's preemption sends it). Linux (/proc); LookupError when there is none."""
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{pid}/cmdline") as f:
+        cmdline = f.read().split("\0")
+    except (OSError, IndexError, ValueError):
+      continue
+    if ppid == launcher_pid and f"--process_id={process_id}" in cmdline:
+      return int(pid)
+  raise LookupError(f"no process {process_id} under launcher {launcher_pid}")
+
+
 def _forward_output(i: int, proc: subprocess.Popen) -> threading.Thread:
   def copy():
     for line in proc.stdout:

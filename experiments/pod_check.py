@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from dcgan_jax import checkpoints
+from dcgan_jax import launch as launch_lib
 from dcgan_jax import workdir as workdir_lib
 
 p = argparse.ArgumentParser()
@@ -54,21 +55,6 @@ def launch(workdir, log):
                             flags(workdir), cwd=root, env=env(1), stdout=out, stderr=subprocess.STDOUT)
 
 
-def child_pid(parent: int, process_id: int) -> int:
-  """The pid of the launched process with --process_id=process_id."""
-  for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-      with open(f"/proc/{pid}/stat") as f:
-        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-      with open(f"/proc/{pid}/cmdline") as f:
-        cmdline = f.read().split("\0")
-    except (OSError, IndexError, ValueError):
-      continue
-    if ppid == parent and f"--process_id={process_id}" in cmdline:
-      return int(pid)
-  raise LookupError(f"no process {process_id} under {parent}")
-
-
 def eval_seconds(text):
   return [float(x) for x in re.findall(r"evaluated in ([0-9.]+) s", text)]
 
@@ -93,7 +79,7 @@ metrics = workdir_lib.path(stopped, workdir_lib.METRICS)
 while not (os.path.exists(metrics) and len(workdir_lib.read_jsonl(metrics)) >= every // 10 + 2):
   assert launcher.poll() is None, open(log1).read()[-3000:]
   time.sleep(0.1)
-os.kill(child_pid(launcher.pid, 1), signal.SIGTERM)
+os.kill(launch_lib.child_pid(launcher.pid, 1), signal.SIGTERM)
 launcher.wait(timeout=600)
 first = open(log1).read()
 assert launcher.returncode == 0, first[-3000:]

@@ -92,14 +92,5 @@ def process_output(out, i):
 
 def child_pid(launcher, process_id):
   """The pid of process `process_id` of a launched run (a child of the launcher)."""
-  for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-      with open(f"/proc/{pid}/stat") as f:
-        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-      with open(f"/proc/{pid}/cmdline") as f:
-        cmdline = f.read().split("\0")
-    except (OSError, IndexError, ValueError):
-      continue
-    if ppid == launcher.pid and f"--process_id={process_id}" in cmdline:
-      return int(pid)
-  raise LookupError(f"no process {process_id} under launcher {launcher.pid}")
+  from dcgan_jax import launch as launch_lib  # pylint: disable=g-import-not-at-top
+  return launch_lib.child_pid(launcher.pid, process_id)

@@ -11,7 +11,6 @@ timed calls. With --seeds, every call runs each member's step in turn, as the tr
 training settings are the trainer's own flags (config.py), with the same defaults.
 """
 
-import dataclasses
 import json
 import os
 import resource
@@ -24,6 +23,7 @@ import numpy as np
 
 from dcgan_jax import cli
 from dcgan_jax import config as config_lib
+from dcgan_jax import members
 from dcgan_jax import parallel
 from dcgan_jax import step as step_lib
 from dcgan_jax.config import Config, ConfigError, exit_with_error
@@ -69,9 +69,8 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   data = parallel.replicate(rng.integers(0, 256, (num_examples, config.image_size, config.image_size,
                                                   channels), np.uint8), mesh)
   positions = parallel.batch_positions(mesh, config.batch_size // n_dev)
-  seeds = config.member_seeds() or [config.seed]
-  states = [parallel.replicate(step_lib.create_train_state(dataclasses.replace(config, seed=s, seeds=""), channels), mesh)
-            for s in seeds]
+  member_runs = members.runs(config, workdir="")  # the members' configs (or the run's own)
+  states = [parallel.replicate(step_lib.create_train_state(c, channels), mesh) for c, _, _ in member_runs]
   train_step = step_lib.make_train_step(config, channels, num_examples, platform)
   k = config.steps_per_call
   if scan is None:
@@ -106,8 +105,8 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
               multi_step=None if k == 1 else ("scan" if scan else "dispatch"),
               invariant_groups=config.invariant_groups, stop_agreement=stop_agreement,
               compute_dtype=config.compute_dtype, xla_flags=os.environ.get("XLA_FLAGS", ""),
-              members=len(seeds), sec_per_step=elapsed / steps,
-              images_per_sec=len(seeds) * config.batch_size * steps / elapsed,
+              members=len(member_runs), sec_per_step=elapsed / steps,
+              images_per_sec=len(member_runs) * config.batch_size * steps / elapsed,
               images_per_sec_per_member=config.batch_size * steps / elapsed,
               compile_sec=compile_sec, backend=jax.default_backend(),
               device_kind=jax.local_devices()[0].device_kind, devices=n_dev, jax=jax.__version__,

@@ -64,14 +64,11 @@ def main(argv):
     if jax.process_count() > 1:
       # At once: a normal exit waits in jax.distributed's shutdown barrier for the other processes,
       # which may be waiting for this one in a collective (an error only this process saw).
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.stdout.flush()
-      os._exit(2)  # pylint: disable=protected-access
+      _end_now(str(e), 2)
     exit_with_error(str(e))
   except checkpoints.CheckpointWriteError as e:
     # At once: orbax's writer threads would add a traceback each while the interpreter shuts down.
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    os._exit(2)  # pylint: disable=protected-access
+    _end_now(str(e), 2)
   except Exception as e:  # pylint: disable=broad-except
     if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
       raise
@@ -86,12 +83,16 @@ def _lost_a_process(error: Exception) -> None:
   from dcgan_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   steps = workdir_lib.checkpoint_steps(FLAGS.workdir)
   first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  print(f"error: process {jax.process_index()} of {jax.process_count()}: lost another process of the run "
-        f"({first[:200]}); start all processes again to resume from "
-        + (f"step {steps[-1]} (the newest checkpoint)" if steps else "the start (no checkpoint yet)"),
-        file=sys.stderr, flush=True)
+  _end_now(f"process {jax.process_index()} of {jax.process_count()}: lost another process of the run "
+           f"({first[:200]}); start all processes again to resume from "
+           + (f"step {steps[-1]} (the newest checkpoint)" if steps else "the start (no checkpoint yet)"), 3)
+
+
+def _end_now(message: str, status: int) -> None:
+  """`error: <message>` on stderr and exit at once, without Python's or JAX's shutdown."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
   sys.stdout.flush()
-  os._exit(3)  # pylint: disable=protected-access
+  os._exit(status)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

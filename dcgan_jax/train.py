@@ -65,7 +65,10 @@ def train_and_evaluate(config: Config, workdir: str):
 
   # ---- Outputs and state: fresh, or the newest checkpoint every member has ------------------------
   common = members.common_step(runs) if len(runs) > 1 else None
-  group = [_Member(c, w, name, d, mesh, common) for (c, w, name), d in zip(runs, datas)]
+  device = jax.local_devices()[0]
+  where = dict(devices=jax.local_device_count(), device_kind=device.device_kind,
+               backend=jax.default_backend(), git_commit=checkpoints.git_commit())  # config.json's "run"
+  group = [_Member(c, w, name, d, mesh, common, where) for (c, w, name), d in zip(runs, datas)]
   if len(set(m.step for m in group)) > 1:  # a member's newest common checkpoint was unreadable
     for m in group:
       m.restore(min(m.step for m in group))
@@ -125,19 +128,17 @@ def _check_member_memory(config, data, num_members):
 class _Member:
   """One run in the program: its config (its own seed), run directory, state and outputs."""
 
-  def __init__(self, config, workdir, name, data, mesh, at_most):
+  def __init__(self, config, workdir, name, data, mesh, at_most, where):
     self.config, self.workdir, self.name, self.data, self.mesh = config, workdir, name, data, mesh
     self.writer = writers.RunWriter(workdir, enabled=jax.process_index() == 0)
-    device = jax.local_devices()[0]
     self.writer.write_config(config, extra=dict(
-        devices=jax.local_device_count(), device_kind=device.device_kind, backend=jax.default_backend(),
-        in_memory=data.in_memory, data_path=data.path, num_examples=data.num_examples,
-        channels=data.channels, git_commit=checkpoints.git_commit()))
+        where, in_memory=data.in_memory, data_path=data.path, num_examples=data.num_examples,
+        channels=data.channels))
     logging.info("Config%s: %s", f" of {name}" if name else "", json.dumps(dict(config.__dict__)))
     self.checkpointer = checkpoints.Checkpointer(workdir, config)
     # Several members save the same step; in a multi-process run orbax's barriers are named by step
     # alone, so each save must finish before the next member's starts.
-    self.save_alone = jax.process_count() > 1 and bool(config.seeds or name)
+    self.save_alone = jax.process_count() > 1 and bool(name)
     self.restore(at_most)
     self.sample = sampling.make_sampler(models.build_models(config, data.channels)[0], config.sample_bn)
     self.grid_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)

@@ -25,6 +25,9 @@ OPTIMIZERS = ("adam", "rmsprop")
 SAMPLE_BN_MODES = ("running", "batch")
 IN_MEMORY_MODES = ("auto", "true", "false")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Settings --sweep may vary between the members of one program: scalars of the optimizers and the EMA.
+# Everything else (shapes, the model, the loss, the batch) is one program's, shared by all members.
+SWEEPABLE = ("learning_rate_g", "learning_rate_d", "beta1", "beta2", "g_ema_decay")
 
 # Roles of a setting.
 COMPUTATION = "computation"  # changes what a training step computes: a resumed run must keep it
@@ -96,6 +99,11 @@ class Config:
   seeds: str = setting(
       "", "Many runs in one program, one member per seed, e.g. 0,1,2,3 or 0-15: member s is the run of "
       "--seed=s, written to its own run directory <workdir>/seed_<s>. Empty: one run (--seed).", OUTPUT)
+  sweep: str = setting(
+      "", "Scalar settings that differ between members, e.g. 'learning_rate_d:1e-4,2e-4;beta1:0,0.5' "
+      "(settings separated by ';'): one member per combination of their values and seed (--seeds, else "
+      "--seed), in <workdir>/<setting>=<value>_..._seed_<s>. May vary: " + ", ".join(SWEEPABLE) + ".",
+      OUTPUT)
   optimizer: str = setting("adam", "adam (DCGAN paper) or rmsprop (the seed's choice; --beta1 is then "
                            "RMSprop's decay).")
   learning_rate_g: float = setting(2e-4, "Generator learning rate.")
@@ -157,6 +165,30 @@ class Config:
       raise ConfigError(f"--seeds={self.seeds!r}: a seed appears twice; list each seed once")
     return seeds
 
+  def sweep_values(self) -> list:
+    """--sweep as [(setting, [float values])] in the order given ([] when empty). ConfigError for bad
+    syntax, a setting that cannot vary between members, or a repeated setting or value."""
+    def fail(problem):
+      raise ConfigError(f"--sweep={self.sweep!r}: {problem}")
+    out = []
+    for part in filter(None, (p.strip() for p in self.sweep.split(";"))):
+      name, colon, values = (x.strip() for x in part.partition(":"))
+      if not colon or not values:
+        fail(f"{part!r} is not setting:value,value; pass e.g. learning_rate_d:1e-4,2e-4")
+      if name not in SWEEPABLE:
+        known = "is not a setting" if name not in FIELDS else "cannot differ between members of one program"
+        fail(f"{name} {known}; vary one of {', '.join(SWEEPABLE)} (others: separate runs)")
+      if name in dict(out):
+        fail(f"{name} appears twice; list all its values after one {name}:")
+      try:
+        numbers = [float(v) for v in values.split(",")]
+      except ValueError:
+        fail(f"{values!r} is not a list of numbers; pass e.g. {name}:1e-4,2e-4")
+      if len(set(numbers)) != len(numbers):
+        fail(f"a value of {name} appears twice; list each value once")
+      out.append((name, numbers))
+    return out
+
   def resolved(self) -> "Config":
     """Returns a copy with every preset-dependent `None` filled in, validated."""
     self.validate()
@@ -180,6 +212,12 @@ class Config:
         fail(name, "must be a positive integer", "pass a whole number >= 1")
 
     self.member_seeds()
+    for name, values in self.sweep_values():
+      for value in values:
+        try:
+          dataclasses.replace(self, sweep="", **{name: value}).validate()
+        except ConfigError as e:
+          raise ConfigError(f"--sweep={self.sweep!r}: {e}") from None
     choice("preset", PRESETS)
     choice("loss", LOSSES)
     choice("optimizer", OPTIMIZERS)

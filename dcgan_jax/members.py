@@ -1,7 +1,10 @@
-"""Many runs in one program (--seeds): which members there are and where each one writes. No JAX here.
+"""Many runs in one program (--seeds, --sweep): which members there are and where each one writes.
+No JAX here.
 
     python -m dcgan_jax.main --flagfile=fashion_mnist.flags --seeds=0-3 --workdir=runs/fm4
     runs/fm4/seed_0/ ... runs/fm4/seed_3/      each an ordinary run directory (workdir.py's layout)
+    ... --seeds=0-2 --sweep='learning_rate_d:1e-4,2e-4' --workdir=runs/lr
+    runs/lr/learning_rate_d=0.0001_seed_0/ ... runs/lr/learning_rate_d=0.0002_seed_2/    (6 members)
 
 Member s is the run of `--seed=s`: its config.json holds seed=s and no --seeds, so `sample`, `evaluate`
 and `study` read it unchanged, and it continues alone as a single run
@@ -10,23 +13,31 @@ the single run's compiled program, one member after the other within each call.
 """
 
 import dataclasses
+import itertools
 import os
 
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import Config, ConfigError
 
 
-def member_dir(workdir: str, seed: int) -> str:
-  return os.path.join(workdir, f"seed_{seed}")
+def member_dir(workdir: str, seed: int, values: tuple = ()) -> str:
+  """<workdir>/seed_<s>, or with swept values <workdir>/<setting>=<value>_..._seed_<s>."""
+  return os.path.join(workdir, "_".join([f"{n}={v!r}" for n, v in values] + [f"seed_{seed}"]))
 
 
 def runs(config: Config, workdir: str) -> list:
-  """[(config, run directory, name)]: the run itself without --seeds (name ""), else one per seed."""
-  seeds = config.member_seeds()
-  if not seeds:
+  """[(config, run directory, name)]: the run itself without --seeds or --sweep (name ""), else one
+  member per combination of swept values (in --sweep's order) and seed."""
+  seeds, sweep = config.member_seeds(), config.sweep_values()
+  if not seeds and not sweep:
     return [(config, workdir, "")]
-  return [(dataclasses.replace(config, seed=s, seeds=""), member_dir(workdir, s), f"seed {s}")
-          for s in seeds]
+  out = []
+  for values in itertools.product(*[[(name, v) for v in vs] for name, vs in sweep]):
+    for s in seeds or [config.seed]:
+      member = dataclasses.replace(config, seed=s, seeds="", sweep="", **dict(values))
+      name = " ".join([f"{n}={v!r}" for n, v in values] + [f"seed {s}"])
+      out.append((member, member_dir(workdir, s, values), name))
+  return out
 
 
 def workdirs(config: Config, workdir: str) -> list:
@@ -36,8 +47,17 @@ def workdirs(config: Config, workdir: str) -> list:
 
 def common_step(member_runs: list) -> int:
   """The newest step every member has a complete checkpoint of (0: start afresh). A run killed while
-  its members were saving one step resumes all of them from the step before, so they stay in step."""
-  return min(max(workdir_lib.checkpoint_steps(w), default=0) for _, w, _ in member_runs)
+  its members were saving one step resumes all of them from the step before, so they stay in step.
+
+  ConfigError when some members have checkpoints and another was never started (a seed or a value
+  added to a run's command): starting all afresh would overwrite the others' results."""
+  newest = {w: max(workdir_lib.checkpoint_steps(w), default=0) for _, w, _ in member_runs}
+  new = [w for w in newest if not workdir_lib.has_config(w)]
+  if new and max(newest.values()) > 0:
+    raise ConfigError(f"{new[0]}: a new member of a run whose other members are at step "
+                      f"{max(newest.values())}; train new seeds or values in another --workdir (or "
+                      "remove them from --seeds/--sweep)")
+  return min(newest.values())
 
 
 def study_table(workdir: str) -> str:
@@ -59,6 +79,6 @@ def check_memory(num_members: int, state_bytes: int, device_bytes_limit, data_by
   need = num_members * state_bytes + data_bytes
   if need > device_bytes_limit / 2:
     fit = max(1, int((device_bytes_limit / 2 - data_bytes) // state_bytes))
-    raise ConfigError(f"--seeds: {num_members} members need {need / 2**30:.1f} GiB of state and data on "
-                      f"each device, more than half its {device_bytes_limit / 2**30:.1f} GiB; pass at most "
-                      f"{fit} seeds per run")
+    raise ConfigError(f"--seeds/--sweep: {num_members} members need {need / 2**30:.1f} GiB of state and "
+                      f"data on each device, more than half its {device_bytes_limit / 2**30:.1f} GiB; run at "
+                      f"most {fit} members (seeds times swept values) per run")

@@ -6,6 +6,7 @@ steps: run, log, sample, evaluate, checkpoint, stop; then finish (export, GIF). 
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -39,11 +40,12 @@ class TrainingDivergedError(RuntimeError):
 def train_and_evaluate(config: Config, workdir: str):
   """Trains a DCGAN as configured, writing logs, samples, checkpoints and the config into workdir.
 
-  With --seeds, one member per seed trains in this one program, each the run of its --seed with its
-  own run directory <workdir>/seed_<s> (members.py's layout): on every platform each member's steps run
-  the single run's compiled program, so a member is bitwise the single run of its seed.
+  With --seeds (and --sweep), one member per seed (and combination of swept values) trains in this one
+  program, each the run of its own settings with its own run directory (members.py's layout): on every
+  platform each member's steps run the single run's compiled program, so a member is bitwise the single
+  run of its settings.
 
-  Returns the final TrainState (replicated over the devices), or with --seeds the members' list.
+  Returns the final TrainState (replicated over the devices), or with members the members' list.
   """
   # ---- Devices and data --------------------------------------------------------------------------
   config = config.resolved()
@@ -60,11 +62,12 @@ def train_and_evaluate(config: Config, workdir: str):
   datas = [data] + [data if data.in_memory else data_lib.open_training_data(c, mesh, per_device)
                     for c, _, _ in runs[1:]]
 
-  if len(runs) > 1:
-    _check_member_memory(config, data, len(runs))
+  has_members = bool(runs[0][2])
+  if has_members:
+    _check_member_memory([c for c, _, _ in runs], data)
 
   # ---- Outputs and state: fresh, or the newest checkpoint every member has ------------------------
-  common = members.common_step(runs) if len(runs) > 1 else None
+  common = members.common_step(runs) if has_members else None
   device = jax.local_devices()[0]
   where = dict(devices=jax.local_device_count(), device_kind=device.device_kind,
                backend=jax.default_backend(), git_commit=checkpoints.git_commit())  # config.json's "run"
@@ -74,7 +77,12 @@ def train_and_evaluate(config: Config, workdir: str):
       m.restore(min(m.step for m in group))
 
   # ---- Step programs, sampling, evaluation --------------------------------------------------------
-  steps = _Steps(config, data, mesh, per_device)
+  programs = {}  # one per distinct computation: members that differ only in their seed share it
+  for m in group:
+    computation = dataclasses.replace(m.config, seed=0)
+    if computation not in programs:
+      programs[computation] = _Steps(m.config, data, mesh, per_device)
+    m.steps = programs[computation]
   if config.eval_every:
     scorer = _make_scorer(config, data.image_shape)
     for m in group:
@@ -91,7 +99,7 @@ def train_and_evaluate(config: Config, workdir: str):
     while step < config.num_steps:
       k = min(config.steps_per_call, config.num_steps - step)
       for m in group:
-        m.state, metrics = steps(m.state, step, k, m.data)
+        m.state, metrics = m.steps(m.state, step, k, m.data)
         m.progress.ran(step + k, metrics)
       step += k
       # A signal to any process stops every process after the same call (never on the local signal
@@ -109,20 +117,22 @@ def train_and_evaluate(config: Config, workdir: str):
   agree_to_stop.finish()
   for m in group:
     m.finish(step)
-  if len(group) > 1 and step == config.num_steps and group[0].writer.enabled:
+  if has_members and step == config.num_steps and group[0].writer.enabled:
     logging.info("The members' study table (python -m dcgan_jax.study %s):\n%s", workdir,
                  members.study_table(workdir))
-  return [m.state for m in group] if config.seeds else group[0].state
+  return [m.state for m in group] if has_members else group[0].state
 
 
-def _check_member_memory(config, data, num_members):
-  """members.check_memory with one member's state size (from shapes alone) and the device's limit."""
-  shapes = jax.eval_shape(lambda: step_lib.create_train_state(config, data.channels))
-  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)
-                    if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+def _check_member_memory(member_configs, data):
+  """members.check_memory with the members' largest state (from shapes alone) and the device's limit."""
+  def state_bytes(config):
+    shapes = jax.eval_shape(lambda: step_lib.create_train_state(config, data.channels))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)
+               if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+  largest = max(state_bytes(c) for c in {dataclasses.replace(c, seed=0) for c in member_configs})
   limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
   data_bytes = data.num_examples * int(np.prod(data.image_shape)) if data.in_memory else 0
-  members.check_memory(num_members, state_bytes, limit, data_bytes)
+  members.check_memory(len(member_configs), largest, limit, data_bytes)
 
 
 class _Member:
@@ -142,7 +152,7 @@ class _Member:
     self.restore(at_most)
     self.sample = sampling.make_sampler(models.build_models(config, data.channels)[0], config.sample_bn)
     self.grid_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
-    self.evaluation, self.progress = None, None
+    self.evaluation, self.progress, self.steps = None, None, None
 
   def restore(self, at_most):
     """The fresh state, or the newest checkpoint (of step <= at_most); drops metrics lines after it."""

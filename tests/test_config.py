@@ -41,7 +41,7 @@ def test_resume_refuses_exactly_the_settings_that_change_a_step():
 def test_study_groups_on_everything_but_the_seed_and_the_output_settings():
   """Catches study pooling runs of different computations or scores (e.g. num_steps, eval_samples,
   sample_bn) or separating runs that differ only in where and how often they wrote."""
-  assert config_lib.STUDY_IGNORED == {"seed", "seeds", "data_dir", "log_every", "sample_every", "num_samples",
+  assert config_lib.STUDY_IGNORED == {"seed", "seeds", "sweep", "data_dir", "log_every", "sample_every", "num_samples",
                                       "checkpoint_every", "keep_checkpoints", "eval_every", "evaluator_dir"}
   from dcgan_jax import study
   assert set(study.IGNORED_FIELDS) == config_lib.STUDY_IGNORED
@@ -104,15 +104,40 @@ def test_seeds_lists_and_ranges_parse_and_bad_ones_are_one_line():
       Config(seeds=bad).resolved()
 
 
+def test_sweep_parses_the_settings_that_may_vary_and_refuses_the_rest_in_one_line():
+  """--sweep: 'setting:v,v;setting:v' gives each setting's values in order; members are the product of
+  the values and the seeds, each directory named by its values. A setting that shapes the program
+  (batch_size), an unknown one, a repeated setting or value, a word for a number, and a value the
+  setting itself refuses (beta1 1.5) are one-line ConfigErrors naming --sweep. Catches a sweep that
+  silently ignores a setting, members missing from the product, and unvalidated swept values."""
+  from dcgan_jax import members
+  config = Config(sweep="learning_rate_d:1e-4, 2e-4; beta1:0", seeds="3,5")
+  assert config.sweep_values() == [("learning_rate_d", [1e-4, 2e-4]), ("beta1", [0.0])]
+  found = members.runs(config, "w")
+  assert [(c.learning_rate_d, c.beta1, c.seed, c.seeds, c.sweep) for c, _, _ in found] == [
+      (1e-4, 0.0, 3, "", ""), (1e-4, 0.0, 5, "", ""), (2e-4, 0.0, 3, "", ""), (2e-4, 0.0, 5, "", "")]
+  assert found[1][1:] == ("w/learning_rate_d=0.0001_beta1=0.0_seed_5", "learning_rate_d=0.0001 beta1=0.0 seed 5")
+  assert [w for _, w, _ in members.runs(Config(sweep="g_ema_decay:0,0.999", seed=7), "w")] == [
+      "w/g_ema_decay=0.0_seed_7", "w/g_ema_decay=0.999_seed_7"]
+  for bad, says in (("batch_size:64,128", "batch_size cannot differ between members"),
+                    ("learning_rate:1e-4", "learning_rate is not a setting"),
+                    ("beta1:0.5;beta1:0", "beta1 appears twice"), ("beta1:0.5,0.5", "appears twice"),
+                    ("beta1:half", "not a list of numbers"), ("beta1", "not setting:value"),
+                    ("beta1:0.5,1.5", "--beta1=1.5: must be in")):
+    with pytest.raises(ConfigError, match="--sweep=") as e:
+      Config(sweep=bad).resolved()
+    assert says in str(e.value) and "\n" not in str(e.value), (bad, str(e.value))
+
+
 def test_a_member_count_that_cannot_fit_the_device_is_refused_with_the_count_that_fits():
   """members.check_memory: 16 members of 1 GiB of state on a 16 GiB device (half for the states) is a
   one-line ConfigError naming the count that fits (8); 8 members pass, and so does any count where the
   backend reports no limit (CPU). Catches a check that ignores the member count or the dataset."""
   from dcgan_jax import members
   gib = 2**30
-  with pytest.raises(ConfigError, match="pass at most 8 seeds per run"):
+  with pytest.raises(ConfigError, match="run at most 8 members"):
     members.check_memory(16, gib, 16 * gib)
   members.check_memory(8, gib, 16 * gib)
-  with pytest.raises(ConfigError, match="pass at most 6 seeds"):
+  with pytest.raises(ConfigError, match="run at most 6 members"):
     members.check_memory(8, gib, 16 * gib, data_bytes=2 * gib)
   members.check_memory(1000, gib, None)

@@ -13,7 +13,8 @@ import pytest
 from dcgan_jax import checkpoints
 from dcgan_jax import members
 from dcgan_jax import train
-from dcgan_jax.config import Config
+from dcgan_jax import workdir as workdir_lib
+from dcgan_jax.config import Config, ConfigError
 from helpers import ROOT, cli_env, read_json, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast tier
@@ -94,3 +95,29 @@ def test_a_killed_multi_member_run_restarts_to_the_single_runs_by_index(tiny_dat
     assert_same_state(checkpoints.read_state_numpy(single, 9)[0], checkpoints.read_state_numpy(member, 9)[0],
                       seed)
     assert without_speed(single) == without_speed(member)
+
+
+def test_swept_members_are_the_single_runs_of_their_values_and_a_new_member_is_refused(tiny_data_dir, tmp_path):
+  """--sweep=learning_rate_d:1e-4,3e-3 with --seeds=3 for 3 steps: each member ends bitwise equal to the
+  single run with that learning rate (its own compiled program), and the study table has one row per
+  value. The same run with a seed added is refused in one line naming the new member, and both members'
+  checkpoints are untouched. Catches members run with the first member's program (one learning rate
+  for all), swept values missing from the members' config.json (study would pool them), and a new
+  member restarting its run from step 0 over the others' results."""
+  multi = str(tmp_path / "multi")
+  swept = dict(sweep="learning_rate_d:1e-4,3e-3", seeds="3", num_steps=3, checkpoint_every=3)
+  train.train_and_evaluate(settings(tiny_data_dir, **swept), multi)
+  for lr in (1e-4, 3e-3):
+    member, single = os.path.join(multi, f"learning_rate_d={lr!r}_seed_3"), str(tmp_path / f"single_{lr}")
+    train.train_and_evaluate(settings(tiny_data_dir, seed=3, learning_rate_d=lr, num_steps=3,
+                                      checkpoint_every=3), single)
+    assert_same_state(checkpoints.read_state_numpy(member, 3)[0], checkpoints.read_state_numpy(single, 3)[0],
+                      f"learning_rate_d={lr}")
+  rows = members.study_table(multi).splitlines()[2:]
+  assert [r.split(" | ")[:3] for r in rows] == [["| 0.0001", "1", "3"], ["| 0.003", "1", "3"]], rows
+  before = sorted(os.listdir(multi))
+  with pytest.raises(ConfigError, match="seed_4: a new member of a run whose other members are at step 3"):
+    train.train_and_evaluate(settings(tiny_data_dir, **dict(swept, seeds="3,4", num_steps=6)), multi)
+  assert sorted(os.listdir(multi)) == before
+  for lr in (1e-4, 3e-3):
+    assert workdir_lib.checkpoint_steps(os.path.join(multi, f"learning_rate_d={lr!r}_seed_3")) == [3]

@@ -8,7 +8,6 @@ steps: run, log, sample, evaluate, checkpoint, stop; then finish (export, GIF). 
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import threading
@@ -24,17 +23,14 @@ from dcgan_jax import data as data_lib
 from dcgan_jax import members
 from dcgan_jax import models
 from dcgan_jax import parallel
+from dcgan_jax import progress
 from dcgan_jax import randomness
 from dcgan_jax import sampling
 from dcgan_jax import step as step_lib
 from dcgan_jax import writers
 from dcgan_jax.config import Config, ConfigError
 
-CHECKED_METRICS = ("d_loss", "g_loss", "g_param_norm", "d_param_norm")
-
-
-class TrainingDivergedError(RuntimeError):
-  """A loss or a parameter became NaN/inf. The message names the first such step."""
+TrainingDivergedError = progress.TrainingDivergedError
 
 
 def train_and_evaluate(config: Config, workdir: str):
@@ -91,7 +87,7 @@ def train_and_evaluate(config: Config, workdir: str):
   # ---- Train --------------------------------------------------------------------------------------
   step = group[0].step
   for m in group:
-    m.progress = _Progress(m.config, m.writer, step, m.name)
+    m.progress = progress.Progress(m.config, m.writer, step, m.name)
   agree_to_stop = parallel.StopAgreement(mesh)
   with _StopOnSignal() as stop, contextlib.ExitStack() as closing:
     for d in {id(d): d for d in datas}.values():
@@ -229,64 +225,6 @@ class _Steps:
     return self._calls[k](state, self._positions, data.for_call(step, k))
 
 
-class _Progress:
-  """The step metrics: kept on device until a log or checkpoint step needs them, checked for
-  non-finite values, averaged per log interval into metrics.jsonl, TensorBoard and the console."""
-
-  def __init__(self, config, writer, step, name=""):
-    self.config, self.writer, self.prefix = config, writer, f"{name} | " if name else ""
-    self.pending, self.pending_start = [], step  # metrics still on device
-    self.fetched = []  # host metrics (one dict per step) since the last log line
-    self.t_last, self.step_last = None, step
-
-  def ran(self, step, metrics):
-    self.pending.append(metrics)
-    if self.t_last is None:  # the first call compiles: start the clock after it
-      jax.block_until_ready(metrics)
-      self.t_last, self.step_last = time.time(), step
-
-  def fetch(self, step):
-    host = per_step(jax.device_get(self.pending))
-    check_finite(host, self.pending_start)
-    self.fetched += host
-    self.pending, self.pending_start = [], step
-
-  def log(self, step):
-    now, config = time.time(), self.config
-    rate = (step - self.step_last) / (now - self.t_last) if step > self.step_last else float("nan")
-    mean = {k: float(np.mean([m[k] for m in self.fetched])) for k in self.fetched[0] if k != "finite"}
-    mean.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size)
-    self.writer.write_metrics(step, mean)
-    eta = (config.num_steps - step) / rate if rate > 0 else float("nan")
-    logging.info("%sstep %d/%d | d_loss %.3f g_loss %.3f D(x) %.2f D(G(z)) %.2f | %.2f steps/s %.0f img/s "
-                 "| ETA %s", self.prefix, step, config.num_steps, mean["d_loss"], mean["g_loss"], mean["d_real"],
-                 mean["d_fake"], rate, rate * config.batch_size, _format_eta(eta))
-    self.fetched, self.t_last, self.step_last = [], now, step
-
-
-def per_step(fetched: list) -> list:
-  """Host metrics of single calls (dicts of scalars) and multi-step calls (dicts of (k,) arrays) ->
-  one dict of scalars per step."""
-  out = []
-  for m in fetched:
-    if np.ndim(m["d_loss"]) == 0:
-      out.append(m)
-    else:
-      out += [{name: v[i] for name, v in m.items()} for i in range(len(m["d_loss"]))]
-  return out
-
-
-def check_finite(history: list, first_step: int) -> None:
-  """history: host metrics of consecutive steps after state step `first_step`. TrainingDivergedError
-  naming the first step with a non-finite loss or parameter norm."""
-  for i, m in enumerate(history):
-    if m["finite"] < 1:
-      bad = ", ".join(f"{k}={m[k]:.4g}" for k in CHECKED_METRICS)
-      raise TrainingDivergedError(
-          f"training diverged at step {first_step + i + 1}: non-finite values ({bad}); lower "
-          "--learning_rate_g/--learning_rate_d or check the data")
-
-
 def _make_scorer(config, image_shape):
   """The evaluator (trained and cached by process 0 first, then loaded by the others) and its scorer,
   shared by all members."""
@@ -370,11 +308,3 @@ class _StopOnSignal:
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
-
-
-def _format_eta(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -10,6 +10,7 @@ import pytest
 
 from dcgan_jax import models
 from dcgan_jax import parallel
+from dcgan_jax import progress
 from dcgan_jax import sampling
 from dcgan_jax import step as step_lib
 from dcgan_jax import train
@@ -92,9 +93,9 @@ def test_two_identical_runs_are_bitwise_identical():
 def test_non_finite_values_stop_training_naming_the_step():
   ok = dict(d_loss=1.0, g_loss=1.0, g_param_norm=1.0, d_param_norm=1.0, finite=1.0)
   bad = dict(ok, g_loss=float("nan"), finite=0.0)
-  train.check_finite([ok, ok], 10)
-  with pytest.raises(train.TrainingDivergedError, match=r"^training diverged at step 12: .*g_loss=nan"):
-    train.check_finite([ok, bad, bad], 10)
+  progress.check_finite([ok, ok], 10)
+  with pytest.raises(progress.TrainingDivergedError, match=r"^training diverged at step 12: .*g_loss=nan"):
+    progress.check_finite([ok, bad, bad], 10)
 
 
 def test_sampler_bn_modes():
@@ -144,7 +145,7 @@ def run_single_and_multi(in_memory, k, scan):
     history.append(jax.device_get(metrics))
   state_b, stacked = multi(state_b, slots, multi_input)
   assert int(state_b.step) == k
-  return state, history, state_b, train.per_step([jax.device_get(stacked)])
+  return state, history, state_b, progress.per_step([jax.device_get(stacked)])
 
 
 @pytest.mark.parametrize("in_memory", [True, False])

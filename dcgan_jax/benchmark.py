@@ -5,8 +5,9 @@
 
 Times the real pmapped training step (the in-memory path: a uint8 dataset on the devices, batches
 gathered inside the step in the (seed, step) order) after warm-up, with block_until_ready around the
-timed calls. With --seeds, every call runs each member's step in turn, as the training loop does:
-`images_per_sec` is the total over the members, `images_per_sec_per_member` one member's share.
+timed calls. With --seeds, every call runs the members as the training loop does (--members_form:
+each member's step in turn, or one vmapped step over the stacked members): `images_per_sec` is the
+total over the members, `images_per_sec_per_member` one member's share.
 `compile_sec` is the first call (tracing + XLA compilation + one execution). The model and
 training settings are the trainer's own flags (config.py), with the same defaults.
 """
@@ -31,7 +32,7 @@ from dcgan_jax.config import Config, ConfigError, exit_with_error
 # The Config fields a benchmark varies; every other one keeps its default.
 CONFIG_FLAGS = ("preset", "image_size", "base_width", "latent_dim", "batch_size", "seed", "optimizer",
                 "loss", "d_steps", "g_ema_decay", "compute_dtype", "steps_per_call", "invariant_groups",
-                "seeds")
+                "seeds", "members_form")
 config_lib.define_flags(CONFIG_FLAGS)
 flags.DEFINE_integer("channels", 1, "Image channels.")
 flags.DEFINE_integer("steps", 30, "Timed training steps.")
@@ -71,7 +72,12 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   positions = parallel.batch_positions(mesh, config.batch_size // n_dev)
   member_runs = members.runs(config, workdir="")  # the members' configs (or the run's own)
   states = [parallel.replicate(step_lib.create_train_state(c, channels), mesh) for c, _, _ in member_runs]
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(states[0])
+                    if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
   train_step = step_lib.make_train_step(config, channels, num_examples, platform)
+  form = parallel.members_form(config.members_form, platform) if config.seeds else None
+  if form == "vmap":  # one state with a leading member axis, one program
+    states, train_step = [parallel.stack_members(states)], parallel.over_members(train_step)
   k = config.steps_per_call
   if scan is None:
     scan = parallel.scan_by_default(platform)
@@ -105,7 +111,8 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
               multi_step=None if k == 1 else ("scan" if scan else "dispatch"),
               invariant_groups=config.invariant_groups, stop_agreement=stop_agreement,
               compute_dtype=config.compute_dtype, xla_flags=os.environ.get("XLA_FLAGS", ""),
-              members=len(member_runs), sec_per_step=elapsed / steps,
+              members=len(member_runs), members_form=form, state_bytes_per_member=state_bytes,
+              sec_per_step=elapsed / steps,
               images_per_sec=len(member_runs) * config.batch_size * steps / elapsed,
               images_per_sec_per_member=config.batch_size * steps / elapsed,
               compile_sec=compile_sec, backend=jax.default_backend(),

@@ -25,6 +25,7 @@ OPTIMIZERS = ("adam", "rmsprop")
 SAMPLE_BN_MODES = ("running", "batch")
 IN_MEMORY_MODES = ("auto", "true", "false")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+MEMBERS_FORMS = ("auto", "dispatch", "vmap")
 # Settings --sweep may vary between the members of one program: scalars of the optimizers and the EMA.
 # Everything else (shapes, the model, the loss, the batch) is one program's, shared by all members.
 SWEEPABLE = ("learning_rate_g", "learning_rate_d", "beta1", "beta2", "g_ema_decay")
@@ -104,6 +105,11 @@ class Config:
       "(settings separated by ';'): one member per combination of their values and seed (--seeds, else "
       "--seed), in <workdir>/<setting>=<value>_..._seed_<s>. May vary: " + ", ".join(SWEEPABLE) + ".",
       OUTPUT)
+  members_form: str = setting(
+      "auto", "How members (--seeds) run: dispatch (each member's step is the single run's compiled "
+      "program, one member after the other: bitwise the single runs), vmap (one program over a leading "
+      "member axis of the state: the same math, other rounding; in-memory data, no --sweep), or auto "
+      "(the platform's measured choice: docs/performance.md).", OUTCOME)
   optimizer: str = setting("adam", "adam (DCGAN paper) or rmsprop (the seed's choice; --beta1 is then "
                            "RMSprop's decay).")
   learning_rate_g: float = setting(2e-4, "Generator learning rate.")
@@ -224,6 +230,10 @@ class Config:
     choice("sample_bn", SAMPLE_BN_MODES)
     choice("in_memory", IN_MEMORY_MODES)
     choice("compute_dtype", COMPUTE_DTYPES)
+    choice("members_form", MEMBERS_FORMS)
+    if self.members_form == "vmap" and self.sweep:
+      fail("members_form", "stacks members that share one program, and --sweep members each have their "
+           "own", "use --members_form=dispatch (or auto) with --sweep")
     for name in ("batch_size", "num_steps", "latent_dim", "base_width", "d_steps", "log_every",
                  "sample_every", "num_samples", "max_in_memory_mb", "shuffle_buffer", "checkpoint_every",
                  "keep_checkpoints", "steps_per_call"):

@@ -77,6 +77,38 @@ def check_devices(config: Config, num_devices: int) -> None:
                       "you compare divides, e.g. 16 for up to 8 devices.")
 
 
+# --members_form=auto, per platform. XLA:CPU: dispatch, measured (docs/reproducibility.md: 4 vmapped
+# members train at 0.6x the images/s of 4 dispatched ones; vmapped convolution parameters become grouped
+# convolutions). GPU and TPU: not measured yet (experiments/bench_gpu.py times both forms), so until
+# then the form that is bitwise the single runs.
+MEMBERS_FORM = {"cpu": "dispatch", "gpu": "dispatch", "tpu": "dispatch"}
+
+
+def members_form(requested: str, platform_name: str) -> str:
+  """"dispatch" or "vmap": --members_form, with auto resolved for the platform."""
+  return MEMBERS_FORM.get(platform_name, "dispatch") if requested == "auto" else requested
+
+
+def over_members(train_step: Callable) -> Callable:
+  """The step over a leading member axis of the state (--members_form=vmap); the members share the
+  positions and the in-memory dataset, and their metrics gain a trailing member axis after pmap. Each
+  member's BatchNorm statistics and gradient means stay its own: those collectives name AXIS (the
+  devices), and vmap's member axis is never reduced over."""
+  return jax.vmap(train_step, in_axes=(0, None, None))
+
+
+@jax.jit
+def stack_members(states: list):
+  """Member states -> one state with a leading member axis (the same devices and layout)."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+@jax.jit
+def member_of(stacked, index):
+  """Member `index`'s state out of a stacked one: a complete single-run state (what it checkpoints)."""
+  return jax.tree.map(lambda leaf: leaf[index], stacked)
+
+
 def replicate(tree, mesh: Mesh):
   """Host or device values -> one jax.Array per leaf, replicated on every device of `mesh`. In a
   multi-process run every process must pass the same values (they do: same seed, same data)."""

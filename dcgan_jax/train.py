@@ -59,8 +59,12 @@ def train_and_evaluate(config: Config, workdir: str):
                     for c, _, _ in runs[1:]]
 
   has_members = bool(runs[0][2])
+  form = parallel.members_form(config.members_form, parallel.platform(mesh)) if has_members else None
   if has_members:
     _check_member_memory([c for c, _, _ in runs], data)
+  if form == "vmap" and not data.in_memory:
+    raise ConfigError("--members_form=vmap: the members share one dataset in device memory, and this one "
+                      "is read by index (--in_memory); use --members_form=dispatch")
 
   # ---- Outputs and state: fresh, or the newest checkpoint every member has ------------------------
   common = members.common_step(runs) if has_members else None
@@ -73,8 +77,11 @@ def train_and_evaluate(config: Config, workdir: str):
       m.restore(min(m.step for m in group))
 
   # ---- Step programs, sampling, evaluation --------------------------------------------------------
-  programs = {}  # one per distinct computation: members that differ only in their seed share it
-  for m in group:
+  stacked = None
+  if form == "vmap":  # one program steps all members, stacked on a leading axis
+    stacked = _Stacked(group, _Steps(group[0].config, data, mesh, per_device, over_members=True))
+  programs = {}  # else one per distinct computation: members that differ only in their seed share it
+  for m in group if stacked is None else ():
     computation = dataclasses.replace(m.config, seed=0)
     if computation not in programs:
       programs[computation] = _Steps(m.config, data, mesh, per_device)
@@ -86,15 +93,17 @@ def train_and_evaluate(config: Config, workdir: str):
 
   # ---- Train --------------------------------------------------------------------------------------
   step = group[0].step
-  for m in group:
-    m.progress = progress.Progress(m.config, m.writer, step, m.name)
+  for i, m in enumerate(group):
+    m.progress = progress.Progress(m.config, m.writer, step, m.name, index=None if stacked is None else i)
   agree_to_stop = parallel.StopAgreement(mesh)
   with _StopOnSignal() as stop, contextlib.ExitStack() as closing:
     for d in {id(d): d for d in datas}.values():
       closing.callback(d.close)
     while step < config.num_steps:
       k = min(config.steps_per_call, config.num_steps - step)
-      for m in group:
+      if stacked:
+        stacked.run(step, k)
+      for m in group if stacked is None else ():
         m.state, metrics = m.steps(m.state, step, k, m.data)
         m.progress.ran(step + k, metrics)
       step += k
@@ -149,6 +158,20 @@ class _Member:
     self.sample = sampling.make_sampler(models.build_models(config, data.channels)[0], config.sample_bn)
     self.grid_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
     self.evaluation, self.progress, self.steps = None, None, None
+
+  @property
+  def state(self):
+    if self._state is None:  # a member of a stacked state
+      self._state = parallel.member_of(self._stacked.state, self._index)
+    return self._state
+
+  @state.setter
+  def state(self, value):
+    self._state = value
+
+  def stacked_at(self, stacked, index):
+    """From now on this member's state is slice `index` of stacked.state."""
+    self._stacked, self._index, self._state = stacked, index, None
 
   def restore(self, at_most):
     """The fresh state, or the newest checkpoint (of step <= at_most); drops metrics lines after it."""
@@ -205,15 +228,34 @@ class _Member:
     self.writer.close()
 
 
+class _Stacked:
+  """--members_form=vmap: the members' states stacked on a leading axis, stepped by one program. A
+  member's `state` is its slice, taken when something needs it (a checkpoint, samples, evaluation)."""
+
+  def __init__(self, group, steps):
+    self.group, self.steps = group, steps
+    self.state = parallel.stack_members([m.state for m in group])
+    for i, m in enumerate(group):
+      m.stacked_at(self, i)
+
+  def run(self, step, k):
+    self.state, metrics = self.steps(self.state, step, k, self.group[0].data)
+    for m in self.group:
+      m.progress.ran(step + k, metrics)
+      m.state = None  # sliced anew from the stacked state when next needed
+
+
 class _Steps:
   """steps(state, step, k, data): k training steps from state step `step` in one call
   (parallel.make_multi_step), one compiled program per k, made on first use (on XLA:CPU all of them
-  dispatch the single step's program)."""
+  dispatch the single step's program). over_members: of a state with a leading member axis."""
 
-  def __init__(self, config, data, mesh, per_device):
+  def __init__(self, config, data, mesh, per_device, over_members=False):
     platform = parallel.platform(mesh)
     self._data, self._positions = data, parallel.batch_positions(mesh, per_device)
     self._train_step = step_lib.make_train_step(config, data.channels, data.step_num_examples, platform)
+    if over_members:
+      self._train_step = parallel.over_members(self._train_step)
     self._scan = parallel.scan_by_default(platform)
     self._calls = {1: parallel.pmap_step(self._train_step, data.in_memory)}
 

@@ -58,12 +58,14 @@ def configurations(batches, steps_for, device):
                      [py, "-m", "dcgan_jax.benchmark", "--preset=mnist", f"--batch_size={b}",
                       f"--steps={steps}", "--warmup=2", f"--compute_dtype={dtype}",
                       f"--steps_per_call={kk}"], ROOT))
-    if b == 128:  # many members in one program (--seeds): the chip that one run leaves idle
+    if b == 128:  # many members in one program (--seeds): the chip that one run leaves idle; both
+      # member forms, to choose --members_form=auto's GPU entry (parallel.MEMBERS_FORM) by measurement
       for members in (4, 16):
-        runs.append((f"dcgan_jax b{b} float32 k{k} members{members}",
-                     [py, "-m", "dcgan_jax.benchmark", "--preset=mnist", f"--batch_size={b}",
-                      f"--steps={steps}", "--warmup=2", f"--steps_per_call={k}",
-                      f"--seeds=0-{members - 1}"], ROOT))
+        for form in ("dispatch", "vmap"):
+          runs.append((f"dcgan_jax b{b} float32 k{k} members{members} {form}",
+                       [py, "-m", "dcgan_jax.benchmark", "--preset=mnist", f"--batch_size={b}",
+                        f"--steps={steps}", "--warmup=2", f"--steps_per_call={k}",
+                        f"--seeds=0-{members - 1}", f"--members_form={form}"], ROOT))
     runs.append((f"torch-eager b{b}", [py, "ref_torch.py", "--batch", str(b), "--steps", str(steps),
                                         "--warmup", "10", "--alternating", "--device", device], STAGE))
     runs.append((f"jax-flax-jit b{b}", [py, "ref_jax.py", "--batch", str(b), "--steps", str(steps),

@@ -127,6 +127,8 @@ def test_sweep_parses_the_settings_that_may_vary_and_refuses_the_rest_in_one_lin
     with pytest.raises(ConfigError, match="--sweep=") as e:
       Config(sweep=bad).resolved()
     assert says in str(e.value) and "\n" not in str(e.value), (bad, str(e.value))
+  with pytest.raises(ConfigError, match="^--members_form='vmap': stacks members that share one program"):
+    Config(sweep="beta1:0,0.5", members_form="vmap").resolved()
 
 
 def test_a_member_count_that_cannot_fit_the_device_is_refused_with_the_count_that_fits():

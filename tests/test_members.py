@@ -15,7 +15,7 @@ from dcgan_jax import members
 from dcgan_jax import train
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import Config, ConfigError
-from helpers import ROOT, cli_env, read_json, read_jsonl, run_cli
+from helpers import ROOT, cli_env, launch, launched_output, read_json, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast tier
 
@@ -121,3 +121,59 @@ def test_swept_members_are_the_single_runs_of_their_values_and_a_new_member_is_r
   assert sorted(os.listdir(multi)) == before
   for lr in (1e-4, 3e-3):
     assert workdir_lib.checkpoint_steps(os.path.join(multi, f"learning_rate_d={lr!r}_seed_3")) == [3]
+
+
+def test_members_on_two_processes_are_bitwise_the_single_runs_with_invariant_groups(tiny_data_dir, tmp_path):
+  """`--seeds=0,1 --invariant_groups=8` with --eval_every on 2 processes x 2 devices (the launcher, gloo)
+  against single runs of seeds 0 and 1 on 1 device: each member bitwise its single run (state, metrics
+  lines, evaluation scores, best/). Catches members that save or evaluate on one process only, members'
+  saves of one step colliding in orbax's multi-process barriers (a hang), and a member program that
+  depends on the topology."""
+  cache = str(tmp_path / "evaluators")
+  def cli(workdir, seeds):
+    return ["--dataset=fashion_mnist", f"--data_dir={tiny_data_dir}", f"--workdir={workdir}", seeds,
+            "--batch_size=8", "--latent_dim=16", "--invariant_groups=8", "--num_steps=6",
+            "--checkpoint_every=2", "--log_every=1", "--sample_every=1000", "--eval_every=3",
+            "--eval_samples=16", f"--evaluator_dir={cache}"]
+  for seed in (0, 1):
+    r = run_cli(cli(str(tmp_path / f"single_{seed}"), f"--seed={seed}"), devices=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+  multi = str(tmp_path / "multi")
+  launcher = launch(cli(multi, "--seeds=0,1"), tmp_path / "multi.log")
+  out = launched_output(launcher, timeout=600)
+  assert launcher.returncode == 0, out[-3000:]
+  for seed in (0, 1):
+    single, member = str(tmp_path / f"single_{seed}"), os.path.join(multi, f"seed_{seed}")
+    assert_same_state(checkpoints.read_state_numpy(single, 6)[0], checkpoints.read_state_numpy(member, 6)[0],
+                      seed)
+    assert without_speed(single) == without_speed(member), seed
+    assert [m["step"] for m in without_speed(member) if "fid" in m] == [3, 6]  # compared above
+    assert os.listdir(os.path.join(single, "best")) == os.listdir(os.path.join(member, "best")), seed
+
+
+def test_vmapped_members_follow_the_single_runs_within_the_rounding_band(tiny_data_dir, tmp_path):
+  """--members_form=vmap (one program over a leading member axis), --seeds=3,5 for 20 steps with a stop
+  and resume at 10, against the dispatched members (bitwise the single runs, above): per member, step
+  1's losses within 1e-6 and the rest within the band of the device-count test (test_topology.py:
+  Adam amplifies rounding), relative L2 of the parameters <= 5e-3. Catches a BatchNorm statistic or
+  gradient mean taken over the member axis, members sharing a key or optimizer state, and a resume
+  that restacks the members in another order (each would be ~1e-1 off, from step 1)."""
+  common = dict(seeds="3,5", latent_dim=32, checkpoint_every=10, g_ema_decay=0.9)
+  vmapped, dispatched = str(tmp_path / "vmapped"), str(tmp_path / "dispatched")
+  train.train_and_evaluate(settings(tiny_data_dir, members_form="vmap", num_steps=10, **common), vmapped)
+  train.train_and_evaluate(settings(tiny_data_dir, members_form="vmap", num_steps=20, **common), vmapped)
+  train.train_and_evaluate(settings(tiny_data_dir, members_form="dispatch", num_steps=20, **common), dispatched)
+  for seed in (3, 5):
+    v, d = os.path.join(vmapped, f"seed_{seed}"), os.path.join(dispatched, f"seed_{seed}")
+    gaps = [max(abs(a["d_loss"] - b["d_loss"]), abs(a["g_loss"] - b["g_loss"]))
+            for a, b in zip(read_jsonl(os.path.join(v, "metrics.jsonl")), read_jsonl(os.path.join(d, "metrics.jsonl")))]
+    state, ref = checkpoints.read_state_numpy(v, 20)[0], checkpoints.read_state_numpy(d, 20)[0]
+    gap = checkpoints.relative_l2({k: state[k]["params"] for k in "gd"}, {k: ref[k]["params"] for k in "gd"})
+    print(f"seed {seed}: per-step loss gaps vmap vs dispatch", " ".join(f"{x:.0e}" for x in gaps),
+          f"| relative L2 after 20 steps {gap:.2e}")
+    assert len(gaps) == 20 and gaps[0] < 1e-6 and gaps[1] < 1e-3 and max(gaps) < 3e-2, gaps
+    assert gap <= 5e-3, gap
+    assert read_json(os.path.join(v, "config.json"))["config"]["seed"] == seed
+  with pytest.raises(ConfigError, match="^--members_form=vmap: the members share one dataset in device memory"):
+    train.train_and_evaluate(settings(tiny_data_dir, members_form="vmap", in_memory="false", **common),
+                             str(tmp_path / "by_index"))

@@ -20,7 +20,7 @@ import typing
 from typing import Iterable, NoReturn, Optional
 
 PRESETS = ("mnist", "dcgan")
-LOSSES = ("non_saturating", "minimax")
+LOSSES = ("non_saturating", "minimax", "least_squares", "hinge", "wasserstein")  # losses.py
 OPTIMIZERS = ("adam", "rmsprop")
 SAMPLE_BN_MODES = ("running", "batch")
 IN_MEMORY_MODES = ("auto", "true", "false")
@@ -116,8 +116,19 @@ class Config:
   learning_rate_d: float = setting(2e-4, "Discriminator learning rate.")
   beta1: float = setting(0.5, "Adam beta1 (DCGAN paper: 0.5), or RMSprop decay.")
   beta2: float = setting(0.999, "Adam beta2.")
-  loss: str = setting("non_saturating", "non_saturating (-log D(G(z)), default) or minimax "
-                      "(log(1 - D(G(z)))) generator loss.")
+  loss: str = setting(
+      "non_saturating", "The GAN loss (losses.py): non_saturating (default: G minimises -log D(G(z))), "
+      "minimax (log(1 - D(G(z)))), least_squares (LSGAN), hinge, or wasserstein (needs --gp_weight or "
+      "--d_norm=spectral).")
+  gp_weight: float = setting(
+      0.0, "Gradient penalty (WGAN-GP, Gulrajani et al. 2017): weight of E[(||grad D(x_hat)||-1)^2] on "
+      "random interpolates of real and fake images, e.g. 10; 0 = off.")
+  r1_weight: float = setting(
+      0.0, "R1 penalty (Mescheder et al. 2018): weight gamma of E[||grad D(x)||^2]/2 on real images, e.g. "
+      "10 (or 0.1 for small models); 0 = off.")
+  r1_every: int = setting(
+      1, "Lazy R1 (StyleGAN2): the R1 penalty on every k-th discriminator update only, weighted by k; "
+      "1 = every update.")
   d_steps: int = setting(1, "Discriminator updates per generator update.")
   g_ema_decay: float = setting(
       0.0, "Exponential moving average of the generator's weights (e.g. 0.999); 0 = off. When on, sample "
@@ -247,6 +258,15 @@ class Config:
     if self.invariant_groups and self.batch_size % self.invariant_groups:
       fail("invariant_groups", f"must divide --batch_size={self.batch_size}",
            "pick a divisor of the batch size that every device count you use divides, e.g. 8")
+    for name in ("gp_weight", "r1_weight"):
+      if not getattr(self, name) >= 0:
+        fail(name, "must be >= 0", "pass 0 (off) or a weight such as 10")
+    positive("r1_every")
+    if self.loss == "wasserstein" and not self.gp_weight:
+      fail("loss", "needs a Lipschitz-constrained discriminator", "add --gp_weight=10 (WGAN-GP)")
+    if self.invariant_groups and (self.gp_weight or self.r1_weight):
+      fail("invariant_groups", "does not support gradient penalties (the grouped layers' exact gradients "
+           "are not differentiated twice)", "drop --gp_weight/--r1_weight or --invariant_groups")
     if not 0 <= self.g_ema_decay < 1:
       fail("g_ema_decay", "must be in [0, 1)", "pass 0 (off) or e.g. 0.999")
     if not self.dataset:

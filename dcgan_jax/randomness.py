@@ -20,7 +20,7 @@ import jax.numpy as jnp
 # Purposes of the base key (first fold).
 INIT, TRAIN, DATA, EVAL_NOISE = 0, 1, 2, 3
 # Purposes inside one training step (second fold, after the step). `k` is the D update's index.
-_Z_D, _DROP_REAL, _DROP_FAKE_D, _DROP_FAKE_G = 0, 1, 2, 3
+_Z_D, _DROP_REAL, _DROP_FAKE_D, _DROP_FAKE_G, _MIX, _DROP_MIX = 0, 1, 2, 3, 4, 5
 
 
 def purpose_key(base_key: jax.Array, purpose: int) -> jax.Array:
@@ -51,6 +51,12 @@ def latents(keys: jax.Array, latent_dim: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(k, (latent_dim,), jnp.float32))(keys)
 
 
+def example_uniform(keys: jax.Array) -> jax.Array:
+  """One U[0, 1) number per example: keys (b,) -> float32 (b,); entry i depends on keys[i] only."""
+  with _threefry_per_key():
+    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+
+
 def example_bernoulli(keys: jax.Array, p: float, shape: tuple) -> jax.Array:
   """Per-example Bernoulli(p) masks: keys (b,) -> bool (b, *shape); row i depends on keys[i] only."""
   with _threefry_per_key():
@@ -79,6 +85,14 @@ class StepKeys:
 
   def dropout_fake_g(self) -> jax.Array:
     return self._keys(_DROP_FAKE_G, 0)
+
+  def mixing(self, k: int) -> jax.Array:
+    """Per-example keys of the gradient penalty's interpolation weights (k-th D update)."""
+    return self._keys(_MIX, k)
+
+  def dropout_mixed(self, k: int) -> jax.Array:
+    """Per-example dropout keys of D's pass on the gradient penalty's interpolates."""
+    return self._keys(_DROP_MIX, k)
 
 
 _SWAP_OR_NOT_ROUNDS = 128

@@ -137,21 +137,56 @@ def make_train_step(config: Config, channels: int, num_examples: Optional[int] =
                                           train=True, dropout_keys=dropout_keys, mutable=["batch_stats"])
     return logits, updates.get("batch_stats", {})
 
-  def d_update(d: NetState, real, fake, keys: randomness.StepKeys, k: int):
-    """The k-th discriminator update, on a real and a fake batch (fake carries no gradient to G)."""
+  def d_forward_and_input_grads(params, batch_stats, images, dropout_keys):
+    """D's logits, updated statistics, and the gradient of its summed logits with respect to its
+    input (batch, H, W, C): the penalties' per-example gradients, differentiable again in params."""
+    logits, vjp, updates = jax.vjp(lambda x: d_forward(params, batch_stats, x, dropout_keys), images,
+                                   has_aux=True)
+    (grads,) = vjp(jnp.ones_like(logits))
+    return logits, updates, grads
+
+  # D's output as a number to log: a probability for the cross-entropy losses, else the raw score.
+  d_output = jax.nn.sigmoid if config.loss in losses.PROBABILISTIC else (lambda logits: logits)
+
+  def d_update(d: NetState, real, fake, keys: randomness.StepKeys, k: int, r1_weight: float):
+    """The k-th discriminator update, on a real and a fake batch (fake carries no gradient to G), with
+    the gradient penalty (--gp_weight) and R1 (r1_weight: --r1_weight, times k on lazy updates)."""
 
     def loss_fn(params):
-      real_logits, bs = d_forward(params, d.batch_stats, real, keys.dropout_real(k))
+      penalties = {}
+      if r1_weight:  # R1 at the real pass itself: its input gradient, differentiated again below
+        real_logits, bs, real_grads = d_forward_and_input_grads(params, d.batch_stats, real,
+                                                                keys.dropout_real(k))
+        penalties["r1"] = losses.r1_penalty(real_grads, share)
+      else:
+        real_logits, bs = d_forward(params, d.batch_stats, real, keys.dropout_real(k))
       fake_logits, bs = d_forward(params, bs, fake, keys.dropout_fake_d(k))
-      return losses.d_loss(real_logits, fake_logits, share), (bs, real_logits, fake_logits)
+      loss = losses.d_loss(real_logits, fake_logits, config.loss, share)
+      if config.gp_weight:
+        eps = randomness.example_uniform(keys.mixing(k))[:, None, None, None]
+        mixed = eps * real + (1.0 - eps) * fake
+        # The interpolates' BatchNorm statistics are discarded: running averages follow real and fake.
+        _, _, mixed_grads = d_forward_and_input_grads(params, bs, mixed, keys.dropout_mixed(k))
+        penalties["gp"] = losses.gradient_penalty(mixed_grads, share)
+      loss += config.gp_weight * penalties.get("gp", 0.0) + r1_weight * penalties.get("r1", 0.0)
+      return loss, (bs, real_logits, fake_logits, penalties)
 
-    (_, (bs, real_logits, fake_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d.params)
+    (_, (bs, real_logits, fake_logits, penalties)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d.params)
     grads = average(grads)
     updates, opt_state = d_tx.update(grads, d.opt_state, d.params)
-    metrics = dict(d_loss=losses.d_loss(real_logits, fake_logits, exact_mean),
-                   d_real=exact_mean(jax.nn.sigmoid(real_logits)),
-                   d_fake=exact_mean(jax.nn.sigmoid(fake_logits)), d_grad_norm=optax.tree.norm(grads))
+    metrics = dict(d_loss=losses.d_loss(real_logits, fake_logits, config.loss, exact_mean),
+                   d_real=exact_mean(d_output(real_logits)), d_fake=exact_mean(d_output(fake_logits)),
+                   d_grad_norm=optax.tree.norm(grads))
+    metrics.update(penalties)  # this device's share when grouped (no penalties then: config refuses)
     return NetState(optax.apply_updates(d.params, updates), bs, opt_state), metrics
+
+  def d_update_lazy_r1(d, real, fake, keys, k, number):
+    """--r1_every=N > 1: R1, weighted by N, on D updates number 0, N, 2N, ... only (lax.cond: the
+    other updates skip the double backward). Metrics: r1 is 0 where it was not computed."""
+    with_r1 = lambda: d_update(d, real, fake, keys, k, config.r1_weight * config.r1_every)
+    without = lambda: (lambda new, m: (new, dict(m, r1=jnp.zeros((), jnp.float32))))(
+        *d_update(d, real, fake, keys, k, 0.0))
+    return lax.cond(number % config.r1_every == 0, with_r1, without)
 
   def g_update(g: NetState, g_vjp, g_batch_stats, fake, d: NetState, keys: randomness.StepKeys):
     """The generator update: backprop the G loss through the updated D, then through G's saved vjp.
@@ -190,7 +225,11 @@ def make_train_step(config: Config, channels: int, num_examples: Optional[int] =
       else:  # keep G's backward pass for the G update
         fake, g_vjp, g_bs = jax.vjp(functools.partial(g_forward, batch_stats=g_bs, z=z), state.g.params,
                                     has_aux=True)
-      d, d_metrics = d_update(d, real_batch(k), lax.stop_gradient(fake), keys, k)
+      if config.r1_weight and config.r1_every > 1:
+        d, d_metrics = d_update_lazy_r1(d, real_batch(k), lax.stop_gradient(fake), keys, k,
+                                        state.step * config.d_steps + k)
+      else:
+        d, d_metrics = d_update(d, real_batch(k), lax.stop_gradient(fake), keys, k, config.r1_weight)
     g, g_metrics = g_update(state.g, g_vjp, g_bs, fake, d, keys)
 
     metrics = {**d_metrics, **g_metrics}

@@ -6,6 +6,33 @@ from dcgan_jax import losses
 from dcgan_jax import randomness
 
 
+def test_every_loss_and_penalty_against_hand_computed_values():
+  """D outputs real (2, -1), fake (0.5, -3), worked out by hand from each paper's formula; the
+  penalties on per-example input gradients of norms 3 and 0.6 (and 0 for the gradient penalty's floor).
+  Catches a swapped real/fake term, a missing 1/2 (LSGAN, R1), a hinge margin on the wrong side, a
+  sign error in the critic losses, and a norm taken over the whole batch instead of per example."""
+  real, fake = jnp.array([[2.0], [-1.0]]), jnp.array([[0.5], [-3.0]])
+  sp = lambda v: np.log1p(np.exp(v))  # softplus
+  expected = {
+      "non_saturating": ((sp(-2) + sp(1)) / 2 + (sp(0.5) + sp(-3)) / 2, (sp(-0.5) + sp(3)) / 2),
+      "minimax": ((sp(-2) + sp(1)) / 2 + (sp(0.5) + sp(-3)) / 2, -(sp(0.5) + sp(-3)) / 2),
+      # d = E[(l_r - 1)^2]/2 + E[l_f^2]/2 = ((1 + 4)/2 + (0.25 + 9)/2)/2;  g = E[(l_f - 1)^2]/2 = (0.25 + 16)/4
+      "least_squares": ((1 + 4) / 4 + (0.25 + 9) / 4, (0.25 + 16) / 4),
+      # d = E[relu(1 - l_r)] + E[relu(1 + l_f)] = (0 + 2)/2 + (1.5 + 0)/2;  g = -E[l_f] = 1.25
+      "hinge": (1.0 + 0.75, 1.25),
+      "wasserstein": ((0.5 - 3) / 2 - (2 - 1) / 2, 1.25),
+  }
+  assert set(expected) == set(losses.LOSSES)
+  for kind, (d, g) in expected.items():
+    np.testing.assert_allclose(losses.d_loss(real, fake, kind), d, rtol=1e-6, err_msg=kind)
+    np.testing.assert_allclose(losses.g_loss(fake, kind), g, rtol=1e-6, err_msg=kind)
+  grads = jnp.zeros((2, 2, 2, 1)).at[0, 0, 0, 0].set(3.0).at[1, 1, 0, 0].set(0.36).at[1, 0, 1, 0].set(0.48)
+  np.testing.assert_allclose(losses.r1_penalty(grads), (9 + 0.36) / 4, rtol=1e-6)  # E[||g||^2] / 2
+  np.testing.assert_allclose(losses.gradient_penalty(grads), ((3 - 1) ** 2 + (0.6 - 1) ** 2) / 2, rtol=1e-5)
+  flat = jax.grad(lambda g: losses.gradient_penalty(g))(jnp.zeros((2, 2, 2, 1)))
+  assert np.all(np.isfinite(flat))
+
+
 def test_losses_from_logits():
   zero = jnp.zeros((5, 1))
   np.testing.assert_allclose(losses.d_loss(zero, zero), 2 * np.log(2), rtol=1e-6)

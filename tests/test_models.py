@@ -109,8 +109,10 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
                                                          monkeypatch):
   """models.ConvTranspose / models.Conv in the "cpu" form (cpu_kernels.py, dft.py) = flax's
   nn.ConvTranspose / nn.Conv: same parameters, outputs and gradients (w.r.t. parameters and input)
-  within float32 rounding. Catches any error in the sub-pixel and DFT rewrites (phases, padding,
-  flipped kernels, transforms)."""
+  within float32 rounding; and in the "cpu" and "exact" (patches.py) forms the same second derivatives
+  (the gradient penalties differentiate the input gradient in the parameters). Catches any error in
+  the sub-pixel and DFT rewrites (phases, padding, flipped kernels, transforms), and a custom VJP whose
+  backward pass is not differentiable or differentiates wrongly (a penalty's gradient would be off)."""
   from dcgan_jax import cpu_kernels, dft
   assert not cpu_kernels.use_subpixel_forward((2, 2), "SAME", 1)  # 1-channel layers keep XLA's ops ...
   monkeypatch.setattr(cpu_kernels, "MIN_CHANNELS", 1)  # ... here every layer takes the rewrites
@@ -136,6 +138,12 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
   g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), g_ours, g_ref)
+  # Double backward: d/dparams of ||d/dx loss||^2, as R1 and the gradient penalty take it.
+  penalty = lambda m: lambda v: jnp.sum(jnp.square(jax.grad(lambda x: loss(m)(v, x))(x)))
+  gg_ref = jax.grad(penalty(ref))(variables)
+  for form in ("cpu", "exact"):
+    gg = jax.grad(penalty(getattr(models, layer)(features, kernel, strides, padding, form=form)))(variables)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-5, err_msg=form), gg, gg_ref)
 
 
 def test_dft_form_is_used_where_it_saves_multiplications():

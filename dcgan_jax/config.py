@@ -26,6 +26,7 @@ SAMPLE_BN_MODES = ("running", "batch")
 IN_MEMORY_MODES = ("auto", "true", "false")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MEMBERS_FORMS = ("auto", "dispatch", "vmap")
+D_NORMS = ("none", "batch", "layer", "spectral")
 # Settings --sweep may vary between the members of one program: scalars of the optimizers and the EMA.
 # Everything else (shapes, the model, the loss, the batch) is one program's, shared by all members.
 SWEEPABLE = ("learning_rate_g", "learning_rate_d", "beta1", "beta2", "g_ema_decay")
@@ -39,8 +40,8 @@ OUTPUT = "output"  # where and how often a run writes: changes neither its steps
 #   mnist: Keras BatchNormalization(momentum=0.8) -> running = 0.8*running + 0.2*batch, epsilon 1e-3.
 #   dcgan: PyTorch BatchNorm2d defaults (momentum=0.1 in torch's convention = 0.9 in flax's), epsilon 1e-5.
 PRESET_DEFAULTS = {
-    "mnist": dict(image_size=28, bn_momentum=0.8, bn_epsilon=1e-3, dropout_rate=0.3),
-    "dcgan": dict(image_size=64, bn_momentum=0.9, bn_epsilon=1e-5, dropout_rate=0.0),
+    "mnist": dict(image_size=28, bn_momentum=0.8, bn_epsilon=1e-3, dropout_rate=0.3, d_norm="none"),
+    "dcgan": dict(image_size=64, bn_momentum=0.9, bn_epsilon=1e-5, dropout_rate=0.0, d_norm="batch"),
 }
 
 
@@ -89,6 +90,10 @@ class Config:
   bn_epsilon: Optional[float] = setting(None, "BatchNorm epsilon; default: mnist 1e-3 (Keras), dcgan 1e-5 "
                                         "(PyTorch).")
   dropout_rate: Optional[float] = setting(None, "Discriminator dropout; default: mnist 0.3 (the seed), dcgan 0.")
+  d_norm: Optional[str] = setting(
+      None, "Discriminator normalisation: batch, layer or none after every hidden layer but the first, or "
+      "spectral (Miyato et al. 2018: every weight over its largest singular value); default: the "
+      "preset's (mnist none, as the seed; dcgan batch, as the paper).")
   compute_dtype: str = setting(
       "float32", "float32, or bfloat16 for mixed precision: convolutions and activations in bfloat16; "
       "parameters, optimizer states, BatchNorm statistics and losses stay float32.")
@@ -242,6 +247,11 @@ class Config:
     choice("in_memory", IN_MEMORY_MODES)
     choice("compute_dtype", COMPUTE_DTYPES)
     choice("members_form", MEMBERS_FORMS)
+    if self.d_norm is not None:
+      choice("d_norm", D_NORMS)
+      if self.invariant_groups and self.d_norm in ("layer", "spectral"):
+        fail("d_norm", "is not supported with --invariant_groups (its layers sum only convolution and "
+             "BatchNorm gradients in the fixed order)", "use --d_norm=batch or none, or drop --invariant_groups")
     if self.members_form == "vmap" and self.sweep:
       fail("members_form", "stacks members that share one program, and --sweep members each have their "
            "own", "use --members_form=dispatch (or auto) with --sweep")
@@ -262,8 +272,9 @@ class Config:
       if not getattr(self, name) >= 0:
         fail(name, "must be >= 0", "pass 0 (off) or a weight such as 10")
     positive("r1_every")
-    if self.loss == "wasserstein" and not self.gp_weight:
-      fail("loss", "needs a Lipschitz-constrained discriminator", "add --gp_weight=10 (WGAN-GP)")
+    if self.loss == "wasserstein" and not self.gp_weight and self.d_norm != "spectral":
+      fail("loss", "needs a Lipschitz-constrained discriminator", "add --gp_weight=10 (WGAN-GP) or "
+           "--d_norm=spectral")
     if self.invariant_groups and (self.gp_weight or self.r1_weight):
       fail("invariant_groups", "does not support gradient penalties (the grouped layers' exact gradients "
            "are not differentiated twice)", "drop --gp_weight/--r1_weight or --invariant_groups")
@@ -317,8 +328,11 @@ def from_dict(values: dict) -> Config:
 
 def resume_differences(saved: dict, config: Config) -> list:
   """'name: saved -> now' for every setting a resumed run may not change (COMPUTATION) that differs."""
-  now = dataclasses.asdict(config)
-  saved = {**{name: f.default for name, f in FIELDS.items()}, **saved}
+  def with_preset_defaults(values):  # e.g. a setting newer than the saved run: what its preset gives
+    preset = PRESET_DEFAULTS.get(values.get("preset"), {})
+    return {**values, **{k: v for k, v in preset.items() if values.get(k) is None}}
+  now = with_preset_defaults(dataclasses.asdict(config))
+  saved = with_preset_defaults({**{name: f.default for name, f in FIELDS.items()}, **saved})
   return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(saved))
           if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
 

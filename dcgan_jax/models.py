@@ -12,7 +12,11 @@ Conventions shared by every module here:
     does not depend on the rest of its batch;
   * the discriminator returns logits of shape (batch, 1); its dropout takes one typed PRNG key per example
     (`dropout_keys`, shape (batch,)), so the mask of example i is a function of that example's key alone,
-    whatever the batch is split into (see randomness.py).
+    whatever the batch is split into (see randomness.py);
+  * the discriminator's normalisation (--d_norm) is "batch", "layer" or "none" after every hidden layer
+    but the first (the DCGAN paper's placement), or "spectral": every weight divided by its largest
+    singular value, estimated by power iteration with its vector kept in `batch_stats` (`spectral_u`),
+    so it is checkpointed with the BatchNorm statistics and advanced only by training-mode passes.
 """
 
 import functools
@@ -85,9 +89,28 @@ class _Layer(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, self._kernel_shape(x.shape[-1]))
     bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    if self.spectral:
+      kernel = self._spectral_normalized(kernel)
     if self.group_size and not self.is_initializing():
       return invariant.grouped_layer(self._apply, (kernel, bias), x, self.group_size, self.axis_name)
     return self._apply((kernel, bias), x)
+
+
+  def _spectral_normalized(self, kernel):
+    """kernel / sigma, sigma the largest singular value of the (fan_in, features) matrix, estimated by
+    one power iteration per training-mode pass (Miyato et al. 2018) from the vector `spectral_u`
+    (batch_stats collection: explicit state). u and v carry no gradient; sigma does (the paper's)."""
+    matrix = kernel.reshape(-1, kernel.shape[-1])  # (kh * kw * cin, features)
+    u_var = self.variable("batch_stats", "spectral_u", lambda: jax.random.normal(
+        self.make_rng("params"), (kernel.shape[-1],), jnp.float32))
+    normalize = lambda v: v * lax.rsqrt(jnp.sum(jnp.square(v)) + 1e-12)
+    u = lax.stop_gradient(u_var.value)
+    v = lax.stop_gradient(normalize(matrix @ u))
+    if self.is_mutable_collection("batch_stats") and not self.is_initializing():  # a training pass
+      u = lax.stop_gradient(normalize(matrix.T @ v))
+      u_var.value = u
+    sigma = v @ (matrix @ u)  # = ||M u|| at inference; v^T M u after the iteration
+    return kernel / sigma
 
 
 class Dense(_Layer):
@@ -101,6 +124,7 @@ class Dense(_Layer):
   group_size: int = 0
   axis_name: Optional[str] = None
   form: str = "lax"
+  spectral: bool = False
 
   def _kernel_shape(self, in_features):
     return (in_features, self.features)
@@ -121,6 +145,7 @@ class _Convolution(_Layer):
   group_size: int = 0
   axis_name: Optional[str] = None
   form: str = "lax"
+  spectral: bool = False
 
   def _kernel_shape(self, in_features):
     return tuple(self.kernel_size) + (in_features, self.features)
@@ -212,14 +237,28 @@ class MnistGenerator(nn.Module):
     return jnp.tanh(convt(self.channels, strides=(2, 2))(x)).astype(jnp.float32)
 
 
+def _hidden_norm(norm: str, batch_norm: Callable) -> Callable:
+  """The normalisation after a hidden layer of D (--d_norm): BatchNorm, LayerNorm over each example's
+  (H, W, C) with a scale and bias per channel, or none ("none", and "spectral", which acts on weights)."""
+  if norm == "batch":
+    return batch_norm()
+  if norm == "layer":
+    return nn.LayerNorm(reduction_axes=(-3, -2, -1), feature_axes=-1)
+  return lambda x: x
+
+
 class MnistDiscriminator(nn.Module):
   """images (B, 28, 28, C) -> logits (B, 1).
 
   Conv(64, 5, s2) -> LeakyReLU(0.2) -> Dropout(0.3) -> Conv(128, 5, s2) -> LeakyReLU -> Dropout
-  -> Flatten -> Dense(1). No BatchNorm (as in the seed).
+  -> Flatten -> Dense(1). No BatchNorm (as in the seed); --d_norm=batch/layer puts one after the
+  second convolution, spectral normalises all three weights.
   """
 
   dropout_rate: float = 0.3
+  norm: str = "none"  # --d_norm
+  bn_momentum: float = 0.8
+  bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32  # computation dtype; the logits are always float32
   axis_name: Optional[str] = None  # pmap axis of the global batch (only used with group_size)
   group_size: int = 0  # --invariant_groups: examples per group (0: off)
@@ -229,10 +268,13 @@ class MnistDiscriminator(nn.Module):
   def __call__(self, x, train: bool, dropout_keys: Optional[jax.Array] = None):
     keys = dropout_keys if train else None
     layer = dict(kernel_init=_keras_init, dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name,
-                 form=self.form)
+                 form=self.form, spectral=self.norm == "spectral")
+    bn = _batch_norm(self.group_size, use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon, axis_name=self.axis_name, dtype=self.dtype)
     conv = functools.partial(Conv, kernel_size=(5, 5), strides=(2, 2), padding="SAME", **layer)
     x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(conv(64)(x.astype(self.dtype)), 0.2), keys)
-    x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(conv(128)(x), 0.2), keys)
+    x = _hidden_norm(self.norm, bn)(conv(128)(x))
+    x = ExampleDropout(self.dropout_rate)(nn.leaky_relu(x, 0.2), keys)
     logits = Dense(1, **layer)(x.reshape(x.shape[0], -1))
     return logits.astype(jnp.float32)
 
@@ -293,6 +335,7 @@ class DCGANDiscriminator(nn.Module):
   bn_epsilon: float = 1e-5
   axis_name: Optional[str] = None  # pmap axis of the global batch (BatchNorm statistics); None outside pmap
   dropout_rate: float = 0.0
+  norm: str = "batch"  # --d_norm
   dtype: Any = jnp.float32  # computation dtype; the logits are always float32
   group_size: int = 0  # --invariant_groups: examples per group (0: off)
   form: str = "lax"  # how convolutions are computed (convolutions.py)
@@ -304,13 +347,13 @@ class DCGANDiscriminator(nn.Module):
                      dtype=self.dtype)
     conv = functools.partial(Conv, kernel_size=(4, 4), use_bias=False, kernel_init=_dcgan_init,
                              dtype=self.dtype, group_size=self.group_size, axis_name=self.axis_name,
-                             form=self.form)
+                             form=self.form, spectral=self.norm == "spectral")
     keys = dropout_keys if train else None
     x = x.astype(self.dtype)
     width = self.base_width
     for i in range(_num_upsamplings(self.image_size)):
       x = conv(width, strides=(2, 2), padding="SAME")(x)
-      x = nn.leaky_relu(x if i == 0 else bn()(x), 0.2)
+      x = nn.leaky_relu(x if i == 0 else _hidden_norm(self.norm, bn)(x), 0.2)
       x = ExampleDropout(self.dropout_rate)(x, keys)
       width *= 2
     x = conv(1, strides=(1, 1), padding="VALID")(x)
@@ -336,10 +379,10 @@ def build_models(config: Config, channels: int, axis_name: Optional[str] = None,
   bn = dict(bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon)
   if c.preset == "mnist":
     return (MnistGenerator(channels=channels, **bn, **common),
-            MnistDiscriminator(dropout_rate=c.dropout_rate, **common))
+            MnistDiscriminator(dropout_rate=c.dropout_rate, norm=c.d_norm, **bn, **common))
   if c.preset == "dcgan":
     return (DCGANGenerator(image_size=c.image_size, channels=channels, base_width=c.base_width, **bn,
                            **common),
             DCGANDiscriminator(image_size=c.image_size, base_width=c.base_width, dropout_rate=c.dropout_rate,
-                               **bn, **common))
+                               norm=c.d_norm, **bn, **common))
   raise ValueError(f"unknown preset {c.preset!r}")  # unreachable after Config.validate()

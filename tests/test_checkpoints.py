@@ -166,6 +166,28 @@ def test_bfloat16_training_writes_float32_checkpoints_and_resumes_exactly(tiny_d
                             saved_state(straight, 2)["g"]["params"]["Dense_0"]["kernel"])  # it was bf16
 
 
+def test_spectral_vectors_are_checkpointed_and_resume_bitwise_with_the_penalties(tiny_data_dir, tmp_path):
+  """--d_norm=spectral with the wasserstein loss and the gradient penalty (its interpolation weights
+  drawn per step and example), plus lazy R1: stopped at step 2 and resumed to 4, bitwise the
+  uninterrupted run; every D layer's power-iteration vector `spectral_u` is in the checkpoint's D
+  batch_stats and moves from step to step. Catches the vectors left out of the state (a resume would
+  restart them) or never advanced, interpolation weights drawn from a state a resume does not restore,
+  and the lazy R1's schedule counted from the resume instead of the step."""
+  variant = dict(d_norm="spectral", loss="wasserstein", gp_weight=10.0, r1_weight=1.0, r1_every=3,
+                 checkpoint_every=2)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **variant)), straight)
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=2, **variant)), resumed)
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **variant)), resumed)
+  final = saved_state(straight, 4)
+  assert_bitwise_equal(final, saved_state(resumed, 4))
+  vectors = {name: v["spectral_u"] for name, v in final["d"]["batch_stats"].items() if "spectral_u" in v}
+  assert sorted(vectors) == [f"Conv_{i}" for i in range(4)], final["d"]["batch_stats"].keys()
+  first = saved_state(straight, 2)["d"]["batch_stats"]
+  # (Conv_3 has one output feature: its vector is +-1, a fixed point.)
+  assert all(not np.array_equal(first[name]["spectral_u"], u) for name, u in vectors.items() if u.size > 1)
+
+
 def _main_job_args(data_dir, workdir, evaluators):
   """The main job's setup, small: the mnist preset (dropout), EMA, evaluation with best/."""
   return ["--dataset=fashion_mnist", f"--data_dir={data_dir}", f"--workdir={workdir}", "--preset=mnist",

@@ -36,6 +36,10 @@ def test_resume_refuses_exactly_the_settings_that_change_a_step():
   del saved["g_ema_decay"]
   assert config_lib.resume_differences(saved, Config()) == []
   assert config_lib.resume_differences(saved, Config(g_ema_decay=0.9)) == ["g_ema_decay: 0.0 -> 0.9"]
+  # A preset-dependent setting the saved run did not know counts as its preset's value.
+  del saved["d_norm"]
+  assert config_lib.resume_differences(saved, Config().resolved()) == []
+  assert config_lib.resume_differences(saved, Config(d_norm="spectral")) == ["d_norm: 'none' -> 'spectral'"]
 
 
 def test_study_groups_on_everything_but_the_seed_and_the_output_settings():
@@ -62,10 +66,14 @@ def test_validation_errors_are_one_line_naming_the_setting_and_the_fix():
                     (dict(gp_weight=-1.0), "--gp_weight=-1.0: must be >= 0"),
                     (dict(r1_every=0), "--r1_every=0: must be a positive integer"),
                     (dict(r1_weight=1.0, invariant_groups=8), "--invariant_groups=8: does not support "
-                     "gradient penalties")):
+                     "gradient penalties"),
+                    (dict(d_norm="layer", invariant_groups=8), "--d_norm='layer': is not supported with "
+                     "--invariant_groups"),
+                    (dict(d_norm="group"), "--d_norm='group': unknown value; use one of none, batch")):
     with pytest.raises(ConfigError) as e:
       Config(**bad).validate()
     assert str(e.value).startswith(text) and "\n" not in str(e.value)
+  Config(loss="wasserstein", d_norm="spectral").validate()  # a Lipschitz constraint of its own
 
 
 def test_shipped_flagfiles_are_found_by_name_from_any_directory(tmp_path, monkeypatch):

@@ -308,7 +308,8 @@ def test_minimax_generator_loss_in_a_real_step():
 def test_every_loss_and_penalty_trains_finite_steps_that_the_penalty_changes():
   """Two pmapped steps per variant (4 devices): every --loss on the mnist preset (dropout in D; the
   wasserstein loss with the gradient penalty), R1 there, and the gradient penalty and lazy R1
-  (--r1_every=2) on the dcgan preset (BatchNorm in D). Each step is finite and moves G and D; a penalty is logged (> 0 where applied, 0 on a
+  (--r1_every=2) on the dcgan preset (BatchNorm in D), whose D also trains with layer and no
+  normalisation (other gradients than BatchNorm's), and the hinge loss with spectral normalisation. Each step is finite and moves G and D; a penalty is logged (> 0 where applied, 0 on a
   lazy step) and changes D's gradient against the same step without it. Catches a loss missing from
   the step, a penalty computed but not added to D's loss, NaNs from the double backward, and a lazy
   R1 applied on the wrong updates."""
@@ -340,3 +341,6 @@ def test_every_loss_and_penalty_trains_finite_steps_that_the_penalty_changes():
   assert gp[0]["gp"] > 0 and gp[0]["d_grad_norm"] != plain
   lazy = two_steps(r1_weight=10.0, r1_every=2, **dcgan)
   assert lazy[0]["r1"] > 0 and lazy[1]["r1"] == 0 and lazy[0]["d_grad_norm"] != plain
+  for d_norm in ("layer", "none"):  # (spectral: test_checkpoints.py)
+    assert two_steps(d_norm=d_norm, **dcgan)[0]["d_grad_norm"] != plain
+  two_steps(loss="hinge", d_norm="spectral")

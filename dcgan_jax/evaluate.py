@@ -116,7 +116,8 @@ def evaluate(workdir=None, data_dir=None, dataset=None, num_samples=10000, step=
   if reference:
     ref = scorer.reference(len(images))
     report["reference"] = {k: ref[k] for k in ("fid", "kid", "kid_std", "precision", "recall", "coverage",
-                                               "class_kl", "classifier_score", "num_samples") if k in ref}
+                                               "class_kl", "classifier_score", "modes", "modes_kl",
+                                               "num_samples") if k in ref}
   return report
 
 

@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from dcgan_jax import metrics
+from dcgan_jax import stacked
 from dcgan_jax.config import ConfigError
 
 VARIABLES = "variables.msgpack"
@@ -309,6 +310,15 @@ def as_uint8_images(samples: np.ndarray, image_shape: tuple) -> np.ndarray:
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def stacked_modes(channel_evaluator: Evaluator, images: np.ndarray) -> np.ndarray:
+  """uint8 (n, H, W, 3) -> int32 (n,) modes: each channel resized to the channel evaluator's 28x28 and
+  classified by it (stacked.py's protocol)."""
+  from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  channels = input_pipeline.preprocess(stacked.channel_images(images), "", channel_evaluator.image_shape)
+  _, probs = channel_evaluator.embed(channels)
+  return stacked.mode_of(np.argmax(probs, axis=-1).reshape(len(images), 3)).astype(np.int32)
+
+
 class Scorer:
   """Scores sample sets against the real split of the evaluator's dataset."""
 
@@ -319,15 +329,29 @@ class Scorer:
                                               evaluator.image_shape)
     self.real_features, self.real_probs = evaluator.embed(real_x)
     self.real_histogram = metrics.class_histogram(self.real_probs)
+    # A stacked dataset (stacked.py) is also scored by its modes: each channel classified by the
+    # source dataset's evaluator (trained and cached like any other; the source must be prepared too).
+    self.channel_evaluator = None
+    if evaluator.dataset in stacked.SOURCES:
+      self.channel_evaluator = load_or_train(stacked.SOURCES[evaluator.dataset], data_dir, (28, 28, 1),
+                                             os.path.dirname(evaluator.path))
+
+  def modes_of(self, images: np.ndarray) -> Optional[np.ndarray]:
+    """A stacked dataset's modes of uint8 images (n, H, W, 3) -> int32 (n,); None for other datasets."""
+    return None if self.channel_evaluator is None else stacked_modes(self.channel_evaluator, images)
 
   def score(self, images: np.ndarray, precision_recall: bool = True) -> dict:
     """uint8 images (n, H, W, C) -> one dict of every metric, with the evaluator and the sample counts."""
     feats, probs = self.evaluator.embed(images)
-    return self.score_embedded(feats, probs, precision_recall)
+    return self.score_embedded(feats, probs, precision_recall, self.modes_of(images))
 
-  def score_embedded(self, feats: np.ndarray, probs: np.ndarray, precision_recall: bool = True) -> dict:
-    """The same from the samples' embeddings (Evaluator.embed), e.g. gathered from several processes."""
+  def score_embedded(self, feats: np.ndarray, probs: np.ndarray, precision_recall: bool = True,
+                     modes: Optional[np.ndarray] = None) -> dict:
+    """The same from the samples' embeddings (Evaluator.embed) and, for a stacked dataset, modes
+    (modes_of), e.g. gathered from several processes."""
     report = dict(fid=metrics.fid(feats, self.real_features))
+    if modes is not None:
+      report.update(stacked.mode_report(modes))
     report["kid"], report["kid_std"] = metrics.kid(feats, self.real_features, self.kid_subsets)
     if precision_recall:
       report["precision"], report["recall"] = metrics.precision_recall(self.real_features, feats)

@@ -36,7 +36,7 @@ import numpy as np
 from dcgan_jax import cli
 from dcgan_jax.config import exit_with_error
 
-DATASETS = ("mnist", "fashion_mnist")
+DATASETS = ("mnist", "fashion_mnist", "stacked_mnist", "stacked_fashion_mnist")  # stacked.py: 1,000 modes
 SPLIT_FILES = {  # split -> (images, labels), the names LeCun's and Zalando's distributions use
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -46,7 +46,10 @@ IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # 0x00000803: uint8, 3 dims; 0x00000801
 
 flags.DEFINE_string("dataset", None, f"With --idx_dir: which tfds dataset the IDX files are ({', '.join(DATASETS)}). "
                     "With --image_dir: the name to give the imported dataset (then train with --dataset=NAME).")
-flags.DEFINE_string("idx_dir", None, "Directory holding the four IDX files (.gz or uncompressed).")
+flags.DEFINE_string("idx_dir", None, "Directory holding the four IDX files (.gz or uncompressed); for a "
+                    "stacked_* dataset, those of its source (mnist / fashion_mnist).")
+flags.DEFINE_integer("stack_seed", 0, "For stacked_mnist / stacked_fashion_mnist: the seed that draws "
+                     "which three source images each example stacks.")
 flags.DEFINE_string("image_dir", None, "Instead: a folder (nested folders too) of PNG/JPEG/BMP/GIF/WebP images "
                     "to import as --dataset; two or more first-level subfolders become class labels.")
 flags.DEFINE_integer("image_size", 64, "With --image_dir: the side the images are stored at (train at it).")
@@ -109,7 +112,7 @@ def read_split(idx_dir: str, split: str):
 def prepare(dataset: str, idx_dir: str, data_dir: str):
   """Validates the IDX files and writes the tfds dataset. Returns (its directory, {split: count})."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if dataset not in DATASETS:
+  if dataset not in DATASETS[:2]:
     raise IdxError(f"--dataset={dataset!r}: IDX import supports {', '.join(DATASETS)}")
   arrays = {split: read_split(idx_dir, split) for split in SPLIT_FILES}  # validate all before writing
 
@@ -129,6 +132,34 @@ def prepare(dataset: str, idx_dir: str, data_dir: str):
   builder.download_and_prepare()
   # tfds.load reads tfrecord, tfds.data_source reads array_record (and needs no TensorFlow): both.
   add_array_record(builder.data_dir)
+  return builder.data_dir, {split: len(labels) for split, (_, labels) in arrays.items()}
+
+
+def prepare_stacked(dataset: str, idx_dir: str, data_dir: str, seed: int = 0):
+  """stacked.py's 1,000-mode dataset from the source's IDX files (validated as for `prepare`), written
+  as array_record with a content fingerprint (import_report.json) that keys its evaluator. Returns (its
+  directory, {split: count})."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import image_folder  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import stacked  # pylint: disable=g-import-not-at-top
+  arrays = {}
+  for split in SPLIT_FILES:
+    images, labels = read_split(idx_dir, split)
+    arrays[split] = stacked.stack(images[..., 0], labels, seed, split)
+  features = tfds.features.FeaturesDict({
+      "image": tfds.features.Tensor(shape=(28, 28, 3), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES),
+      "label": tfds.features.ClassLabel(num_classes=stacked.NUM_MODES)})
+  builder = tfds.dataset_builders.store_as_tfds_dataset(
+      name=dataset, version=image_folder.VERSION, features=features, data_dir=data_dir,
+      split_datasets={split: [(i, {"image": image, "label": int(label)})
+                              for i, (image, label) in enumerate(zip(*arrays[split]))] for split in arrays},
+      description=f"{dataset}: three {stacked.SOURCES[dataset]} images as R, G, B (1,000 modes), "
+                  f"--stack_seed={seed}, by dcgan_jax.prepare_data.",
+      file_format="array_record", disable_shuffling=True)
+  report = dict(dataset=dataset, source=stacked.SOURCES[dataset], stack_seed=seed,
+                fingerprint=stacked.fingerprint(stacked.SOURCES[dataset], seed, arrays))
+  with open(os.path.join(str(builder.data_dir), image_folder.REPORT), "w") as f:
+    json.dump(report, f, indent=1)
   return builder.data_dir, {split: len(labels) for split, (_, labels) in arrays.items()}
 
 
@@ -190,7 +221,11 @@ def main(argv):
     if not flags.FLAGS[name].value:
       exit_with_error(f"--{name} is required; see --helpfull")
   try:
-    path, counts = prepare(flags.FLAGS.dataset, flags.FLAGS.idx_dir, flags.FLAGS.data_dir)
+    if flags.FLAGS.dataset.startswith("stacked_"):
+      path, counts = prepare_stacked(flags.FLAGS.dataset, flags.FLAGS.idx_dir, flags.FLAGS.data_dir,
+                                     flags.FLAGS.stack_seed)
+    else:
+      path, counts = prepare(flags.FLAGS.dataset, flags.FLAGS.idx_dir, flags.FLAGS.data_dir)
   except IdxError as e:
     exit_with_error(str(e))
   unusual = [f"{s}={n} (standard {STANDARD_COUNTS[s]})" for s, n in counts.items() if n != STANDARD_COUNTS[s]]

@@ -301,10 +301,13 @@ class _Evaluation:
     share = sampling.sample_images(self.sample, g, parallel.process_share(self.z))
     images = evaluator.as_uint8_images(share, self.scorer.evaluator.image_shape)
     feats, probs = self.scorer.evaluator.embed(images)
+    modes = self.scorer.modes_of(images)  # stacked datasets
     n = len(self.z)
-    report = self.scorer.score_embedded(parallel.gather_shares(feats, n), parallel.gather_shares(probs, n),
-                                        precision_recall=False)
-    return {k: float(report[k]) for k in ("fid", "kid", "coverage", "class_kl") if k in report}
+    report = self.scorer.score_embedded(
+        parallel.gather_shares(feats, n), parallel.gather_shares(probs, n), precision_recall=False,
+        modes=None if modes is None else parallel.gather_shares(modes[:, None], n)[:, 0])
+    return {k: float(report[k]) for k in ("fid", "kid", "coverage", "class_kl", "modes", "modes_kl")
+            if k in report}
 
   def run(self, state, step, writer) -> None:
     start = time.time()

@@ -32,7 +32,7 @@ from dcgan_jax.config import Config, ConfigError, exit_with_error
 # The Config fields a benchmark varies; every other one keeps its default.
 CONFIG_FLAGS = ("preset", "image_size", "base_width", "latent_dim", "batch_size", "seed", "optimizer",
                 "loss", "d_steps", "g_ema_decay", "compute_dtype", "steps_per_call", "invariant_groups",
-                "seeds", "members_form")
+                "seeds", "members_form", "gp_weight", "r1_weight", "r1_every", "d_norm")
 config_lib.define_flags(CONFIG_FLAGS)
 flags.DEFINE_integer("channels", 1, "Image channels.")
 flags.DEFINE_integer("steps", 30, "Timed training steps.")
@@ -111,6 +111,8 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
               multi_step=None if k == 1 else ("scan" if scan else "dispatch"),
               invariant_groups=config.invariant_groups, stop_agreement=stop_agreement,
               compute_dtype=config.compute_dtype, xla_flags=os.environ.get("XLA_FLAGS", ""),
+              loss=config.loss, gp_weight=config.gp_weight, r1_weight=config.r1_weight,
+              r1_every=config.r1_every, d_norm=config.d_norm, d_steps=config.d_steps,
               members=len(member_runs), members_form=form, state_bytes_per_member=state_bytes,
               sec_per_step=elapsed / steps,
               images_per_sec=len(member_runs) * config.batch_size * steps / elapsed,

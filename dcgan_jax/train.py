@@ -77,15 +77,10 @@ def train_and_evaluate(config: Config, workdir: str):
       m.restore(min(m.step for m in group))
 
   # ---- Step programs, sampling, evaluation --------------------------------------------------------
-  stacked = None
   if form == "vmap":  # one program steps all members, stacked on a leading axis
-    stacked = _Stacked(group, _Steps(group[0].config, data, mesh, per_device, over_members=True))
-  programs = {}  # else one per distinct computation: members that differ only in their seed share it
-  for m in group if stacked is None else ():
-    computation = dataclasses.replace(m.config, seed=0)
-    if computation not in programs:
-      programs[computation] = _Steps(m.config, data, mesh, per_device)
-    m.steps = programs[computation]
+    runner = _Stacked(group, _Steps(group[0].config, data, mesh, per_device, over_members=True))
+  else:
+    runner = _Dispatched(group, data, mesh, per_device)
   if config.eval_every:
     scorer = _make_scorer(config, data.image_shape)
     for m in group:
@@ -94,18 +89,14 @@ def train_and_evaluate(config: Config, workdir: str):
   # ---- Train --------------------------------------------------------------------------------------
   step = group[0].step
   for i, m in enumerate(group):
-    m.progress = progress.Progress(m.config, m.writer, step, m.name, index=None if stacked is None else i)
+    m.progress = progress.Progress(m.config, m.writer, step, m.name, index=i if form == "vmap" else None)
   agree_to_stop = parallel.StopAgreement(mesh)
   with _StopOnSignal() as stop, contextlib.ExitStack() as closing:
     for d in {id(d): d for d in datas}.values():
       closing.callback(d.close)
     while step < config.num_steps:
       k = min(config.steps_per_call, config.num_steps - step)
-      if stacked:
-        stacked.run(step, k)
-      for m in group if stacked is None else ():
-        m.state, metrics = m.steps(m.state, step, k, m.data)
-        m.progress.ran(step + k, metrics)
+      runner.run(step, k)
       step += k
       # A signal to any process stops every process after the same call (never on the local signal
       # alone: the others would wait for it in the next step's collectives).
@@ -226,6 +217,24 @@ class _Member:
       if gif:
         logging.info("Sample grids over training: %s", gif)
     self.writer.close()
+
+
+class _Dispatched:
+  """Each run's (member's) k steps by its own compiled program, one after the other; members that differ
+  only in their seed share one program (the seed is in the state, not in the program)."""
+
+  def __init__(self, group, data, mesh, per_device):
+    self.group, programs = group, {}
+    for m in group:
+      computation = dataclasses.replace(m.config, seed=0)
+      if computation not in programs:
+        programs[computation] = _Steps(m.config, data, mesh, per_device)
+      m.steps = programs[computation]
+
+  def run(self, step, k):
+    for m in self.group:
+      m.state, metrics = m.steps(m.state, step, k, m.data)
+      m.progress.ran(step + k, metrics)
 
 
 class _Stacked:

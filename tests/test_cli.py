@@ -55,7 +55,7 @@ def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path
     (["--batch_size=0"], "--batch_size=0: must be a positive integer"),
     (["--batch_size=abc"], "--batch_size"),
     (["--learning_rate_g=-1"], "--learning_rate_g=-1.0: must be > 0"),
-    (["--loss=wasserstein"], "--loss='wasserstein': unknown value"),
+    (["--loss=relativistic"], "--loss='relativistic': unknown value"),
     (["--flagfile=nope.flags"], "--flagfile=nope.flags: file not found"),
     (["--batch_size=7"], "must be divisible by the number of devices"),
 ])

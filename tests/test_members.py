@@ -124,17 +124,15 @@ def test_swept_members_are_the_single_runs_of_their_values_and_a_new_member_is_r
 
 
 def test_members_on_two_processes_are_bitwise_the_single_runs_with_invariant_groups(tiny_data_dir, tmp_path):
-  """`--seeds=0,1 --invariant_groups=8` with --eval_every on 2 processes x 2 devices (the launcher, gloo)
-  against single runs of seeds 0 and 1 on 1 device: each member bitwise its single run (state, metrics
-  lines, evaluation scores, best/). Catches members that save or evaluate on one process only, members'
-  saves of one step colliding in orbax's multi-process barriers (a hang), and a member program that
-  depends on the topology."""
-  cache = str(tmp_path / "evaluators")
+  """`--seeds=0,1 --invariant_groups=8` on 2 processes x 2 devices (the launcher, gloo) against single
+  runs of seeds 0 and 1 on 1 device: each member bitwise its single run (state, metrics lines).
+  Catches members that save on one process only, members' saves of one step colliding in orbax's
+  multi-process barriers (a hang, then an error), and a member program that depends on the topology.
+  (Evaluation on 2 processes: test_topology.py; per member it is the single run's code.)"""
   def cli(workdir, seeds):
     return ["--dataset=fashion_mnist", f"--data_dir={tiny_data_dir}", f"--workdir={workdir}", seeds,
             "--batch_size=8", "--latent_dim=16", "--invariant_groups=8", "--num_steps=6",
-            "--checkpoint_every=2", "--log_every=1", "--sample_every=1000", "--eval_every=3",
-            "--eval_samples=16", f"--evaluator_dir={cache}"]
+            "--checkpoint_every=2", "--log_every=1", "--sample_every=1000"]
   for seed in (0, 1):
     r = run_cli(cli(str(tmp_path / f"single_{seed}"), f"--seed={seed}"), devices=1)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -147,8 +145,6 @@ def test_members_on_two_processes_are_bitwise_the_single_runs_with_invariant_gro
     assert_same_state(checkpoints.read_state_numpy(single, 6)[0], checkpoints.read_state_numpy(member, 6)[0],
                       seed)
     assert without_speed(single) == without_speed(member), seed
-    assert [m["step"] for m in without_speed(member) if "fid" in m] == [3, 6]  # compared above
-    assert os.listdir(os.path.join(single, "best")) == os.listdir(os.path.join(member, "best")), seed
 
 
 def test_vmapped_members_follow_the_single_runs_within_the_rounding_band(tiny_data_dir, tmp_path):

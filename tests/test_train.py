@@ -330,7 +330,7 @@ def test_every_loss_and_penalty_trains_finite_steps_that_the_penalty_changes():
     return history
 
   mnist_plain = two_steps()[0]["d_grad_norm"]
-  for loss in ("minimax", "least_squares", "hinge"):
+  for loss in ("least_squares", "hinge"):  # (minimax: test_minimax_generator_loss_in_a_real_step)
     two_steps(loss=loss)
   assert two_steps(loss="wasserstein", gp_weight=10.0)[0]["gp"] > 0
   r1 = two_steps(r1_weight=10.0)

@@ -34,6 +34,14 @@ def form_for(platform: str, exact: bool = False) -> str:
   return "cpu" if platform == "cpu" else "lax"
 
 
+def branches_skip_work(platform: str) -> bool:
+  """Whether a `lax.cond` whose branches hold convolutions saves the untaken branch's work on
+  `platform`. Not on XLA:CPU: there a convolution inside a conditional's branch takes a far slower path
+  (like one inside a loop body, jax-ml/jax#12868): the lazy R1 step as a lax.cond took 10.0 s per step
+  against 0.32 s for R1 on every update (`bash experiments/variants_bench.sh`, docs/variants.md)."""
+  return platform != "cpu"
+
+
 def _lax_conv(x, kernel, strides, padding):
   return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
 

@@ -26,6 +26,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
+from dcgan_jax import convolutions
 from dcgan_jax import invariant
 from dcgan_jax import losses
 from dcgan_jax import models
@@ -150,11 +151,13 @@ def make_train_step(config: Config, channels: int, num_examples: Optional[int] =
 
   def d_update(d: NetState, real, fake, keys: randomness.StepKeys, k: int, r1_weight: float):
     """The k-th discriminator update, on a real and a fake batch (fake carries no gradient to G), with
-    the gradient penalty (--gp_weight) and R1 (r1_weight: --r1_weight, times k on lazy updates)."""
+    the gradient penalty (--gp_weight) and R1 (r1_weight: --r1_weight, times N on lazy updates)."""
 
     def loss_fn(params):
       penalties = {}
-      if r1_weight:  # R1 at the real pass itself: its input gradient, differentiated again below
+      # R1 at the real pass itself: its input gradient, differentiated again below. (r1_weight is a
+      # Python number, or an array when the lazy schedule weights it on CPU: then always computed.)
+      if not isinstance(r1_weight, (int, float)) or r1_weight:
         real_logits, bs, real_grads = d_forward_and_input_grads(params, d.batch_stats, real,
                                                                 keys.dropout_real(k))
         penalties["r1"] = losses.r1_penalty(real_grads, share)
@@ -180,13 +183,21 @@ def make_train_step(config: Config, channels: int, num_examples: Optional[int] =
     metrics.update(penalties)  # this device's share when grouped (no penalties then: config refuses)
     return NetState(optax.apply_updates(d.params, updates), bs, opt_state), metrics
 
+  skip_lazy_work = convolutions.branches_skip_work(platform or jax.default_backend())
+
   def d_update_lazy_r1(d, real, fake, keys, k, number):
-    """--r1_every=N > 1: R1, weighted by N, on D updates number 0, N, 2N, ... only (lax.cond: the
-    other updates skip the double backward). Metrics: r1 is 0 where it was not computed."""
+    """--r1_every=N > 1: R1, weighted by N, on D updates number 0, N, 2N, ... only. Where a branch saves
+    work (convolutions.branches_skip_work), a lax.cond skips the double backward on the other updates;
+    on XLA:CPU R1 is computed on every update and weighted 0 off the schedule (the same gradients: the
+    term adds exact zeros). Metrics: r1 is 0 off the schedule."""
+    due = number % config.r1_every == 0
+    if not skip_lazy_work:
+      new, m = d_update(d, real, fake, keys, k, config.r1_weight * config.r1_every * due.astype(jnp.float32))
+      return new, dict(m, r1=jnp.where(due, m["r1"], 0.0))
     with_r1 = lambda: d_update(d, real, fake, keys, k, config.r1_weight * config.r1_every)
     without = lambda: (lambda new, m: (new, dict(m, r1=jnp.zeros((), jnp.float32))))(
         *d_update(d, real, fake, keys, k, 0.0))
-    return lax.cond(number % config.r1_every == 0, with_r1, without)
+    return lax.cond(due, with_r1, without)
 
   def g_update(g: NetState, g_vjp, g_batch_stats, fake, d: NetState, keys: randomness.StepKeys):
     """The generator update: backprop the G loss through the updated D, then through G's saved vjp.

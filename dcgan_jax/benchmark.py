@@ -72,8 +72,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   positions = parallel.batch_positions(mesh, config.batch_size // n_dev)
   member_runs = members.runs(config, workdir="")  # the members' configs (or the run's own)
   states = [parallel.replicate(step_lib.create_train_state(c, channels), mesh) for c, _, _ in member_runs]
-  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(states[0])
-                    if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+  state_bytes = step_lib.state_bytes(states[0])
   train_step = step_lib.make_train_step(config, channels, num_examples, platform)
   form = parallel.members_form(config.members_form, platform) if config.seeds else None
   if form == "vmap":  # one state with a leading member axis, one program

@@ -91,6 +91,12 @@ def create_train_state(config: Config, channels: int) -> TrainState:
                     g_ema=g_ema)
 
 
+def state_bytes(state) -> int:
+  """Bytes of a state's arrays (or of their jax.eval_shape shapes), keys left out."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)
+             if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+
+
 def to_float(images: jax.Array) -> jax.Array:
   """uint8 [0, 255] -> float32 [-1, 1] (matches the generator's tanh range)."""
   return images.astype(jnp.float32) / 127.5 - 1.0

@@ -122,9 +122,7 @@ def train_and_evaluate(config: Config, workdir: str):
 def _check_member_memory(member_configs, data):
   """members.check_memory with the members' largest state (from shapes alone) and the device's limit."""
   def state_bytes(config):
-    shapes = jax.eval_shape(lambda: step_lib.create_train_state(config, data.channels))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)
-               if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+    return step_lib.state_bytes(jax.eval_shape(lambda: step_lib.create_train_state(config, data.channels)))
   largest = max(state_bytes(c) for c in {dataclasses.replace(c, seed=0) for c in member_configs})
   limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
   data_bytes = data.num_examples * int(np.prod(data.image_shape)) if data.in_memory else 0

@@ -9,6 +9,8 @@ from dcgan_jax import cli
 from dcgan_jax import config as config_lib
 from dcgan_jax.config import COMPUTATION, OUTCOME, OUTPUT, Config, ConfigError
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_every_setting_declares_help_and_role_and_becomes_a_flag_with_them():
   """Each Config field has a help text and a role, and define_flags makes a flag of the same name,
@@ -85,6 +87,24 @@ def test_shipped_flagfiles_are_found_by_name_from_any_directory(tmp_path, monkey
   assert resolved == ["prog", f"--flagfile={os.path.join(cli.FLAGFILES_DIR, 'mnist.flags')}", "--seed=1"]
   (tmp_path / "mine.flags").write_text("--seed=2\n")
   assert cli.resolve_flagfiles(["--flagfile=mine.flags"]) == ["--flagfile=mine.flags"]
+
+
+EXPERIMENT_FLAGFILES = sorted(
+    os.path.relpath(os.path.join(d, f), REPO) for d, _, files in os.walk(os.path.join(REPO, "experiments"))
+    for f in files if f.endswith(".flags"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_FLAGFILES)
+def test_experiment_flagfiles_parse_after_the_dataset_flagfile_into_valid_configs(path):
+  """Each flagfile under experiments/ (the variant families, fashion_mnist_fast.flags), given after
+  fashion_mnist.flags as their comments say, parses and validates. Catches a misspelt flag, a value the
+  setting refuses, or a combination the config refuses (e.g. wasserstein without a penalty)."""
+  values = flags.FlagValues()
+  config_lib.define_flags(flag_values=values)
+  flags.DEFINE_string("workdir", None, "", flag_values=values)
+  values(["prog", f"--flagfile={os.path.join(cli.FLAGFILES_DIR, 'fashion_mnist.flags')}",
+          f"--flagfile={os.path.join(REPO, path)}"])
+  config_lib.from_flags(flag_values=values).validate()
 
 
 @pytest.mark.parametrize("module,absent", [

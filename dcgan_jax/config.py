@@ -29,7 +29,7 @@ MEMBERS_FORMS = ("auto", "dispatch", "vmap")
 D_NORMS = ("none", "batch", "layer", "spectral")
 # Settings --sweep may vary between the members of one program: scalars of the optimizers and the EMA.
 # Everything else (shapes, the model, the loss, the batch) is one program's, shared by all members.
-SWEEPABLE = ("learning_rate_g", "learning_rate_d", "beta1", "beta2", "g_ema_decay")
+SWEEPABLE = ("learning_rate_g", "learning_rate_d", "beta1", "beta2", "g_ema_decay", "g_ema_rampup")
 
 # Roles of a setting.
 COMPUTATION = "computation"  # changes what a training step computes: a resumed run must keep it
@@ -138,6 +138,11 @@ class Config:
   g_ema_decay: float = setting(
       0.0, "Exponential moving average of the generator's weights (e.g. 0.999); 0 = off. When on, sample "
       "grids, evaluation and the export use the EMA generator (the raw one is logged too).")
+  g_ema_rampup: float = setting(
+      0.0, "The EMA's warm-up. 0: its decay after n G updates is min(decay, (1 + n) / (10 + n)) (that of "
+      "tf.train.ExponentialMovingAverage: it averages roughly the last 11% of the updates). r > 0: "
+      "StyleGAN2's ramp-up: the average's half-life is at most r * n updates, i.e. the decay is "
+      "min(decay, 0.5 ** (1 / (r * n))) (StyleGAN2: 0.05).")
   steps_per_call: int = setting(
       1, "Training steps per call, one host round trip (for fast accelerators: one lax.scan, the same "
       "math; on CPU bitwise the same results as single steps). Logging, sampling and checkpoints happen "
@@ -280,6 +285,8 @@ class Config:
            "are not differentiated twice)", "drop --gp_weight/--r1_weight or --invariant_groups")
     if not 0 <= self.g_ema_decay < 1:
       fail("g_ema_decay", "must be in [0, 1)", "pass 0 (off) or e.g. 0.999")
+    if not 0 <= self.g_ema_rampup <= 1:
+      fail("g_ema_rampup", "must be in [0, 1]", "pass 0 (the default warm-up) or e.g. 0.05 (StyleGAN2)")
     if not self.dataset:
       fail("dataset", "is empty", "name a tfds image dataset, e.g. mnist or fashion_mnist")
     for name in ("learning_rate_g", "learning_rate_d"):

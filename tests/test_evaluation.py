@@ -118,6 +118,27 @@ def test_ema_generator_is_the_moving_average_of_the_generator():
   assert float(step_lib.ema_decay(0.999, jnp.int32(10_000))) == pytest.approx(0.999)
 
 
+def test_ema_rampup_caps_the_half_life_at_a_fraction_of_the_updates():
+  """--g_ema_rampup=r: the decay after n updates is min(decay, 0.5 ** (1 / (r n))) (StyleGAN2), and 0
+  keeps the default warm-up. Catches the ramp-up ignored (the default's 0.981 at n = 469), applied as a
+  horizon instead of a half-life, or replacing the cap of --g_ema_decay."""
+  assert float(step_lib.ema_decay(0.999, jnp.int32(469), 0.05)) == pytest.approx(0.5 ** (1 / 23.45), rel=1e-6)
+  assert float(step_lib.ema_decay(0.999, jnp.int32(469))) == pytest.approx(470 / 479, rel=1e-6)
+  assert float(step_lib.ema_decay(0.999, jnp.int32(10**6), 0.05)) == pytest.approx(0.999)
+  config = Config(batch_size=8, latent_dim=16, g_ema_decay=0.99, g_ema_rampup=0.5).resolved()
+  mesh = parallel.global_mesh()
+  data = np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1), np.uint8)
+  state = parallel.replicate(step_lib.create_train_state(config, 1), mesh)
+  step = parallel.pmap_step(step_lib.make_train_step(config, 1, len(data)), in_memory=True)
+  state, _ = step(state, parallel.batch_positions(mesh, 2), parallel.replicate(data, mesh))
+  before = jax.device_get(state.g_ema)
+  state, _ = step(state, parallel.batch_positions(mesh, 2), parallel.replicate(data, mesh))
+  d = 0.5 ** (1 / (0.5 * 2))  # the second update's decay: a half-life of one update
+  expected = jax.tree.map(lambda b, a: d * b + (1 - d) * a, before, jax.device_get(state.g.params))
+  for e, got in zip(jax.tree.leaves(expected), jax.tree.leaves(jax.device_get(state.g_ema))):
+    np.testing.assert_allclose(got, e, rtol=1e-6, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_data_dir, evaluator_dir, tmp_path_factory):
   """A 6-step CLI run with EMA and in-training evaluation every 2 steps."""

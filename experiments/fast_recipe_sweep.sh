@@ -5,9 +5,11 @@
 # 5 epochs. Each stage is one or more programs with many members (--sweep, --seeds); the stages' tables
 # come from python -m dcgan_jax.study.
 #   STAGE=lr:      learning rates of G and D, 3x3 grid, seed 0 (9 members, ~35 min on 2 CPU cores).
-#   STAGE=screen:  at G and D 5e-4: Adam betas, EMA decay, D normalisation, losses; seed 0.
+#   STAGE=screen:  at G and D 5e-4: Adam betas, EMA decay, D normalisation, a loss; seed 0 (and
+#                  seeds 0-2 for --d_norm=batch): 11 members, ~45 min.
 #   STAGE=confirm: the default and fashion_mnist_fast.flags, seeds 0-2, 5 epochs (2,345 steps),
-#                  evaluated every epoch: the 1-epoch row and the 5-epoch row of each.
+#                  evaluated every epoch: the 1-epoch row and the 5-epoch row of each (6 members of
+#                  2,345 steps, ~1 h).
 # Needs data/tfds prepared (README).
 # Usage: bash experiments/fast_recipe_sweep.sh OUT_DIR STAGE
 set -euo pipefail
@@ -32,7 +34,7 @@ case "$STAGE" in
   screen)
     run betas "${EPOCH[@]}" "${FAST_LR[@]}" --seeds=0 --sweep='beta1:0,0.5;beta2:0.9,0.99'
     run ema "${EPOCH[@]}" "${FAST_LR[@]}" --seeds=0 --sweep='g_ema_decay:0.9,0.95'
-    run d_batch "${EPOCH[@]}" "${FAST_LR[@]}" --seeds=0 --d_norm=batch
+    run d_batch "${EPOCH[@]}" "${FAST_LR[@]}" --seeds=0-2 --d_norm=batch
     run spectral_hinge "${EPOCH[@]}" --flagfile="$HERE/variants/spectral_hinge.flags" "${FAST_LR[@]}" --seeds=0
     wait
     $PY -m dcgan_jax.study --per_run --metrics=fid,kid,coverage,fid_raw "$OUT/betas" "$OUT/ema" \

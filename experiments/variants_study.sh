@@ -2,11 +2,12 @@
 # The study of losses, penalties and D normalisations (docs/variants.md): each variant of
 # experiments/variants/ and the seed-faithful default, every seed in one program (--seeds), then one
 # study table over all variants. Prints each variant's wall time as a JSON line.
-#   PART=fashion_mnist: Fashion-MNIST with the seed's `mnist` model; the table holds the final
-#     in-training scores (2,000 samples: FID, KID, class coverage and KL; fid_raw: the raw generator).
+#   PART=fashion_mnist: Fashion-MNIST with the seed's `mnist` model; each member's final EMA generator
+#     is then scored by dcgan_jax.evaluate with 10,000 samples, and the table holds those scores (FID,
+#     KID, precision/recall, class coverage and KL).
 #   PART=stacked: stacked Fashion-MNIST (1,000 modes) with the `dcgan` model at 32x32; each member is
-#     then scored with 26,000 samples (the mode-counting protocol) by dcgan_jax.evaluate, and the table
-#     holds those scores (FID, KID, precision/recall, modes, modes_kl).
+#     scored with 26,000 samples (the mode-counting protocol), and the table holds FID, KID,
+#     precision/recall, modes and modes_kl.
 # Needs data/tfds prepared (README; for stacked also
 #   python -m dcgan_jax.prepare_data --dataset=stacked_fashion_mnist --idx_dir=... --data_dir=data/tfds).
 # Usage: bash experiments/variants_study.sh OUT_DIR [PART=fashion_mnist] [STEPS=469] [SEEDS=0-2] [VARIANTS]
@@ -20,8 +21,9 @@ PY=${PYTHON:-python}
 DATA=${DATA_DIR:-data/tfds}
 HERE=$(cd "$(dirname "$0")" && pwd)
 case "$PART" in
-  fashion_mnist) MODEL=() ;;
-  stacked) MODEL=(--dataset=stacked_fashion_mnist --preset=dcgan --image_size=32) ;;
+  fashion_mnist) MODEL=(); EVAL_SAMPLES=10000; METRICS=fid,kid,precision,recall,coverage,class_kl ;;
+  stacked) MODEL=(--dataset=stacked_fashion_mnist --preset=dcgan --image_size=32); EVAL_SAMPLES=26000
+    METRICS=fid,kid,precision,recall,modes,modes_kl ;;
   *) echo "error: PART=$PART: use fashion_mnist or stacked" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
@@ -32,17 +34,12 @@ for v in $VARIANTS; do
   $PY -m dcgan_jax.main --flagfile=fashion_mnist.flags "${MODEL[@]}" "${extra[@]}" --data_dir="$DATA" \
     --batch_size=128 --num_steps="$STEPS" --eval_every="$STEPS" --sample_every="$STEPS" --seeds="$SEEDS" \
     --workdir="$OUT/$v" > "$OUT/$v.log" 2>&1
-  if [ "$PART" = stacked ]; then
-    for member in "$OUT/$v"/seed_*; do
-      $PY -m dcgan_jax.evaluate --workdir="$member" --num_samples=26000 >> "$OUT/$v.log" 2>&1
-    done
-  fi
+  for member in "$OUT/$v"/seed_*; do
+    $PY -m dcgan_jax.evaluate --workdir="$member" --data_dir="$DATA" --num_samples="$EVAL_SAMPLES" \
+      >> "$OUT/$v.log" 2>&1
+  done
   echo "{\"variant\": \"$v\", \"part\": \"$PART\", \"steps\": $STEPS, \"seeds\": \"$SEEDS\", \"wall_sec\": $(( $(date +%s) - start ))}"
 done
 dirs=()
 for v in $VARIANTS; do dirs+=("$OUT/$v"); done
-if [ "$PART" = stacked ]; then
-  $PY -m dcgan_jax.study --source=evaluations --metrics=fid,kid,precision,recall,modes,modes_kl "${dirs[@]}"
-else
-  $PY -m dcgan_jax.study --metrics=fid,kid,coverage,class_kl,fid_raw "${dirs[@]}"
-fi
+$PY -m dcgan_jax.study --source=evaluations --metrics="$METRICS" "${dirs[@]}"

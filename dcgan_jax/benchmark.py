@@ -34,10 +34,14 @@ CONFIG_FLAGS = ("preset", "image_size", "base_width", "latent_dim", "batch_size"
                 "loss", "d_steps", "g_ema_decay", "compute_dtype", "steps_per_call", "invariant_groups",
                 "seeds", "members_form", "gp_weight", "r1_weight", "r1_every", "d_norm")
 config_lib.define_flags(CONFIG_FLAGS)
-flags.DEFINE_integer("channels", 1, "Image channels.")
-flags.DEFINE_integer("steps", 30, "Timed training steps.")
-flags.DEFINE_integer("warmup", 2, "Untimed calls after the compiling one.")
-flags.DEFINE_integer("num_examples", 60000, "Synthetic dataset size (the data order permutes it).")
+flags.DEFINE_integer("channels", 1, "Image channels.",
+                     lower_bound=1, upper_bound=3)
+flags.DEFINE_integer("steps", 30, "Timed training steps.",
+                     lower_bound=1, upper_bound=10**6)
+flags.DEFINE_integer("warmup", 2, "Untimed calls after the compiling one.",
+                     lower_bound=0, upper_bound=10**4)
+flags.DEFINE_integer("num_examples", 60000, "Synthetic dataset size (the data order permutes it).",
+                     lower_bound=1, upper_bound=10**8)
 flags.DEFINE_enum("multi_step", "auto", ["auto", "scan", "dispatch"],
                   "With --steps_per_call > 1: one lax.scan per call, or one dispatch of the single "
                   "step per step (auto: dispatch on CPU, scan elsewhere).")

@@ -165,11 +165,7 @@ class Checkpointer:
       try:
         saved_config = self.manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore())).config
-        diff = config_lib.resume_differences(saved_config, self.config)
-        if diff:
-          raise ConfigError(
-              f"checkpoint {path} was written with other settings ({'; '.join(diff)}); "
-              "use the same settings to resume, or another --workdir to start a new run.")
+        _refuse_other_settings(path, saved_config, self.config)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
         _say_if_topology_changed(self.manager, step)
@@ -183,6 +179,28 @@ class Checkpointer:
         os.replace(path, aside)
         self.manager.reload()
     return None, None
+
+
+def check_resume(workdir: str, config: Config, subdir: str = workdir_lib.CHECKPOINTS) -> None:
+  """ConfigError when the newest checkpoint whose settings can be read was written with settings a
+  resumed run may not change. Reads JSON only: made before any data is loaded or file written, so a
+  refused resume changes nothing (Checkpointer.restore_latest checks again what it restores)."""
+  for step in reversed(workdir_lib.checkpoint_steps(workdir, subdir)):
+    path = workdir_lib.path(workdir, subdir, str(step))
+    try:
+      with open(os.path.join(path, "config", "metadata")) as f:
+        saved = json.load(f)
+    except (OSError, ValueError):
+      continue  # unreadable: restore_latest sets it aside and an older one is checked
+    _refuse_other_settings(os.path.abspath(path), saved, config)
+    return
+
+
+def _refuse_other_settings(path: str, saved: dict, config: Config) -> None:
+  diff = config_lib.resume_differences(saved, config)
+  if diff:
+    raise ConfigError(f"checkpoint {path} was written with other settings ({'; '.join(diff)}); use the "
+                      "same settings to resume, or another --workdir to start a new run.")
 
 
 def _say_if_topology_changed(manager, step: int) -> None:

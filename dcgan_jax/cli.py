@@ -58,23 +58,47 @@ def parse_flags(argv: list) -> list:
 _DUPLICATE_ERRORS = (os.sep + "orbax" + os.sep, os.sep + "asyncio" + os.sep)
 
 
+# Other libraries' warnings about conditions dcgan_jax handles or that change nothing for its users:
+# tfds's offline download retries (the run ends with one line naming the offline command), its
+# decoder advice and deprecations, tensorboardX's NaN scalars (none are written).
+_HANDLED_WARNINGS = ("Retrying (Retry(", "OpenCV is not installed", "is deprecated. Please change your code",
+                     "NaN or Inf found in input tensor")
+
+
 class _OwnLinesOnly(logging_std.Filter):
   """Lets through dcgan_jax's own log lines, and other libraries' warnings and errors (except the
-  duplicates above)."""
+  duplicates and handled conditions above)."""
 
   def filter(self, record):
     if record.pathname.startswith(_PACKAGE_DIR):
       return True
     if record.levelno >= logging_std.ERROR and any(p in record.pathname for p in _DUPLICATE_ERRORS):
       return record.levelno >= logging_std.CRITICAL
+    if record.levelno < logging_std.ERROR and any(w in record.getMessage() for w in _HANDLED_WARNINGS):
+      return False
     return record.levelno >= logging_std.WARNING
 
 
 def _quiet_unraisable(unraisable) -> None:
-  """Callbacks that reach a closed asyncio loop while a failed save shuts down say nothing useful."""
-  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+  """Errors nobody can catch that repeat what the run already handles, and say it in one line: callbacks
+  that reach a closed asyncio loop while a failed save shuts down, and the coroutines of an unreadable
+  checkpoint that orbax abandons (a traceback with its TensorStore spec; the checkpoint is set aside with
+  one warning). Logged at --verbosity=1; every other unraisable error goes to Python's default hook."""
+  error, where = unraisable.exc_value, repr(getattr(unraisable, "object", ""))
+  if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+    return
+  if "coroutine" in where and (os.sep + "orbax" + os.sep in _traceback_files(error) or "tensorstore" in str(error)):
+    logging.vlog(1, "Ignored in %s: %s", where, error)
     return
   sys.__unraisablehook__(unraisable)
+
+
+def _traceback_files(error) -> str:
+  tb, files = getattr(error, "__traceback__", None), []
+  while tb is not None:
+    files.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  return " ".join(files)
 
 
 def configure_console() -> None:
@@ -84,7 +108,9 @@ def configure_console() -> None:
   if flags.FLAGS["verbosity"].value < 1 and not any(isinstance(f, _OwnLinesOnly) for f in handler.filters):
     handler.addFilter(_OwnLinesOnly())
     sys.unraisablehook = _quiet_unraisable
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines (streaming path)
+  # TensorFlow's C++ INFO and WARNING lines (tf.data's, and its file system's failed look-up of cloud
+  # credentials when tfds starts); errors still show.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def run(main: Callable, xla_cpu_convolutions: Optional[Callable[[], str]] = None,
@@ -100,6 +126,13 @@ def run(main: Callable, xla_cpu_convolutions: Optional[Callable[[], str]] = None
     configure_console()
     if len(argv) > 1 and not positional:
       exit_with_error(f"unexpected arguments {argv[1:]}; flags look like --name=value")
-    return main(argv)
+    try:
+      return main(argv)
+    except KeyboardInterrupt:
+      # A tool that does not take SIGINT itself (the trainer does: stopping.py): one line, no traceback;
+      # what it writes is renamed into place only when complete.
+      print("error: interrupted (SIGINT); outputs are written whole or not at all: run the command again",
+            file=sys.stderr, flush=True)
+      os._exit(130)  # pylint: disable=protected-access  (no waiting for library threads)
 
   app.run(setup_then_main, flags_parser=parse_flags)

@@ -55,9 +55,16 @@ def exit_with_error(message: str) -> NoReturn:
   sys.exit(2)
 
 
-def setting(default, help: str, role: str = COMPUTATION):  # pylint: disable=redefined-builtin
-  """A Config field with its help text and role (COMPUTATION, OUTCOME or OUTPUT)."""
-  return dataclasses.field(default=default, metadata=dict(help=help, role=role))
+INT_MAX = 2**31 - 1  # steps, seeds and intervals: int32 on the devices
+
+
+def setting(default, help: str, role: str = COMPUTATION, bounds=None):  # pylint: disable=redefined-builtin
+  """A Config field with its help text, its role (COMPUTATION, OUTCOME or OUTPUT) and, for a number,
+  the closed interval (low, high) of values it accepts: every number has both bounds, so a value that
+  would need gigabytes (or wrap around) is refused before any work. The bounds end its help text."""
+  if bounds:
+    help = f"{help} [{bounds[0]:,}..{bounds[1]:,}]"  # pylint: disable=redefined-builtin
+  return dataclasses.field(default=default, metadata=dict(help=help, role=role, bounds=bounds))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,22 +81,28 @@ class Config:
       "read it by index on the host (array_record datasets; the same order, a pure function of (seed, "
       "step)); auto = on the devices when the decoded split fits in --max_in_memory_mb.", OUTCOME)
   max_in_memory_mb: int = setting(
-      4096, "Largest dataset (uint8, at model resolution) that --in_memory=auto keeps on device.", OUTCOME)
-  shuffle_buffer: int = setting(10_000, "tf.data shuffle buffer (streaming path only).", OUTCOME)
+      4096, "Largest dataset (uint8, at model resolution) that --in_memory=auto keeps on device.", OUTCOME,
+      bounds=(1, 2**24))
+  shuffle_buffer: int = setting(10_000, "tf.data shuffle buffer (streaming path only).", OUTCOME,
+                                bounds=(1, 10**8))
 
   # Model.
   preset: str = setting("mnist", "mnist (the seed's Keras model, 28x28) or dcgan (Radford et al. 2015, "
                         "32/64/128...).")
-  image_size: Optional[int] = setting(None, "Image side in pixels; default: the preset's (mnist 28, dcgan 64).")
-  channels: Optional[int] = setting(None, "1 or 3; default: the dataset's. Converts grayscale <-> RGB.")
-  latent_dim: int = setting(100, "Dimension of the generator's input noise z ~ N(0, I).")
-  base_width: int = setting(64, "dcgan preset: feature maps of D's first and G's last hidden layer.")
+  image_size: Optional[int] = setting(None, "Image side in pixels; default: the preset's (mnist 28, dcgan 64).",
+                                      bounds=(1, 1024))
+  channels: Optional[int] = setting(None, "1 or 3; default: the dataset's. Converts grayscale <-> RGB.",
+                                    bounds=(1, 3))
+  latent_dim: int = setting(100, "Dimension of the generator's input noise z ~ N(0, I).", bounds=(1, 4096))
+  base_width: int = setting(64, "dcgan preset: feature maps of D's first and G's last hidden layer.",
+                            bounds=(1, 1024))
   bn_momentum: Optional[float] = setting(
       None, "BatchNorm running-average momentum, flax convention (running = m*running + (1-m)*batch); "
-      "default: mnist 0.8 (Keras momentum=0.8), dcgan 0.9 (PyTorch's 0.1).")
+      "default: mnist 0.8 (Keras momentum=0.8), dcgan 0.9 (PyTorch's 0.1).", bounds=(0, 1))
   bn_epsilon: Optional[float] = setting(None, "BatchNorm epsilon; default: mnist 1e-3 (Keras), dcgan 1e-5 "
-                                        "(PyTorch).")
-  dropout_rate: Optional[float] = setting(None, "Discriminator dropout; default: mnist 0.3 (the seed), dcgan 0.")
+                                        "(PyTorch).", bounds=(0, 1))
+  dropout_rate: Optional[float] = setting(None, "Discriminator dropout; default: mnist 0.3 (the seed), dcgan 0.",
+                                          bounds=(0, 1))
   d_norm: Optional[str] = setting(
       None, "Discriminator normalisation: batch, layer or none after every hidden layer but the first, or "
       "spectral (Miyato et al. 2018: every weight over its largest singular value); default: the "
@@ -99,9 +112,9 @@ class Config:
       "parameters, optimizer states, BatchNorm statistics and losses stay float32.")
 
   # Optimisation.
-  batch_size: int = setting(128, "Global batch size (all devices and hosts together).")
-  num_steps: int = setting(2000, "Generator updates to train for.", OUTCOME)
-  seed: int = setting(0, "Seeds initialisation, noise, dropout and data order.")
+  batch_size: int = setting(128, "Global batch size (all devices and hosts together).", bounds=(1, 2**20))
+  num_steps: int = setting(2000, "Generator updates to train for.", OUTCOME, bounds=(1, INT_MAX))
+  seed: int = setting(0, "Seeds initialisation, noise, dropout and data order.", bounds=(0, INT_MAX))
   seeds: str = setting(
       "", "Many runs in one program, one member per seed, e.g. 0,1,2,3 or 0-15: member s is the run of "
       "--seed=s, written to its own run directory <workdir>/seed_<s>. Empty: one run (--seed).", OUTPUT)
@@ -117,57 +130,64 @@ class Config:
       "(the platform's measured choice: docs/performance.md).", OUTCOME)
   optimizer: str = setting("adam", "adam (DCGAN paper) or rmsprop (the seed's choice; --beta1 is then "
                            "RMSprop's decay).")
-  learning_rate_g: float = setting(2e-4, "Generator learning rate.")
-  learning_rate_d: float = setting(2e-4, "Discriminator learning rate.")
-  beta1: float = setting(0.5, "Adam beta1 (DCGAN paper: 0.5), or RMSprop decay.")
-  beta2: float = setting(0.999, "Adam beta2.")
+  # Learning rates up to what float32 holds (huge ones are how the tests make a run diverge).
+  learning_rate_g: float = setting(2e-4, "Generator learning rate.", bounds=(0, 1e38))
+  learning_rate_d: float = setting(2e-4, "Discriminator learning rate.", bounds=(0, 1e38))
+  beta1: float = setting(0.5, "Adam beta1 (DCGAN paper: 0.5), or RMSprop decay.", bounds=(0, 1))
+  beta2: float = setting(0.999, "Adam beta2.", bounds=(0, 1))
   loss: str = setting(
       "non_saturating", "The GAN loss (losses.py): non_saturating (default: G minimises -log D(G(z))), "
       "minimax (log(1 - D(G(z)))), least_squares (LSGAN), hinge, or wasserstein (needs --gp_weight or "
       "--d_norm=spectral).")
   gp_weight: float = setting(
       0.0, "Gradient penalty (WGAN-GP, Gulrajani et al. 2017): weight of E[(||grad D(x_hat)||-1)^2] on "
-      "random interpolates of real and fake images, e.g. 10; 0 = off.")
+      "random interpolates of real and fake images, e.g. 10; 0 = off.", bounds=(0, 10**6))
   r1_weight: float = setting(
       0.0, "R1 penalty (Mescheder et al. 2018): weight gamma of E[||grad D(x)||^2]/2 on real images, e.g. "
-      "10 (or 0.1 for small models); 0 = off.")
+      "10 (or 0.1 for small models); 0 = off.", bounds=(0, 10**6))
   r1_every: int = setting(
       1, "Lazy R1 (StyleGAN2): the R1 penalty on every k-th discriminator update only, weighted by k; "
-      "1 = every update.")
-  d_steps: int = setting(1, "Discriminator updates per generator update.")
+      "1 = every update.", bounds=(1, 10**6))
+  d_steps: int = setting(1, "Discriminator updates per generator update.", bounds=(1, 100))
   g_ema_decay: float = setting(
       0.0, "Exponential moving average of the generator's weights (e.g. 0.999); 0 = off. When on, sample "
-      "grids, evaluation and the export use the EMA generator (the raw one is logged too).")
+      "grids, evaluation and the export use the EMA generator (the raw one is logged too).", bounds=(0, 1))
   g_ema_rampup: float = setting(
       0.0, "The EMA's warm-up. 0: its decay after n G updates is min(decay, (1 + n) / (10 + n)) (that of "
       "tf.train.ExponentialMovingAverage: it averages roughly the last 11% of the updates). r > 0: "
       "StyleGAN2's ramp-up: the average's half-life is at most r * n updates, i.e. the decay is "
-      "min(decay, 0.5 ** (1 / (r * n))) (StyleGAN2: 0.05).")
+      "min(decay, 0.5 ** (1 / (r * n))) (StyleGAN2: 0.05).", bounds=(0, 1))
   steps_per_call: int = setting(
       1, "Training steps per call, one host round trip (for fast accelerators: one lax.scan, the same "
       "math; on CPU bitwise the same results as single steps). Logging, sampling and checkpoints happen "
-      "after the call that reaches their step.", OUTCOME)
+      "after the call that reaches their step.", OUTCOME, bounds=(1, 10**5))
   invariant_groups: int = setting(
       0, "0 (default, fastest) or G > 0: split the global batch into G fixed groups and sum gradients and "
       "BatchNorm statistics group by group in one fixed order, so the run is bitwise identical on every "
-      "number of devices and processes D with 2D dividing G (slower: docs/reproducibility.md).")
+      "number of devices and processes D with 2D dividing G (slower: docs/reproducibility.md).",
+      bounds=(0, 2**20))
 
   # Outputs.
-  log_every: int = setting(100, "Steps between metric lines (metrics.jsonl, TensorBoard, console).", OUTPUT)
-  sample_every: int = setting(500, "Steps between sample grids (samples/step_XXXXXXXX.png).", OUTPUT)
-  num_samples: int = setting(64, "Images in each sample grid (a fixed evaluation noise batch).", OUTPUT)
+  log_every: int = setting(100, "Steps between metric lines (metrics.jsonl, TensorBoard, console).", OUTPUT,
+                           bounds=(1, INT_MAX))
+  sample_every: int = setting(500, "Steps between sample grids (samples/step_XXXXXXXX.png).", OUTPUT,
+                              bounds=(1, INT_MAX))
+  num_samples: int = setting(64, "Images in each sample grid (a fixed evaluation noise batch).", OUTPUT,
+                             bounds=(1, 10**4))
   sample_bn: str = setting("running", "BatchNorm statistics when sampling and evaluating: running "
                            "(inference mode, default) or batch.", OUTCOME)
   checkpoint_every: int = setting(
       1000, "Steps between checkpoints (<workdir>/checkpoints/<step>); one is also written at the end and "
-      "on SIGTERM/SIGINT. A rerun with the same workdir resumes.", OUTPUT)
-  keep_checkpoints: int = setting(3, "How many of the newest checkpoints to keep.", OUTPUT)
+      "on SIGTERM/SIGINT. A rerun with the same workdir resumes.", OUTPUT, bounds=(1, INT_MAX))
+  keep_checkpoints: int = setting(3, "How many of the newest checkpoints to keep.", OUTPUT, bounds=(1, 10**4))
 
   # Evaluation during training (evaluator.py).
   eval_every: int = setting(
       0, "Steps between FID/KID evaluations against the test split (metrics.jsonl, TensorBoard); the best "
-      "checkpoint by FID is kept in <workdir>/best. 0 = off. Needs a labelled dataset.", OUTPUT)
-  eval_samples: int = setting(2000, "Generated images per in-training evaluation.", OUTCOME)
+      "checkpoint by FID is kept in <workdir>/best. 0 = off. Needs a labelled dataset.", OUTPUT,
+      bounds=(0, INT_MAX))
+  eval_samples: int = setting(2000, "Generated images per in-training evaluation.", OUTCOME,
+                              bounds=(10, 2 * 10**5))
   evaluator_dir: Optional[str] = setting(
       None, "Cache of the evaluator classifiers (trained once per dataset); default "
       "~/.cache/dcgan_jax/evaluators.", OUTPUT)
@@ -233,10 +253,16 @@ class Config:
       if getattr(self, name) not in options:
         fail(name, "unknown value", f"use one of {', '.join(options)}")
 
-    def positive(name):
+    def within(name, bounds):
       v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        fail(name, "must be a positive integer", "pass a whole number >= 1")
+      if bounds is None or v is None:
+        return
+      whole = FIELDS[name].type in (int, Optional[int])
+      number = isinstance(v, int) if whole else isinstance(v, (int, float))
+      if not number or isinstance(v, bool) or not bounds[0] <= v <= bounds[1]:
+        default = FIELDS[name].default
+        fail(name, f"must be {'a whole number' if whole else 'a number'} in [{bounds[0]:,}, {bounds[1]:,}]",
+             "pass a value in that range" + (f" (the default is {default})" if default is not None else ""))
 
     self.member_seeds()
     for name, values in self.sweep_values():
@@ -260,23 +286,14 @@ class Config:
     if self.members_form == "vmap" and self.sweep:
       fail("members_form", "stacks members that share one program, and --sweep members each have their "
            "own", "use --members_form=dispatch (or auto) with --sweep")
-    for name in ("batch_size", "num_steps", "latent_dim", "base_width", "d_steps", "log_every",
-                 "sample_every", "num_samples", "max_in_memory_mb", "shuffle_buffer", "checkpoint_every",
-                 "keep_checkpoints", "steps_per_call"):
-      positive(name)
-    if not isinstance(self.eval_every, int) or self.eval_every < 0:
-      fail("eval_every", "must be >= 0", "pass 0 (off) or a number of steps")
-    if not isinstance(self.eval_samples, int) or self.eval_samples < 10:
-      fail("eval_samples", "must be >= 10", "pass e.g. 2000 (more samples: less noisy FID)")
-    if not isinstance(self.invariant_groups, int) or self.invariant_groups < 0:
-      fail("invariant_groups", "must be >= 0", "pass 0 (off) or a number of groups such as 8")
+    for name in ("batch_size", "invariant_groups", "eval_samples"):  # used by the checks below
+      within(name, FIELDS[name].metadata["bounds"])
     if self.invariant_groups and self.batch_size % self.invariant_groups:
       fail("invariant_groups", f"must divide --batch_size={self.batch_size}",
            "pick a divisor of the batch size that every device count you use divides, e.g. 8")
     for name in ("gp_weight", "r1_weight"):
       if not getattr(self, name) >= 0:
         fail(name, "must be >= 0", "pass 0 (off) or a weight such as 10")
-    positive("r1_every")
     if self.loss == "wasserstein" and not self.gp_weight and self.d_norm != "spectral":
       fail("loss", "needs a Lipschitz-constrained discriminator", "add --gp_weight=10 (WGAN-GP) or "
            "--d_norm=spectral")
@@ -309,8 +326,10 @@ class Config:
         fail("image_size", "the mnist preset (the seed's Keras model) makes 28x28 images only",
              "use --image_size=28, or --preset=dcgan for 32, 64, 128, ...")
       if self.preset == "dcgan" and (size < 32 or size & (size - 1)):
-        fail("image_size", "the dcgan preset needs a power of two >= 32",
+        fail("image_size", "the dcgan preset needs a power of two in [32, 1024]",
              "use 32, 64, 128, ... (or --preset=mnist for 28)")
+    for name, field in FIELDS.items():  # the rest: every number within its bounds
+      within(name, field.metadata["bounds"])
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -64,7 +64,9 @@ def open_training_data(config: Config, mesh, per_device: int) -> TrainingData:
     data = TrainingData(True, len(images), channels, shape, lambda step, k: on_device)
   elif source is not None:
     from dcgan_jax import host_reader  # pylint: disable=g-import-not-at-top
-    read = lambda indices: input_pipeline.read_examples(source, indices, config.dataset, shape)
+    def read(indices):
+      with input_pipeline.damaged_data(builder, config.split):  # on the reader's threads
+        return input_pipeline.read_examples(source, indices, config.dataset, shape)
     reader = host_reader.HostReader(read, len(source), config, parallel.local_positions(per_device),
                                     lambda batch: parallel.put_batch(batch, mesh))
     logging.info("Reading %s:%s by index on the host (%d examples), in the in-memory path's order.",
@@ -76,7 +78,9 @@ def open_training_data(config: Config, mesh, per_device: int) -> TrainingData:
     stream = input_pipeline.stream_batches(config, shape, n_local, per_device * config.d_steps,
                                            *_process(), builder)
     # (devices, d_steps * b, H, W, C) -> (devices, d_steps, b, H, W, C)
-    next_batch = lambda: next(stream).reshape((n_local, config.d_steps, per_device) + shape)
+    def next_batch():
+      with input_pipeline.damaged_data(builder, config.split):
+        return next(stream).reshape((n_local, config.d_steps, per_device) + shape)
     # One streamed batch per step; a call of k > 1 steps takes them stacked after the device axis.
     for_call = lambda step, k: (next_batch() if k == 1 else
                                 np.stack([next_batch() for _ in range(k)], axis=1))

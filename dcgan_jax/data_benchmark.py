@@ -31,8 +31,10 @@ from dcgan_jax.config import Config, ConfigError, exit_with_error
 
 CONFIG_FLAGS = ("dataset", "data_dir", "split", "preset", "image_size", "batch_size", "d_steps", "seed")
 config_lib.define_flags(CONFIG_FLAGS)
-flags.DEFINE_integer("steps", 30, "Timed steps per measurement.")
-flags.DEFINE_integer("warmup", 3, "Untimed steps before each training measurement (the first compiles).")
+flags.DEFINE_integer("steps", 30, "Timed steps per measurement.",
+                     lower_bound=1, upper_bound=10**6)
+flags.DEFINE_integer("warmup", 3, "Untimed steps before each training measurement (the first compiles).",
+                     lower_bound=0, upper_bound=10**4)
 flags.DEFINE_bool("compare_in_memory", True, "Also time training from device memory (loads the whole split).")
 FLAGS = flags.FLAGS
 

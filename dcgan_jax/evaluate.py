@@ -40,14 +40,17 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "A training run's --workdir (or a generator export directory).")
   flags.DEFINE_string("data_dir", None, "tfds data directory holding the dataset (see prepare_data).")
   flags.DEFINE_string("dataset", None, "Dataset to compare with (default: the run's).")
-  flags.DEFINE_integer("num_samples", 10000, "Generated images to score (and real ones for the reference).")
+  flags.DEFINE_integer("num_samples", 10000, "Generated images to score (and real ones for the reference).",
+                       lower_bound=10, upper_bound=2 * 10**5)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest; 0: the untrained "
-                       "generator, rebuilt from the run's seed).")
+                       "generator, rebuilt from the run's seed).",
+                       lower_bound=0, upper_bound=2**31 - 1)
   flags.DEFINE_bool("best", False, "Score the best checkpoint by FID (runs with --eval_every).")
   flags.DEFINE_bool("use_ema", True, "Score the EMA generator when the run has one.")
   flags.DEFINE_enum("sample_bn", None, ["running", "batch"], "BatchNorm statistics when sampling "
                     "(default: the run's --sample_bn).")
-  flags.DEFINE_integer("seed", None, "Noise seed (default: the run's).")
+  flags.DEFINE_integer("seed", None, "Noise seed (default: the run's).",
+                       lower_bound=0, upper_bound=2**31 - 1)
   flags.DEFINE_string("samples", None, "Score the images in this .npy/.npz file instead of a generator.")
   flags.DEFINE_string("samples_key", None, "Array name inside an .npz with several arrays.")
   flags.DEFINE_string("evaluator_dir", None, "Evaluator cache (default ~/.cache/dcgan_jax/evaluators).")
@@ -138,8 +141,7 @@ def record(workdir: str, report: dict) -> None:
   say) gets a warning on stderr: the report is already printed, so nothing is lost."""
   path = workdir_lib.path(workdir, workdir_lib.EVALUATIONS)
   try:
-    with open(path, "a") as f:
-      f.write(json.dumps(report) + "\n")
+    workdir_lib.append_jsonl(path, report)
   except OSError as e:
     print(f"warning: {path}: not written ({e.strerror}); the report above is the only copy", file=sys.stderr)
 

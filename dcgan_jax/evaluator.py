@@ -45,6 +45,7 @@ import optax
 
 from dcgan_jax import metrics
 from dcgan_jax import stacked
+from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import ConfigError
 
 VARIABLES = "variables.msgpack"
@@ -205,17 +206,14 @@ def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
     num_train = len(train[0])
   path = os.path.abspath(cache_path(cache_dir, dataset, image_shape, num_train,
                                     content_fingerprint(builder)))
-  meta_path = os.path.join(path, "evaluator.json")
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
-    num_classes = meta["num_classes"]
-    like = {"params": Classifier(num_classes).init(jax.random.key(0), jnp.zeros((1,) + image_shape))[
-        "params"]}
-    with open(os.path.join(path, VARIABLES), "rb") as f:
-      variables = flax.serialization.from_bytes(like, f.read())
-    return _announce(Evaluator(dataset, tuple(image_shape), num_classes, meta["test_accuracy"], path,
-                               variables, meta["feature_scale"], meta["label_free"], meta["real_split"]))
+  if os.path.exists(path):
+    try:
+      return _announce(_load(path, dataset, image_shape))
+    except Exception as e:  # pylint: disable=broad-except  (damaged on disk: train it again)
+      aside = f"{path}.unreadable-{os.getpid()}"
+      logging.warning("Evaluator cache %s is unreadable (%s); moved to %s, training it again.", path,
+                      type(e).__name__, aside)
+      os.replace(path, aside)
 
   # ---- Train, test, and cache (written to a temporary directory, then renamed: never half-written) --
   t0 = time.time()
@@ -262,6 +260,18 @@ def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
   logging.info("Evaluator trained in %.0fs: %s accuracy %.4f on %s.", time.time() - t0,
                "rotation" if label_free else "test", evaluator.test_accuracy, split)
   return _announce(evaluator)
+
+
+def _load(path: str, dataset: str, image_shape: tuple) -> Evaluator:
+  with open(os.path.join(path, "evaluator.json")) as f:
+    meta = json.load(f)
+  num_classes = meta["num_classes"]
+  like = {"params": Classifier(num_classes).init(jax.random.key(0), jnp.zeros((1,) + image_shape))[
+      "params"]}
+  with open(os.path.join(path, VARIABLES), "rb") as f:
+    variables = flax.serialization.from_bytes(like, f.read())
+  return Evaluator(dataset, tuple(image_shape), num_classes, meta["test_accuracy"], path, variables,
+                   meta["feature_scale"], meta["label_free"], meta["real_split"])
 
 
 def _announce(evaluator: Evaluator) -> Evaluator:
@@ -370,16 +380,18 @@ class Scorer:
     (for a dataset with only a train split, a subset of the very images it is compared with: a floor
     lower than any generator can reach). Cached next to the evaluator."""
     path = os.path.join(self.evaluator.path, f"reference_n{num}.json")
-    if os.path.exists(path):
+    try:
       with open(path) as f:
         return json.load(f)
+    except FileNotFoundError:
+      pass
+    except (OSError, ValueError) as e:  # damaged on disk: computed and written again
+      logging.warning("%s is unreadable (%s); computing it again.", path, type(e).__name__)
     from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     train_x, _, _ = input_pipeline.load_images(self.evaluator.dataset, "train", self.data_dir,
                                                self.evaluator.image_shape)
     pick = np.random.default_rng(TRAIN["seed"]).permutation(len(train_x))[:num]
     report = self.score(train_x[np.sort(pick)])
     report["source"] = "train split subset (real data)"
-    with open(path + ".tmp", "w") as f:
-      json.dump(report, f)
-    os.replace(path + ".tmp", path)
+    workdir_lib.write_atomic(path, json.dumps(report))
     return report

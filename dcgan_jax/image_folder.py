@@ -39,13 +39,19 @@ import shutil
 import sys
 import time
 from typing import List, Optional, Tuple
+import warnings
 
 import numpy as np
+from PIL import Image
+
+from dcgan_jax import workdir as workdir_lib
+from dcgan_jax.config import ConfigError
 
 VERSION = "1.0.0"
 MIN_SIDE = 8  # pixels: anything smaller (one-pixel tracking images, icons) holds no picture to learn
 SHARD_BYTES = 256 * 2**20  # per array_record file: a few large files read faster than many small ones
-CHUNK = 256  # images decoded per batch of work (bounds host memory while importing)
+CHUNK = 256  # images decoded per batch of work (bounds host memory while importing)...
+CHUNK_BYTES = 256 * 2**20  # ...and their decoded bytes (large --image_size: fewer images per batch)
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 REPORT = "import_report.json"
 
@@ -178,6 +184,15 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
     raise ImportError_(f"--dataset={name}: the name of a registered tfds dataset; pick another name for "
                        "your images (e.g. my_{name})")
   files, classes, skipped = list_files(image_dir)
+  dataset_dir = os.path.join(data_dir, name)
+  try:
+    workdir_lib.check_writable(data_dir, "--data_dir")
+    lock = workdir_lib.RunLock([dataset_dir], "--dataset", "another import", None).claim()
+  except ConfigError as e:
+    raise ImportError_(str(e)) from None
+  # Images of 89M to 179M pixels are decoded (they are skipped above that, as PIL refuses them):
+  # PIL's warning about them would only repeat what the report says.
+  warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
   workers = workers or min(8, os.cpu_count() or 1)
   pool = concurrent.futures.ThreadPoolExecutor(workers)  # PIL decodes and resizes without the GIL
   paths = [os.path.join(image_dir, f) for f in files]
@@ -194,12 +209,16 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
   fingerprint = hashlib.sha256(json.dumps(features.to_json(), sort_keys=True).encode())
 
   # ---- Decode, convert and write, in sorted order, a chunk at a time --------------------------------
-  dataset_dir = os.path.join(data_dir, name)
-  os.makedirs(dataset_dir, exist_ok=True)
+  remove_interrupted(dataset_dir)  # under the lock: what killed imports left
   tmp = os.path.join(dataset_dir, f".incomplete-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
+  # First, so that a dataset whose import never finished can name the command that finishes it.
+  command = (f"python -m dcgan_jax.prepare_data --image_dir={os.path.abspath(image_dir)} --dataset={name} "
+             f"--data_dir={os.path.abspath(data_dir)} --image_size={image_size} --crop={crop} "
+             f"--channels={channels}")
+  workdir_lib.write_atomic(os.path.join(tmp, "import_started.json"), json.dumps({"command": command}))
   per_shard = max(1, SHARD_BYTES // (image_size * image_size * channels))
+  chunk_size = max(1, min(CHUNK, CHUNK_BYTES // (image_size * image_size * channels)))
   shard_lengths, shard_paths, writer, num_bytes = [], [], None, 0
   counts = [0] * len(classes)
   bar = _progress(len(paths), f"importing {name}")
@@ -211,9 +230,9 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
       return str(e)
 
   try:
-    for start in range(0, len(paths), CHUNK):
-      chunk = files[start:start + CHUNK]
-      for rel, image in zip(chunk, pool.map(load, paths[start:start + CHUNK])):
+    for start in range(0, len(paths), chunk_size):
+      chunk = files[start:start + chunk_size]
+      for rel, image in zip(chunk, pool.map(load, paths[start:start + chunk_size])):
         bar.update(1)
         if isinstance(image, str):
           skipped.append((rel, image))
@@ -242,6 +261,7 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
   num_images = sum(shard_lengths)
   if not num_images:
     shutil.rmtree(tmp)
+    lock.release()
     reasons = sorted({reason.split(" (")[0] for _, reason in skipped}) or ["no files"]
     raise ImportError_(f"--image_dir={image_dir}: no usable image among {len(files)} files "
                        f"({'; '.join(reasons)}); point it at a folder of PNG/JPEG/BMP/GIF/WebP images")
@@ -264,6 +284,7 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
   report = dict(summary, source=os.path.abspath(image_dir), crop=crop, class_names=classes,
                 class_counts=counts, fingerprint=fingerprint.hexdigest(),
                 skipped_files=[dict(path=p, reason=r) for p, r in skipped])
+  os.remove(os.path.join(tmp, "import_started.json"))
   with open(os.path.join(tmp, REPORT), "w") as f:
     json.dump(report, f, indent=1)
   if os.path.exists(version_dir):  # replace the old import only now that the new one is whole
@@ -273,8 +294,19 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
     shutil.rmtree(old)
   else:
     os.rename(tmp, version_dir)
+  lock.release()
   summary["path"] = version_dir
   return summary
+
+
+def remove_interrupted(dataset_dir: str) -> list:
+  """Removes what interrupted imports left in <data_dir>/<name> (tfds's "incomplete.*" folders, ours
+  ".incomplete-<pid>" and ".replaced-<pid>"); call it holding the folder's lock. Returns their paths."""
+  left = [os.path.join(dataset_dir, n) for n in sorted(os.listdir(dataset_dir))
+          if n.startswith(("incomplete.", ".incomplete-", ".replaced-"))] if os.path.isdir(dataset_dir) else []
+  for path in left:
+    shutil.rmtree(path, ignore_errors=True)
+  return left
 
 
 def fingerprint(version_dir: str) -> Optional[str]:

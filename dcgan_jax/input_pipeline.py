@@ -14,7 +14,9 @@ Pixels stay uint8 on the host and on the way to the device (4x less traffic than
 scales them to [-1, 1] (the seed's [0, 1] scaling against a tanh generator is a bug we do not copy).
 """
 
+import contextlib
 import dataclasses
+import json
 import os
 from typing import Iterator, Optional
 
@@ -60,19 +62,71 @@ def offline_hint(name: str) -> str:
           f"--idx_dir=DIR_WITH_IDX_FILES --data_dir=DATA_DIR, then pass --data_dir=DATA_DIR")
 
 
+# What an import that never finished leaves in <data_dir>/<name>/: tfds's builders write into
+# "incomplete.XXXX_<version>", image_folder.py into ".incomplete-<pid>".
+INCOMPLETE_PREFIXES = ("incomplete.", ".incomplete-")
+
+
+def interrupted_imports(data_dir: Optional[str], name: str) -> list:
+  """The folders that interrupted imports of `name` left in data_dir (oldest first)."""
+  folder = os.path.join(_data_dir_root(data_dir), name)
+  if not os.path.isdir(folder):
+    return []
+  found = [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(INCOMPLETE_PREFIXES)]
+  return sorted(found, key=os.path.getmtime)
+
+
+def _data_dir_root(data_dir: Optional[str]) -> str:
+  return os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets"))
+
+
+def _interrupted(config: Config) -> Optional[DataUnavailableError]:
+  """A one-line error for a dataset whose only import never finished, naming the command that redoes
+  it (recorded by the import when it started), else None."""
+  left = interrupted_imports(config.data_dir, config.dataset)
+  if not left:
+    return None
+  command = None
+  try:
+    with open(os.path.join(left[-1], STARTED)) as f:
+      command = json.load(f)["command"]
+  except (OSError, ValueError, KeyError):
+    pass
+  if command is None and config.dataset in ("mnist", "fashion_mnist", "stacked_mnist", "stacked_fashion_mnist"):
+    command = (f"python -m dcgan_jax.prepare_data --dataset={config.dataset} --idx_dir=DIR_WITH_IDX_FILES "
+               f"--data_dir={_data_dir_root(config.data_dir)}")
+  return DataUnavailableError(
+      f"dataset {config.dataset!r}: its import into {_data_dir_root(config.data_dir)} was interrupted (it "
+      f"left {left[-1]}) and never finished; run the import again"
+      + (f": {command}" if command else " (python -m dcgan_jax.prepare_data)"))
+
+
+STARTED = "import_started.json"  # {"command": ...}: written first into an import's incomplete folder
+
+
 def get_builder(config: Config):
   """The tfds builder, downloaded and prepared if needed, or a one-line error saying what to do."""
   tfds = _tfds()
   try:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ConfigError(f"--dataset={config.dataset!r}: not a tfds dataset; use a name from "
-                      "tfds.list_builders(), e.g. mnist, fashion_mnist, cifar10, celeb_a.") from None
+    raise (_interrupted(config) or ConfigError(
+        f"--dataset={config.dataset!r}: not a tfds dataset; use a name from tfds.list_builders(), e.g. "
+        "mnist, fashion_mnist, cifar10, celeb_a.")) from None
+  except Exception as e:  # pylint: disable=broad-except  (damaged metadata of a prepared dataset)
+    raise DataUnavailableError(
+        f"dataset {config.dataset!r} in {_data_dir_root(config.data_dir)}: its metadata cannot be read "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); delete "
+        f"{os.path.join(_data_dir_root(config.data_dir), config.dataset)} and import or prepare it "
+        "again") from None
   if "image" not in builder.info.features:
     raise ConfigError(f"--dataset={config.dataset!r}: has no 'image' feature; use an image dataset.")
   try:
     _download_and_prepare(builder)  # a no-op when already prepared in data_dir
   except Exception as e:  # pylint: disable=broad-except
+    interrupted = _interrupted(config)
+    if interrupted:
+      raise interrupted from None
     hint = offline_hint(config.dataset) if config.dataset in ("mnist", "fashion_mnist") else \
         "download and prepare it on a machine with network (tfds build), then copy it into --data_dir"
     raise DataUnavailableError(
@@ -94,6 +148,8 @@ def _download_and_prepare(builder) -> None:
   offline). The first attempt allows one retry; if it fails and DOWNLOAD_HOST does not resolve (no
   network), that failure stands, else (a flaky network) tfds tries again with its own retries."""
   from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(str(builder.data_dir)))
+  before = _paths_under(root)
   saved = downloader.MAX_RETRIES
   downloader.MAX_RETRIES = 1
   try:
@@ -101,10 +157,34 @@ def _download_and_prepare(builder) -> None:
     return
   except Exception:  # pylint: disable=broad-except
     if not _resolves(DOWNLOAD_HOST):
+      _remove_new(root, before)  # the failed attempt's partial downloads: a refusal changes nothing
       raise
   finally:
     downloader.MAX_RETRIES = saved
   builder.download_and_prepare()
+
+
+def _paths_under(root: str) -> Optional[set]:
+  """Every path under root (None when root does not exist)."""
+  if not os.path.isdir(root):
+    return None
+  found = set()
+  for folder, dirs, files in os.walk(root):
+    found.update(os.path.join(folder, n) for n in dirs + files)
+  return found
+
+
+def _remove_new(root: str, before: Optional[set]) -> None:
+  """Removes what appeared under root since `before` (_paths_under), or root itself if it was new."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if before is None:
+    shutil.rmtree(root, ignore_errors=True)
+    return
+  for path in sorted((_paths_under(root) or set()) - before, key=len):
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+      os.remove(path)
 
 
 def _resolves(host: str, timeout: float = 3.0) -> bool:
@@ -178,7 +258,69 @@ def data_source(builder, split: str):
     builder = tfds.builder_from_directory(builder.data_dir)
   if array_record not in builder.info.available_file_formats():
     return None
+  check_shards(builder, split)
   return builder.as_data_source(split=split, file_format=array_record)
+
+
+def check_shards(builder, split: str) -> None:
+  """DataUnavailableError naming the first array_record shard of `split` that is missing, or holds
+  another number of records than the dataset's metadata says (cut short by a kill, a full disk or an
+  incomplete copy). Reads each shard's footer only: seconds for any size. Damage inside a shard is
+  found when it is read (`damaged_data`)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  info = builder.info.splits[split]
+  lengths = list(info.shard_lengths)
+  pattern = f"{builder.info.name}-{split}.array_record-"
+  for i, expected in enumerate(lengths):
+    path = os.path.join(builder.data_dir, f"{pattern}{i:05d}-of-{len(lengths):05d}")
+    try:
+      reader = array_record_module.ArrayRecordReader(path)
+      found = reader.num_records()
+      reader.close()
+      problem = f"{found} records where the dataset's metadata says {expected}"
+    except Exception as e:  # pylint: disable=broad-except
+      found, problem = None, f"unreadable: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}"
+    if found != expected:
+      raise DataUnavailableError(f"{path}: damaged or incomplete ({problem}); " + rebuild_hint(builder))
+
+
+def rebuild_hint(builder) -> str:
+  """How to make a prepared dataset again, in words: the import command that wrote it, where known."""
+  version_dir = str(builder.data_dir)
+  name = builder.info.name
+  root = os.path.dirname(os.path.dirname(version_dir))
+  try:
+    with open(os.path.join(version_dir, "import_report.json")) as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    report = {}
+  if "stack_seed" in report:
+    command = (f"--dataset={name} --idx_dir=DIR_WITH_{report['source'].upper()}_IDX_FILES "
+               f"--stack_seed={report['stack_seed']}")
+  elif "source" in report and "shape" in report:
+    size, _, channels = report["shape"]
+    command = (f"--image_dir={report['source']} --dataset={name} --image_size={size} "
+               f"--crop={report.get('crop', 'center')} --channels={channels}")
+  elif name in ("mnist", "fashion_mnist"):
+    command = f"--dataset={name} --idx_dir=DIR_WITH_IDX_FILES"
+  else:
+    return f"delete {version_dir} and prepare the dataset again (tfds build {name} --data_dir={root})"
+  return f"import it again: python -m dcgan_jax.prepare_data {command} --data_dir={root}"
+
+
+@contextlib.contextmanager
+def damaged_data(builder, split: str):
+  """Any error while reading prepared records -> one DataUnavailableError naming the dataset and the
+  command that rebuilds it (on the reader's threads too: the loop re-raises it from there)."""
+  try:
+    yield
+  except DataUnavailableError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise DataUnavailableError(
+        f"{builder.info.name}:{split} in {builder.data_dir}: damaged records ({type(e).__name__}: {first}); "
+        + rebuild_hint(builder)) from None
 
 
 def read_examples(source, indices, dataset: str, image_shape: tuple) -> np.ndarray:
@@ -196,15 +338,16 @@ def read_split(builder, split: str, features=("image",)) -> dict:
   """
   tfds = _tfds()
   source = data_source(builder, split)
-  if source is not None:
-    n = len(source)
-    chunks = [source.__getitems__(list(range(i, min(i + 4096, n)))) for i in range(0, n, 4096)]
-    return {f: np.concatenate([np.stack([ex[f] for ex in c]) for c in chunks]) for f in features}
-  _tf()
-  # Batches of 4096 rather than batch_size=-1: TF 2.21 aborts (std::length_error) on the latter.
-  ds = builder.as_dataset(split=split).map(lambda ex: {f: ex[f] for f in features}).batch(4096)
-  batches = list(tfds.as_numpy(ds))
-  return {f: np.concatenate([b[f] for b in batches]) for f in features}
+  with damaged_data(builder, split):
+    if source is not None:
+      n = len(source)
+      chunks = [source.__getitems__(list(range(i, min(i + 4096, n)))) for i in range(0, n, 4096)]
+      return {f: np.concatenate([np.stack([ex[f] for ex in c]) for c in chunks]) for f in features}
+    _tf()
+    # Batches of 4096 rather than batch_size=-1: TF 2.21 aborts (std::length_error) on the latter.
+    ds = builder.as_dataset(split=split).map(lambda ex: {f: ex[f] for f in features}).batch(4096)
+    batches = list(tfds.as_numpy(ds))
+    return {f: np.concatenate([b[f] for b in batches]) for f in features}
 
 
 def load_in_memory(config: Config, image_shape: tuple, builder=None) -> np.ndarray:

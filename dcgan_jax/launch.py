@@ -7,8 +7,8 @@
 Everything after `--` goes to every `python -m dcgan_jax.main`, with --coordinator_address (a free port
 on 127.0.0.1), --num_processes and --process_id added. The processes' output comes through with a
 "[i] " prefix. SIGTERM or Ctrl-C here reaches every process (they stop together after the same step
-and checkpoint); when one process fails or is killed, the others are ended (SIGTERM, then SIGKILL
-after --grace_seconds: a survivor blocked in a collective with the dead process may never return),
+and checkpoint); when one process fails or is killed, the others are ended (SIGUSR1: each ends at once
+with one line naming the step to resume from; SIGKILL after --grace_seconds for one that does not),
 one line names the failed process and the step the run resumes from, and the exit status is the
 failure's (128 + signal for a killed one).
 No JAX in this process: it never holds a device.
@@ -28,12 +28,15 @@ from absl import flags
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import exit_with_error
 
-flags.DEFINE_integer("num_processes", 2, "Processes to start, one run together.")
+flags.DEFINE_integer("num_processes", 2, "Processes to start, one run together.",
+                     lower_bound=1, upper_bound=256)
 flags.DEFINE_integer("gpus_per_process", 0, "Give each process its own GPUs (CUDA_VISIBLE_DEVICES): "
-                     "process i gets GPUs [i * n, (i + 1) * n). 0: every process sees what this one sees.")
+                     "process i gets GPUs [i * n, (i + 1) * n). 0: every process sees what this one sees.",
+                     lower_bound=0, upper_bound=64)
 flags.DEFINE_integer("grace_seconds", 10, "After one process failed: how long the others may take to "
-                     "end on SIGTERM before they are killed. They cannot go on without it (every step and "
-                     "every save is collective), and one waiting in a collective may never notice.")
+                     "end on SIGUSR1 (the lost-process line) before they are killed. They cannot go on "
+                     "without it (every step and every save is collective).",
+                     lower_bound=0, upper_bound=3600)
 FLAGS = flags.FLAGS
 
 
@@ -114,7 +117,9 @@ def supervise(procs: list, grace_seconds: float, workdir=None) -> int:
         deadline = time.time() + grace_seconds
         print(f"launch: process {failed[0]} {_describe(failed[1])}; ending the other processes",
               file=sys.stderr, flush=True)
-        _signal_all(procs, signal.SIGTERM)
+        # Not SIGTERM (a stop with a checkpoint, which a survivor blocked in a collective with the dead
+        # process never reaches): stopping.LOST_A_PROCESS ends each at once with its one line.
+        _signal_all(procs, signal.SIGUSR1)
     elif time.time() > deadline:
       _signal_all(procs, signal.SIGKILL)
     time.sleep(0.1)
@@ -123,9 +128,8 @@ def supervise(procs: list, grace_seconds: float, workdir=None) -> int:
   if failed is None:
     return 0
   i, code = failed
-  steps = workdir_lib.checkpoint_steps(workdir) if workdir else []
   print(f"error: process {i} of {len(procs)} {_describe(code)}; the others were ended; run the same "
-        "command again to resume from " + (f"step {steps[-1]} (the newest checkpoint)" if steps else
+        "command again to resume from " + (workdir_lib.resume_point([workdir]) if workdir else
                                            "the newest checkpoint"), file=sys.stderr, flush=True)
   return 128 - code if code < 0 else code
 

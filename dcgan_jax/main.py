@@ -10,13 +10,13 @@ stderr and exit status 2.
 """
 
 import os
-import sys
 
 from absl import flags
 from absl import logging
 
 from dcgan_jax import cli
 from dcgan_jax import config as config_lib
+from dcgan_jax import stopping
 from dcgan_jax.config import ConfigError, exit_with_error
 
 FLAGS = flags.FLAGS
@@ -27,11 +27,14 @@ flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0, e.g. 10.0.0.1:1234 (with --num_processes, "
                     "--process_id). Without them, clusters JAX detects itself (TPU pods, SLURM, Open MPI) "
                     "are joined automatically.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.",
+                     lower_bound=1, upper_bound=10**5)
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.",
+                     lower_bound=0, upper_bound=10**5)
 flags.DEFINE_integer("heartbeat_timeout", 100, "Multi-host: seconds without a heartbeat after which a "
                      "process counts as lost and the others exit (non-zero); resume from the last "
-                     "checkpoint. Bounds how long survivors wait for a dead process.")
+                     "checkpoint. Bounds how long survivors wait for a dead process.",
+                     lower_bound=1, upper_bound=86400)
 config_lib.define_flags()
 
 
@@ -51,13 +54,11 @@ def main(argv):
   from dcgan_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     config = config_lib.from_flags().resolved()
+    from dcgan_jax import members  # pylint: disable=g-import-not-at-top
+    stopping.install(lambda: workdir_lib.resume_point(members.workdirs(config, FLAGS.workdir)))
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.heartbeat_timeout)
-    # Process 0 holds the locks for the whole run (the processes of one run share its workdir); with
-    # --seeds also each member's, which may be continued alone as a single run.
-    from dcgan_jax import members  # pylint: disable=g-import-not-at-top
-    locks = ([workdir_lib.hold_lock(w) for w in dict.fromkeys([FLAGS.workdir] + members.workdirs(config, FLAGS.workdir))]  # pylint: disable=unused-variable
-             if jax.process_index() == 0 else [])
+    stopping.install(process=f"process {jax.process_index()} of {jax.process_count()}")
     logging.info("Training in %s", FLAGS.workdir)
     train.train_and_evaluate(config, FLAGS.workdir)
   except (ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError) as e:
@@ -81,19 +82,17 @@ def _lost_a_process(error: Exception) -> None:
   wait for the lost process and abort with a stack trace."""
   import jax  # pylint: disable=g-import-not-at-top
   from dcgan_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  steps = workdir_lib.checkpoint_steps(FLAGS.workdir)
+  from dcgan_jax import members  # pylint: disable=g-import-not-at-top
   first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  workdirs = members.workdirs(config_lib.from_flags(), FLAGS.workdir)
   _end_now(f"process {jax.process_index()} of {jax.process_count()}: lost another process of the run "
            f"({first[:200]}); start all processes again to resume from "
-           + (f"step {steps[-1]} (the newest checkpoint)" if steps else "the start (no checkpoint yet)"), 3)
+           + workdir_lib.resume_point(workdirs), 3)
 
 
-def _end_now(message: str, status: int) -> None:
-  """`error: <message>` on stderr and exit at once, without Python's or JAX's shutdown."""
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.stdout.flush()
-  os._exit(status)  # pylint: disable=protected-access
+_end_now = stopping.end_now
 
 
 if __name__ == "__main__":
+  stopping.install()  # first thing: a SIGTERM or Ctrl-C while the run starts is never lost
   cli.run(main)

@@ -31,6 +31,9 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
   heartbeat_timeout: seconds without a heartbeat after which the coordinator declares a process lost
   and the others end (non-zero); it bounds how long survivors wait for a dead process."""
   given = [coordinator_address, num_processes, process_id]
+  # The run agrees on stops itself (StopAgreement, after stopping.py's SIGTERM/SIGINT handler);
+  # JAX's preemption service would replace that handler with its own C++ one for SIGTERM.
+  jax.config.update("jax_enable_preemption_service", False)
   if any(v is not None for v in given):
     if any(v is None for v in given):
       raise ConfigError("--coordinator_address, --num_processes and --process_id go together; pass all three")

@@ -25,6 +25,7 @@ writes a tfds dataset that was prepared as tfrecord only (tfds' default) again a
 trainer reads it by index (exact order and resume) instead of streaming it with tf.data.
 """
 
+import contextlib
 import glob
 import gzip
 import json
@@ -34,7 +35,8 @@ from absl import flags
 import numpy as np
 
 from dcgan_jax import cli
-from dcgan_jax.config import exit_with_error
+from dcgan_jax import workdir as workdir_lib
+from dcgan_jax.config import ConfigError, exit_with_error
 
 DATASETS = ("mnist", "fashion_mnist", "stacked_mnist", "stacked_fashion_mnist")  # stacked.py: 1,000 modes
 SPLIT_FILES = {  # split -> (images, labels), the names LeCun's and Zalando's distributions use
@@ -49,10 +51,12 @@ flags.DEFINE_string("dataset", None, f"With --idx_dir: which tfds dataset the ID
 flags.DEFINE_string("idx_dir", None, "Directory holding the four IDX files (.gz or uncompressed); for a "
                     "stacked_* dataset, those of its source (mnist / fashion_mnist).")
 flags.DEFINE_integer("stack_seed", 0, "For stacked_mnist / stacked_fashion_mnist: the seed that draws "
-                     "which three source images each example stacks.")
+                     "which three source images each example stacks.",
+                     lower_bound=0, upper_bound=2**32 - 1)
 flags.DEFINE_string("image_dir", None, "Instead: a folder (nested folders too) of PNG/JPEG/BMP/GIF/WebP images "
                     "to import as --dataset; two or more first-level subfolders become class labels.")
-flags.DEFINE_integer("image_size", 64, "With --image_dir: the side the images are stored at (train at it).")
+flags.DEFINE_integer("image_size", 64, "With --image_dir: the side the images are stored at (train at it).",
+                     lower_bound=8, upper_bound=2048)
 flags.DEFINE_enum("crop", "center", ["center", "none"], "With --image_dir: keep the central square (center) "
                   "or squeeze the whole image square (none).")
 flags.DEFINE_enum("channels", None, ["1", "3"], "With --image_dir: channels to store; default 3 when any "
@@ -128,10 +132,11 @@ def prepare(dataset: str, idx_dir: str, data_dir: str):
       for i, (image, label) in enumerate(zip(images, labels)):
         yield i, {"image": image, "label": int(label)}
 
-  builder = OfflineBuilder(data_dir=data_dir, file_format="tfrecord")
-  builder.download_and_prepare()
-  # tfds.load reads tfrecord, tfds.data_source reads array_record (and needs no TensorFlow): both.
-  add_array_record(builder.data_dir)
+  with importing(data_dir, dataset):
+    builder = OfflineBuilder(data_dir=data_dir, file_format="tfrecord")
+    builder.download_and_prepare()
+    # tfds.load reads tfrecord, tfds.data_source reads array_record (and needs no TensorFlow): both.
+    add_array_record(builder.data_dir)
   return builder.data_dir, {split: len(labels) for split, (_, labels) in arrays.items()}
 
 
@@ -139,13 +144,19 @@ def prepare_stacked(dataset: str, idx_dir: str, data_dir: str, seed: int = 0):
   """stacked.py's 1,000-mode dataset from the source's IDX files (validated as for `prepare`), written
   as array_record with a content fingerprint (import_report.json) that keys its evaluator. Returns (its
   directory, {split: count})."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import image_folder  # pylint: disable=g-import-not-at-top
   from dcgan_jax import stacked  # pylint: disable=g-import-not-at-top
   arrays = {}
   for split in SPLIT_FILES:
     images, labels = read_split(idx_dir, split)
     arrays[split] = stacked.stack(images[..., 0], labels, seed, split)
+  with importing(data_dir, dataset):
+    return _write_stacked(dataset, data_dir, seed, arrays)
+
+
+def _write_stacked(dataset, data_dir, seed, arrays):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import image_folder  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import stacked  # pylint: disable=g-import-not-at-top
   features = tfds.features.FeaturesDict({
       "image": tfds.features.Tensor(shape=(28, 28, 3), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES),
       "label": tfds.features.ClassLabel(num_classes=stacked.NUM_MODES)})
@@ -158,9 +169,20 @@ def prepare_stacked(dataset: str, idx_dir: str, data_dir: str, seed: int = 0):
       file_format="array_record", disable_shuffling=True)
   report = dict(dataset=dataset, source=stacked.SOURCES[dataset], stack_seed=seed,
                 fingerprint=stacked.fingerprint(stacked.SOURCES[dataset], seed, arrays))
-  with open(os.path.join(str(builder.data_dir), image_folder.REPORT), "w") as f:
-    json.dump(report, f, indent=1)
+  workdir_lib.write_atomic(os.path.join(str(builder.data_dir), image_folder.REPORT), json.dumps(report, indent=1))
   return builder.data_dir, {split: len(labels) for split, (_, labels) in arrays.items()}
+
+
+@contextlib.contextmanager
+def importing(data_dir: str, name: str):
+  """While tfds writes dataset `name` into data_dir: the dataset's folder locked against a second
+  import, and what killed imports left there removed first. ConfigError (one line) when data_dir cannot
+  be written or another import holds the folder; checked before anything is read or written."""
+  from dcgan_jax import image_folder  # pylint: disable=g-import-not-at-top
+  workdir_lib.check_writable(data_dir, "--data_dir")
+  with workdir_lib.RunLock([os.path.join(data_dir, name)], "--dataset", "another import", None).claim():
+    image_folder.remove_interrupted(os.path.join(data_dir, name))
+    yield
 
 
 def add_array_record(version_dir: str) -> int:
@@ -226,7 +248,7 @@ def main(argv):
                                      flags.FLAGS.stack_seed)
     else:
       path, counts = prepare(flags.FLAGS.dataset, flags.FLAGS.idx_dir, flags.FLAGS.data_dir)
-  except IdxError as e:
+  except (IdxError, ConfigError) as e:
     exit_with_error(str(e))
   unusual = [f"{s}={n} (standard {STANDARD_COUNTS[s]})" for s, n in counts.items() if n != STANDARD_COUNTS[s]]
   print(f"wrote {flags.FLAGS.dataset} ({', '.join(f'{s}: {n}' for s, n in counts.items())}) to {path}"

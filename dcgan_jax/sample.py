@@ -38,15 +38,19 @@ def define_flags():
   (as a library) defines none."""
   flags.DEFINE_string("workdir", None, "A training run's --workdir, or a generator export directory.")
   flags.DEFINE_string("out", None, "Output file: .png (a grid) or .npy (float32 (N, H, W, C) in [-1, 1]).")
-  flags.DEFINE_integer("num", 64, "Number of images (with --interpolate: number of rows).")
+  flags.DEFINE_integer("num", 64, "Number of images (with --interpolate: number of rows).",
+                       lower_bound=1, upper_bound=10**4)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest; 0: the untrained "
-                       "generator).")
+                       "generator).",
+                       lower_bound=0, upper_bound=2**31 - 1)
   flags.DEFINE_bool("best", False, "Use the best checkpoint by FID (runs with --eval_every).")
-  flags.DEFINE_integer("seed", None, "Noise seed (default: the run's, i.e. its sample grids' noise).")
+  flags.DEFINE_integer("seed", None, "Noise seed (default: the run's, i.e. its sample grids' noise).",
+                       lower_bound=0, upper_bound=2**31 - 1)
   flags.DEFINE_bool("use_ema", True, "Use the EMA generator when the run has one.")
   flags.DEFINE_enum("sample_bn", None, ["running", "batch"], "BatchNorm statistics (default: the run's).")
   flags.DEFINE_bool("interpolate", False, "Write a latent interpolation grid (and a GIF beside it).")
-  flags.DEFINE_integer("interpolation_steps", 10, "Images per interpolation row.")
+  flags.DEFINE_integer("interpolation_steps", 10, "Images per interpolation row.",
+                       lower_bound=2, upper_bound=1000)
 
 
 FLAGS = flags.FLAGS
@@ -98,20 +102,20 @@ def main(argv):
   ext = os.path.splitext(FLAGS.out)[1].lower()
   if ext not in (".png", ".npy"):
     exit_with_error(f"--out={FLAGS.out}: unknown file type {ext!r}; use .png (a grid) or .npy (an array)")
-  if FLAGS.num < 1 or FLAGS.interpolation_steps < 2:
-    exit_with_error("--num must be >= 1 and --interpolation_steps >= 2")
+  out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
   try:
+    workdir_lib.check_writable(out_dir, "--out")
     sample, config, step, used_ema = load(FLAGS.workdir, FLAGS.step, FLAGS.best, FLAGS.use_ema,
                                           FLAGS.sample_bn)
   except (ConfigError, FileNotFoundError) as e:
     exit_with_error(str(e))
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  os.makedirs(out_dir, exist_ok=True)
   if FLAGS.interpolate:
     z = interpolation_latents(config, FLAGS.num, FLAGS.interpolation_steps, FLAGS.seed)
     images = sample(z.reshape(-1, config.latent_dim))
     images = images.reshape(z.shape[:2] + images.shape[1:])  # (rows, steps, H, W, C)
     if ext == ".npy":
-      np.save(FLAGS.out, images)
+      _save_npy(images, FLAGS.out)
     else:
       writers.save_png(writers.image_grid(images.reshape((-1,) + images.shape[2:]),
                                           columns=FLAGS.interpolation_steps), FLAGS.out)
@@ -122,11 +126,18 @@ def main(argv):
   else:
     images = sample(latents(config, FLAGS.num, FLAGS.seed))
     if ext == ".npy":
-      np.save(FLAGS.out, images.astype(np.float32))
+      _save_npy(images.astype(np.float32), FLAGS.out)
     else:
       writers.save_png(writers.image_grid(images), FLAGS.out)
   print(f"wrote {FLAGS.out}: {images.shape} from step {step}{' (EMA generator)' if used_ema else ''}")
 
+
+def _save_npy(array: np.ndarray, path: str) -> None:
+  """np.save, whole or not at all."""
+  import io  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  workdir_lib.write_atomic(path, buffer.getvalue())
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import signal
-import threading
 import time
 from typing import Optional
 
@@ -27,6 +26,8 @@ from dcgan_jax import progress
 from dcgan_jax import randomness
 from dcgan_jax import sampling
 from dcgan_jax import step as step_lib
+from dcgan_jax import stopping
+from dcgan_jax import workdir as workdir_lib
 from dcgan_jax import writers
 from dcgan_jax.config import Config, ConfigError
 
@@ -43,7 +44,7 @@ def train_and_evaluate(config: Config, workdir: str):
 
   Returns the final TrainState (replicated over the devices), or with members the members' list.
   """
-  # ---- Devices and data --------------------------------------------------------------------------
+  # ---- Settings, devices, checkpoints and data: every refusal before anything is written ---------
   config = config.resolved()
   mesh = parallel.global_mesh()
   parallel.check_devices(config, mesh.devices.size)
@@ -52,22 +53,39 @@ def train_and_evaluate(config: Config, workdir: str):
     raise ConfigError(f"--num_steps={config.num_steps}: more than 2**31 examples would be drawn; "
                       "train for fewer steps (or a smaller batch).")
   runs = members.runs(config, workdir)  # [(the run's config, its run directory, its name)]
-  data = data_lib.open_training_data(runs[0][0], mesh, per_device)
-  # The in-memory dataset is the same for every seed (the order is drawn inside the step); the
-  # streamed paths read in their seed's order, one reader per member.
-  datas = [data] + [data if data.in_memory else data_lib.open_training_data(c, mesh, per_device)
-                    for c, _, _ in runs[1:]]
-
   has_members = bool(runs[0][2])
-  form = parallel.members_form(config.members_form, parallel.platform(mesh)) if has_members else None
-  if has_members:
-    _check_member_memory([c for c, _, _ in runs], data)
-  if form == "vmap" and not data.in_memory:
-    raise ConfigError("--members_form=vmap: the members share one dataset in device memory, and this one "
-                      "is read by index (--in_memory); use --members_form=dispatch")
+  with contextlib.ExitStack() as closing:
+    # Process 0 holds the run directories (all processes of a run share them); with members also each
+    # member's, which may be continued alone as a single run. Nothing is written until claim().
+    if jax.process_index() == 0:
+      lock = closing.enter_context(workdir_lib.RunLock([workdir] + [w for _, w, _ in runs]))
+    common = members.common_step(runs) if has_members else None
+    for c, w, _ in runs:
+      checkpoints.check_resume(w, c)
+    data = data_lib.open_training_data(runs[0][0], mesh, per_device)
+    closing.callback(data.close)
+    # The in-memory dataset is the same for every seed (the order is drawn inside the step); the
+    # streamed paths read in their seed's order, one reader per member.
+    datas = [data] + [data if data.in_memory else data_lib.open_training_data(c, mesh, per_device)
+                      for c, _, _ in runs[1:]]
+    for d in {id(d): d for d in datas[1:] if d is not data}.values():
+      closing.callback(d.close)
+    form = parallel.members_form(config.members_form, parallel.platform(mesh)) if has_members else None
+    if has_members:
+      _check_member_memory([c for c, _, _ in runs], data)
+    if form == "vmap" and not data.in_memory:
+      raise ConfigError("--members_form=vmap: the members share one dataset in device memory, and this "
+                        "one is read by index (--in_memory); use --members_form=dispatch")
+    scorer = _make_scorer(config, data.image_shape) if config.eval_every else None
+    return _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer,
+                  lock.claim if jax.process_index() == 0 else lambda: None)
 
+
+def _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer, claim):
+  """train_and_evaluate once everything is validated: writes, trains, finishes."""
   # ---- Outputs and state: fresh, or the newest checkpoint every member has ------------------------
-  common = members.common_step(runs) if has_members else None
+  claim()
+  data, has_members = datas[0], bool(runs[0][2])
   device = jax.local_devices()[0]
   where = dict(devices=jax.local_device_count(), device_kind=device.device_kind,
                backend=jax.default_backend(), git_commit=checkpoints.git_commit())  # config.json's "run"
@@ -81,8 +99,7 @@ def train_and_evaluate(config: Config, workdir: str):
     runner = _Stacked(group, _Steps(group[0].config, data, mesh, per_device, over_members=True))
   else:
     runner = _Dispatched(group, data, mesh, per_device)
-  if config.eval_every:
-    scorer = _make_scorer(config, data.image_shape)
+  if scorer:
     for m in group:
       m.evaluation = _Evaluation(m.config, m.workdir, m.sample, scorer, m.name)
 
@@ -91,21 +108,19 @@ def train_and_evaluate(config: Config, workdir: str):
   for i, m in enumerate(group):
     m.progress = progress.Progress(m.config, m.writer, step, m.name, index=i if form == "vmap" else None)
   agree_to_stop = parallel.StopAgreement(mesh)
-  with _StopOnSignal() as stop, contextlib.ExitStack() as closing:
-    for d in {id(d): d for d in datas}.values():
-      closing.callback(d.close)
+  with stopping.requests(lambda: workdir_lib.resume_point([m.workdir for m in group])) as requests:
     while step < config.num_steps:
       k = min(config.steps_per_call, config.num_steps - step)
       runner.run(step, k)
       step += k
       # A signal to any process stops every process after the same call (never on the local signal
       # alone: the others would wait for it in the next step's collectives).
-      stopping = agree_to_stop(stop.signal or 0)
+      stop = agree_to_stop(requests.signal or 0)
       for m in group:
-        m.after_call(step, k, stopping)
-      if stopping:
+        m.after_call(step, k, stop)
+      if stop:
         logging.warning("Stopped by %s at step %d%s; checkpoint written. Run the same command again to "
-                        "resume.", signal.Signals(stopping).name, step,
+                        "resume.", signal.Signals(stop).name, step,
                         " (sent to one or more of the processes)" if jax.process_count() > 1 else "")
         break
 
@@ -338,25 +353,3 @@ class _Evaluation:
 
   def close(self):
     self.checkpointer.close()
-
-
-class _StopOnSignal:
-  """Within the block, SIGTERM / SIGINT set `.signal` instead of killing the process, so the loop can
-  finish its step and write a checkpoint (preemption, Ctrl-C). A second signal acts as usual."""
-
-  def __enter__(self):
-    self.signal: Optional[signal.Signals] = None
-    self._old = {}
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signal.Signals(signum)
-    signal.signal(signum, self._old[signum])  # a second Ctrl-C interrupts at once
-
-  def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)

@@ -9,17 +9,19 @@
     checkpoints/<step>/  the rolling checkpoints (checkpoints.py)
     best/<step>/         the checkpoint with the lowest in-training FID (--eval_every)
     generator/           the generator-only export
-    run.lock             held (flock) by the trainer writing this workdir; a dead process holds nothing
+    run.lock             who holds the workdir (the trainer's flock is on the directory; a dead
+                         process holds nothing)
 
 Every module that reads or writes one of these asks this one for its path.
 """
 
+import contextlib
 import datetime
 import fcntl
 import json
 import os
 import socket
-from typing import IO, Tuple
+from typing import Optional, Tuple
 
 from dcgan_jax import config as config_lib
 from dcgan_jax.config import Config, ConfigError
@@ -35,32 +37,112 @@ GENERATOR = "generator"
 LOCK = "run.lock"
 
 
-def hold_lock(workdir: str) -> IO:
-  """Creates workdir if needed and takes its lock for this process's lifetime (keep the returned file
-  open). ConfigError when workdir cannot be written, or when another live trainer holds the lock (the
-  message names it). An flock: the kernel releases it when its holder exits or is killed, so a crashed
-  run never blocks the next one."""
+class RunLock:
+  """The trainer's hold on its run directories: an flock on each directory itself, so that a second
+  trainer on the same workdir is refused while this one lives. The kernel releases it when its holder
+  exits or is killed, so a crashed run never blocks the next one.
+
+      lock = RunLock(workdirs)   # before anything is written: takes existing directories, writes nothing
+      ...validate everything...
+      lock.claim()               # creates the missing directories, locks them, writes run.lock
+      lock.release()
+
+  ConfigError (one line) when a directory cannot be written, or another live trainer holds it (the
+  message names it from its run.lock). Locking the directory rather than a file in it means a refused
+  command leaves the workdir byte for byte as it was, and a new workdir is created only by a run that
+  starts.
+  """
+
+  def __init__(self, workdirs, flag: str = "--workdir", holder: str = "a training run",
+               holder_file: Optional[str] = LOCK):
+    """flag, holder: how the messages name the directories and the process that holds them;
+    holder_file: the file claim() writes the holder into (None: none, e.g. in a dataset's folder)."""
+    self.workdirs, self._held = list(dict.fromkeys(workdirs)), {}
+    self._flag, self._holder, self._holder_file = flag, holder, holder_file
+    for w in self.workdirs:
+      check_writable(w, flag)
+      if os.path.isdir(w):
+        self._take(w)
+
+  def _take(self, workdir: str) -> None:
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      try:
+        with open(path(workdir, self._holder_file or LOCK)) as f:
+          holder = f.read().strip() or "another process"
+      except OSError:
+        holder = "another process"
+      raise ConfigError(f"{self._flag}={workdir}: in use by {self._holder} ({holder}); wait for it to end "
+                        f"or stop it (SIGTERM), or pass another {self._flag}") from None
+    except OSError:  # a file system without locks: go on without one
+      pass
+    self._held[workdir] = fd
+
+  def claim(self) -> "RunLock":
+    """Creates and locks the directories not yet held, and writes who holds them into run.lock."""
+    for w in self.workdirs:
+      try:
+        os.makedirs(w, exist_ok=True)
+        if w not in self._held:
+          self._take(w)
+        if self._holder_file:
+          write_atomic(path(w, self._holder_file), f"pid {os.getpid()} on {socket.gethostname()}, since "
+                       f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n")
+      except OSError as e:
+        raise ConfigError(f"{self._flag}={w}: cannot be written ({e.strerror}); pass a directory you can "
+                          "write to") from None
+    return self
+
+  def release(self) -> None:
+    for fd in self._held.values():
+      os.close(fd)
+    self._held = {}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def hold_lock(workdir: str) -> RunLock:
+  """RunLock([workdir]).claim(): the workdir created and locked for as long as the result lives."""
+  return RunLock([workdir]).claim()
+
+
+def check_writable(target: str, flag: str) -> None:
+  """ConfigError (one line naming `flag`) unless `target` is a directory this process can write, or
+  could be created: its nearest existing ancestor is a writable directory. Creates nothing."""
+  if os.path.exists(target) and not os.path.isdir(target):
+    raise ConfigError(f"{flag}={target}: is a file, not a directory; pass a directory")
+  existing = os.path.abspath(target)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"{flag}={target}: cannot be written ({existing} is a file); pass a directory you "
+                      "can write to")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"{flag}={target}: cannot be written ({existing} is read-only for this user); pass "
+                      "a directory you can write to")
+
+
+def write_atomic(file: str, data) -> None:
+  """Writes `data` (str or bytes) to `file` through a temporary file beside it and a rename: a kill or a
+  full disk leaves the old file or the new one, never half of one."""
+  tmp = f"{file}.tmp-{os.getpid()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    lock = open(path(workdir, LOCK), "a+")
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir}: cannot be written ({e.strerror}); pass a directory you can "
-                      "write to") from None
-  try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    lock.seek(0)
-    holder = lock.read().strip() or "another process"
-    lock.close()
-    raise ConfigError(f"--workdir={workdir}: in use by a training run ({holder}); wait for it to end or "
-                      "stop it (SIGTERM), or pass another --workdir") from None
-  except OSError:  # a file system without locks: go on without one
-    return lock
-  lock.truncate(0)
-  lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
-             f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n")
-  lock.flush()
-  return lock
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, file)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 def path(workdir: str, *parts: str) -> str:
@@ -97,18 +179,33 @@ def read_config(workdir: str) -> Tuple[Config, dict]:
 
 
 def read_jsonl(file: str, warn=None) -> list:
-  """The JSON records of a JSON-lines file ([] when there is none). A line that is not JSON (cut short by
-  a killed process) is skipped, and `warn(message)` called when given."""
+  """The JSON records (objects) of a JSON-lines file ([] when there is none). A line that is not one
+  (cut short by a kill or a full disk, or damaged) is skipped, and `warn(message)` called when given."""
   records = []
   if os.path.exists(file):
-    with open(file) as f:
+    with open(file, errors="replace") as f:
       for number, line in enumerate(f, 1):
         try:
-          records.append(json.loads(line))
+          record = json.loads(line)
         except ValueError:
-          if line.strip() and warn:
-            warn(f"{file}:{number}: not a JSON line; skipped")
+          record = None
+        if isinstance(record, dict):
+          records.append(record)
+        elif line.strip() and warn:
+          warn(f"{file}:{number}: not a JSON line; skipped")
   return records
+
+
+def append_jsonl(file: str, record: dict) -> None:
+  """Appends one JSON line. After a line cut short by a kill (no newline at the end of the file) the
+  record starts a line of its own, so the damage stays one unreadable line that readers skip."""
+  with open(file, "ab+") as f:
+    f.seek(0, os.SEEK_END)
+    cut = False
+    if f.tell():
+      f.seek(-1, os.SEEK_END)
+      cut = f.read(1) != b"\n"
+    f.write((("\n" if cut else "") + json.dumps(record) + "\n").encode())
 
 
 def checkpoint_steps(workdir: str, subdir: str = CHECKPOINTS) -> list:
@@ -117,3 +214,11 @@ def checkpoint_steps(workdir: str, subdir: str = CHECKPOINTS) -> list:
   if not os.path.isdir(directory):
     return []
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def resume_point(workdirs) -> str:
+  """Where a restart of the run writing these directories resumes, in words: "step N (the newest
+  checkpoint)" (with members: the newest step all of them have), or "the start (no checkpoint yet)"."""
+  newest = [max(checkpoint_steps(w), default=0) for w in workdirs]
+  step = min(newest, default=0)
+  return f"step {step} (the newest checkpoint)" if step else "the start (no checkpoint yet)"

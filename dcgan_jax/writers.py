@@ -14,6 +14,8 @@ from typing import Optional
 from absl import logging
 import numpy as np
 
+from dcgan_jax import workdir as workdir_lib
+
 
 def image_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
   """float images (n, H, W, C) in [-1, 1] -> uint8 grid (rows*(H+2)+2, cols*(W+2)+2, C), 2-pixel gaps."""
@@ -29,8 +31,12 @@ def image_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
 
 
 def save_png(grid: np.ndarray, path: str) -> None:
+  """Written whole or not at all (a kill mid-write leaves no truncated PNG for the GIF to trip on)."""
+  import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  buffer = io.BytesIO()
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+  workdir_lib.write_atomic(path, buffer.getvalue())
 
 
 def load_png(path: str) -> np.ndarray:
@@ -45,7 +51,9 @@ def save_gif(frames: list, path: str, frame_ms: int = 300, last_frame_ms: int = 
   from PIL import Image  # pylint: disable=g-import-not-at-top
   images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
   durations = [frame_ms] * (len(images) - 1) + [last_frame_ms]
-  images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+  tmp = f"{path}.tmp-{os.getpid()}.gif"
+  images[0].save(tmp, save_all=True, append_images=images[1:], duration=durations, loop=0)
+  os.replace(tmp, path)
 
 
 class RunWriter:
@@ -56,41 +64,42 @@ class RunWriter:
     self._tb = None
     if not enabled:
       return
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    os.makedirs(workdir_lib.path(workdir, workdir_lib.SAMPLES), exist_ok=True)
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+      # A new events file per start: one left half-written by a kill is never appended to (TensorBoard
+      # reads the records before the cut and skips the rest).
+      self._tb = SummaryWriter(workdir_lib.path(workdir, workdir_lib.TENSORBOARD), flush_secs=30)
     except ImportError:
       logging.warning("tensorboardX is not installed: no TensorBoard events (metrics.jsonl is written).")
 
   def write_config(self, config, extra: dict) -> None:
     if self.enabled:
-      with open(os.path.join(self.workdir, "config.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(config), "run": extra}, f, indent=2, sort_keys=True)
+      workdir_lib.write_atomic(workdir_lib.path(self.workdir, workdir_lib.CONFIG), json.dumps(
+          {"config": dataclasses.asdict(config), "run": extra}, indent=2, sort_keys=True))
 
   def write_metrics(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
-    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    workdir_lib.append_jsonl(workdir_lib.path(self.workdir, workdir_lib.METRICS), {"step": step, **metrics})
     if self._tb:
       for k, v in metrics.items():
-        self._tb.add_scalar(k, v, step)
+        if math.isfinite(v):  # a rate of the first interval is unknown: left out, not plotted as NaN
+          self._tb.add_scalar(k, v, step)
 
   def truncate_metrics(self, step: int) -> None:
-    """Drops metrics.jsonl lines after `step` (logged by a run that was killed before checkpointing)."""
-    path = os.path.join(self.workdir, "metrics.jsonl")
-    if not self.enabled or not os.path.exists(path):
+    """Rewrites metrics.jsonl without the lines after `step` (logged by a run killed before its next
+    checkpoint) and without lines a kill cut short (one warning line each)."""
+    file = workdir_lib.path(self.workdir, workdir_lib.METRICS)
+    if not self.enabled or not os.path.exists(file):
       return
-    with open(path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-      f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    keep = [r for r in workdir_lib.read_jsonl(file, warn=logging.warning)
+            if isinstance(r.get("step"), int) and r["step"] <= step]
+    workdir_lib.write_atomic(file, "".join(json.dumps(r) + "\n" for r in keep))
 
   def write_samples(self, step: int, images: np.ndarray, prefix: str = "") -> str:
     """images: float (n, H, W, C) in [-1, 1] -> samples/<prefix>step_XXXXXXXX.png. Returns its path."""
-    path = os.path.join(self.workdir, "samples", f"{prefix}step_{step:08d}.png")
+    path = workdir_lib.path(self.workdir, workdir_lib.SAMPLES, f"{prefix}step_{step:08d}.png")
     if not self.enabled:
       return path
     grid = image_grid(images)
@@ -102,13 +111,20 @@ class RunWriter:
   def write_progress_gif(self, frame_ms: int = 300) -> Optional[str]:
     """samples/progress.gif: every samples/step_*.png grid in step order (those of earlier, resumed
     runs included), looping, the last frame held longer. Returns its path, or None with no grids."""
-    folder = os.path.join(self.workdir, "samples")
+    folder = workdir_lib.path(self.workdir, workdir_lib.SAMPLES)
     names = sorted(n for n in os.listdir(folder) if n.startswith("step_") and n.endswith(".png")) \
         if self.enabled else []
-    if not names:
+    frames = []
+    for name in names:
+      try:
+        frames.append(load_png(os.path.join(folder, name)))
+      except (OSError, ValueError) as e:  # a grid damaged outside the run: left out of the animation
+        logging.warning("%s: unreadable (%s); left out of progress.gif", os.path.join(folder, name), e)
+    frames = [f for f in frames if f.shape == frames[-1].shape] if frames else []
+    if not frames:
       return None
     path = os.path.join(folder, "progress.gif")
-    save_gif([load_png(os.path.join(folder, n)) for n in names], path, frame_ms)
+    save_gif(frames, path, frame_ms)
     return path
 
   def close(self) -> None:

@@ -52,7 +52,7 @@ def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path
     (["--preset=resnet"], "--preset='resnet': unknown value; use one of mnist, dcgan"),
     (["--image_size=32"], "--image_size=32: the mnist preset"),
     (["--preset=dcgan", "--image_size=48"], "--image_size=48: the dcgan preset needs a power of two"),
-    (["--batch_size=0"], "--batch_size=0: must be a positive integer"),
+    (["--batch_size=0"], "--batch_size=0: must be a whole number in [1, 1,048,576]"),
     (["--batch_size=abc"], "--batch_size"),
     (["--learning_rate_g=-1"], "--learning_rate_g=-1.0: must be > 0"),
     (["--loss=relativistic"], "--loss='relativistic': unknown value"),

@@ -61,12 +61,12 @@ def test_saved_configs_of_other_versions_load():
 
 def test_validation_errors_are_one_line_naming_the_setting_and_the_fix():
   for bad, text in ((dict(preset="resnet"), "--preset='resnet': unknown value; use one of mnist, dcgan"),
-                    (dict(batch_size=0), "--batch_size=0: must be a positive integer"),
+                    (dict(batch_size=0), "--batch_size=0: must be a whole number in [1, 1,048,576]"),
                     (dict(image_size=32), "--image_size=32: the mnist preset"),
                     (dict(g_ema_decay=1.0), "--g_ema_decay=1.0: must be in [0, 1)"),
                     (dict(loss="wasserstein"), "--loss='wasserstein': needs a Lipschitz-constrained"),
                     (dict(gp_weight=-1.0), "--gp_weight=-1.0: must be >= 0"),
-                    (dict(r1_every=0), "--r1_every=0: must be a positive integer"),
+                    (dict(r1_every=0), "--r1_every=0: must be a whole number in [1, 1,000,000]"),
                     (dict(r1_weight=1.0, invariant_groups=8), "--invariant_groups=8: does not support "
                      "gradient penalties"),
                     (dict(d_norm="layer", invariant_groups=8), "--d_norm='layer': is not supported with "

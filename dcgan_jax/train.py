@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import time
-from typing import Optional
 
 from absl import logging
 import jax
@@ -57,8 +56,10 @@ def train_and_evaluate(config: Config, workdir: str):
   with contextlib.ExitStack() as closing:
     # Process 0 holds the run directories (all processes of a run share them); with members also each
     # member's, which may be continued alone as a single run. Nothing is written until claim().
-    if jax.process_index() == 0:
-      lock = closing.enter_context(workdir_lib.RunLock([workdir] + [w for _, w, _ in runs]))
+    if jax.process_index() == 0:  # (a members' parent directory is locked, but holds no run.lock)
+      locks = [closing.enter_context(workdir_lib.RunLock([w for _, w, _ in runs]))]
+      if has_members:
+        locks.append(closing.enter_context(workdir_lib.RunLock([workdir], holder_file=None)))
     common = members.common_step(runs) if has_members else None
     for c, w, _ in runs:
       checkpoints.check_resume(w, c)
@@ -78,7 +79,7 @@ def train_and_evaluate(config: Config, workdir: str):
                         "one is read by index (--in_memory); use --members_form=dispatch")
     scorer = _make_scorer(config, data.image_shape) if config.eval_every else None
     return _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer,
-                  lock.claim if jax.process_index() == 0 else lambda: None)
+                  lambda: [lock.claim() for lock in locks] if jax.process_index() == 0 else None)
 
 
 def _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer, claim):

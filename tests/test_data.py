@@ -1,5 +1,4 @@
 """The data seam: the random-access path reads the in-memory path's order (same images, same steps)."""
-import dataclasses
 
 import jax
 import numpy as np
@@ -72,19 +71,6 @@ def test_random_access_training_equals_in_memory_training(tiny_data_dir, tmp_pat
   assert [l["step"] for l in lines["false"]] == [2, 4]  # logged after each 2-step call
   assert drop(lines["true"]) == drop(lines["false"])
   a, b = (checkpoints.read_state_numpy(str(tmp_path / m))[0] for m in ("true", "false"))
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(x, y)
-
-
-def test_random_access_stop_and_resume_is_the_uninterrupted_run(tiny_data_dir, tmp_path):
-  """--in_memory=false: 2 steps, then resumed to 4, equals 4 steps straight, bit for bit (the reader
-  starts at the resumed step). Catches a reader that restarts its order at 0 on resume."""
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  config = settings(tiny_data_dir, in_memory="false", steps_per_call=1, d_steps=1)
-  train.train_and_evaluate(config, straight)
-  train.train_and_evaluate(dataclasses.replace(config, num_steps=2), resumed)
-  train.train_and_evaluate(config, resumed)
-  a, b = checkpoints.read_state_numpy(straight)[0], checkpoints.read_state_numpy(resumed)[0]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
 

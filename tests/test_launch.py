@@ -8,7 +8,8 @@ import time
 from dcgan_jax import launch
 
 # A process that ignores SIGTERM, as one blocked in a collective with a dead peer effectively does.
-STUCK = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(30)"
+STUCK = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "signal.signal(signal.SIGUSR1, signal.SIG_IGN); print('up', flush=True); time.sleep(30)")
 
 
 def start(*scripts):
@@ -20,7 +21,8 @@ def start(*scripts):
 
 
 def test_a_killed_later_process_ends_a_stuck_first_one_after_the_grace(tmp_path, capsys):
-  """Process 1 is killed while process 0 ignores SIGTERM: supervise() returns 128 + 9 within the grace
+  """Process 1 is killed while process 0 ignores the launcher's signals (it sits in a collective):
+  supervise() returns 128 + 9 within the grace
   period plus a little, process 0 is gone, and the last line names process 1, the kill and the newest
   checkpoint's step. Catches polling that stops at the first live process (process 1's death unseen
   until process 0 ends: here never), no SIGKILL after the grace, and blaming the process that was

@@ -56,8 +56,9 @@ def train_and_evaluate(config: Config, workdir: str):
   with contextlib.ExitStack() as closing:
     # Process 0 holds the run directories (all processes of a run share them); with members also each
     # member's, which may be continued alone as a single run. Nothing is written until claim().
+    locks = []
     if jax.process_index() == 0:  # (a members' parent directory is locked, but holds no run.lock)
-      locks = [closing.enter_context(workdir_lib.RunLock([w for _, w, _ in runs]))]
+      locks.append(closing.enter_context(workdir_lib.RunLock([w for _, w, _ in runs])))
       if has_members:
         locks.append(closing.enter_context(workdir_lib.RunLock([workdir], holder_file=None)))
     common = members.common_step(runs) if has_members else None
@@ -78,14 +79,14 @@ def train_and_evaluate(config: Config, workdir: str):
       raise ConfigError("--members_form=vmap: the members share one dataset in device memory, and this "
                         "one is read by index (--in_memory); use --members_form=dispatch")
     scorer = _make_scorer(config, data.image_shape) if config.eval_every else None
-    return _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer,
-                  lambda: [lock.claim() for lock in locks] if jax.process_index() == 0 else None)
+    return _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer, locks)
 
 
-def _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer, claim):
+def _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer, locks):
   """train_and_evaluate once everything is validated: writes, trains, finishes."""
   # ---- Outputs and state: fresh, or the newest checkpoint every member has ------------------------
-  claim()
+  for lock in locks:
+    lock.claim()
   data, has_members = datas[0], bool(runs[0][2])
   device = jax.local_devices()[0]
   where = dict(devices=jax.local_device_count(), device_kind=device.device_kind,

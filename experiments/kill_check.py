@@ -50,18 +50,20 @@ def start(data_dir, workdir, cache_dir, log):
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def phase(workdir, log) -> str:
-  """What the run was doing when it was killed, from what it left."""
+def phase(workdir, log, began) -> str:
+  """What the run was doing when it was killed, from what it left since `began` (time.time())."""
   with open(log) as f:
     lines = f.read().splitlines()
-  last = lines[-1] if lines else ""
-  if glob.glob(os.path.join(workdir, "*", "*.orbax-checkpoint-tmp*")):
-    return "checkpointing"
-  if "Done" in last or os.path.isdir(os.path.join(workdir, "generator")):
+  new = lambda pattern: [p for p in glob.glob(os.path.join(workdir, pattern)) if os.path.getmtime(p) >= began]
+  if new("generator"):
     return "exporting"
-  if "Resuming" in last or "Loaded" in last or "Config" in last or not lines:
+  if new("*/*.orbax-checkpoint-tmp*"):
+    return "checkpointing"
+  steps = [l for l in lines if "/40 |" in l]
+  if not steps:
     return "starting"
-  if any(f"step {s}/40" in last for s in (10, 20, 30, 40)):
+  last = lines[-1]
+  if any(f"step {s}/40 |" in last for s in (10, 20, 30, 40)):
     return "evaluating"
   return "training"
 
@@ -116,13 +118,14 @@ def main():
     elif target == "exporting":
       hit = wait_until(proc, lambda: os.path.isdir(os.path.join(killed, "generator")))
     else:
-      hit = wait_until(proc, lambda: time.time() - began > rng.uniform(0.5, total))
+      delay = rng.uniform(0.5, total)
+      hit = wait_until(proc, lambda: time.time() - began > delay)
     if proc.poll() is not None:  # it finished before the moment came: start over from scratch
       shutil.rmtree(killed)
       continue
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    seen = phase(killed, log)
+    seen = phase(killed, log, began)
     phases.append(seen)
     from dcgan_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
     print(json.dumps(dict(kill=kill + 1, after_s=round(time.time() - began, 2), aimed=target, hit=bool(hit),

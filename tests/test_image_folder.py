@@ -243,3 +243,17 @@ def test_a_link_loop_is_walked_once(tmp_path):
   assert result, "list_files did not return within 30 s"
   files, classes, _ = result[0]
   assert files == ["a/x.png"] and classes == []
+
+
+def test_colour_to_gray_is_pils_luma_and_crop_none_keeps_the_whole_image(tmp_path):
+  """--channels=1 on a colour file gives exactly PIL's convert("L") (ITU-R 601-2 luma with PIL's
+  rounding), and --crop=none squeezes the whole image square (PIL's Lanczos resize of all of it).
+  Catches the first channel taken as gray, a mean of the channels, a float luma that rounds otherwise,
+  and --crop=none cropping the centre anyway."""
+  rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
+  path = tmp_path / "colour.png"
+  Image.fromarray(rgb).save(path)
+  gray = image_folder.load_image(str(path), 24, 1, "center")  # the central 24x24, no resize
+  np.testing.assert_array_equal(gray[..., 0], np.asarray(Image.fromarray(rgb).convert("L"))[:, 8:32])
+  whole = image_folder.load_image(str(path), 16, 3, "none")
+  np.testing.assert_array_equal(whole, np.asarray(Image.fromarray(rgb).resize((16, 16), Image.Resampling.LANCZOS)))

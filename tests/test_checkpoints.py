@@ -37,6 +37,10 @@ def assert_bitwise_equal(a, b):
 
 
 def test_stop_and_resume_equals_one_run_and_damaged_newest_is_skipped(tiny_data_dir, tmp_path, caplog):
+  """3 steps, then resumed to 6, equals 6 steps straight, bit for bit, with one metrics line per logged
+  step; a newest checkpoint whose files are emptied is moved aside with a warning and the run resumes from
+  the one before, ending bitwise the same. Catches a resume that repeats or skips steps, metrics lines
+  duplicated by the resume, and a damaged checkpoint that ends the run."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=6)), straight)
   train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), resumed)
@@ -62,6 +66,9 @@ def test_stop_and_resume_equals_one_run_and_damaged_newest_is_skipped(tiny_data_
 
 
 def test_checkpoint_of_other_settings_is_refused(tiny_data_dir, tmp_path):
+  """Resuming with a setting that changes the computation (latent_dim) is one ConfigError naming the
+  difference, and the checkpoint stays. Catches a resume that loads weights into another model or overwrites
+  the run."""
   workdir = str(tmp_path)
   train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), workdir)
   with pytest.raises(ConfigError, match=r"latent_dim: 32 -> 16.*another --workdir") as e:
@@ -71,6 +78,10 @@ def test_checkpoint_of_other_settings_is_refused(tiny_data_dir, tmp_path):
 
 
 def test_provenance_and_generator_export(tiny_data_dir, tmp_path):
+  """A checkpoint's provenance records package versions, the config, process and device counts; the
+  generator export holds exactly G's parameters and statistics and its config, and its images equal the
+  sampler's. Catches an export of the raw generator's or stale weights, and provenance without the versions
+  needed to reproduce a run."""
   workdir = str(tmp_path)
   state = train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), workdir)
   prov = read_json(os.path.join(workdir, "checkpoints", "3", "provenance", "metadata"))

@@ -16,6 +16,10 @@ run = run_cli
 
 def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path):
   # A bare flagfile name is looked up in experiments/; later flags override it.
+  """The main command under tfds.testing.mock_data with a shipped flagfile (later flags override it) writes
+  metrics at each log step with no NaN, the final evaluation, config.json (settings, devices, the code's git
+  commit) and the EMA and raw sample grids with the GIF. Catches flags after --flagfile ignored, a first
+  rate written as NaN, and missing outputs."""
   r = run(["--flagfile=mnist.flags", f"--workdir={tmp_path}", "--batch_size=16", "--num_steps=4",
            "--log_every=2", "--sample_every=3", "--num_samples=9"], mocked_examples=64)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -60,6 +64,9 @@ def test_training_run_under_mock_data_writes_metrics_events_and_samples(tmp_path
     (["--batch_size=7"], "must be divisible by the number of devices"),
 ])
 def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, args, expected):
+  """Each kind of bad command-line input ends with one `error:` line containing the expected text, exit 2
+  and no traceback. Catches a bad value that surfaces as a traceback from deep inside JAX or tfds, or exits
+  0."""
   mocked = 64 if args == ["--batch_size=7"] else None
   r = run([f"--workdir={tmp_path}", "--num_steps=1"] + args, mocked_examples=mocked, timeout=300)
   assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
@@ -69,6 +76,8 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, args, expecte
 
 
 def test_download_failure_names_the_offline_command(monkeypatch):
+  """A dataset that cannot be downloaded is one DataUnavailableError line naming the prepare_data command
+  that imports it offline. Catches tfds's own multi-line exception reaching the user."""
   import tensorflow_datasets as tfds
   from dcgan_jax import input_pipeline
   from dcgan_jax.config import Config
@@ -83,6 +92,9 @@ def test_download_failure_names_the_offline_command(monkeypatch):
 
 
 def test_benchmark_prints_one_json_line_without_tensorflow():
+  """The benchmark runs with TensorFlow, tfds and tensorboardX made unimportable (as on the GPU machine) and
+  prints one JSON line with its measurements and settings. Catches the training core importing TensorFlow or
+  tfds, and a benchmark that ignores --compute_dtype or --steps_per_call."""
   import subprocess
   import sys
   from helpers import ROOT, cli_env

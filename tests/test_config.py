@@ -54,12 +54,18 @@ def test_study_groups_on_everything_but_the_seed_and_the_output_settings():
 
 
 def test_saved_configs_of_other_versions_load():
-  """from_dict drops keys this version does not know and defaults missing ones."""
+  """from_dict drops keys this version does not know and defaults missing ones.
+  Catches a config.json of an older or newer version that can no longer be read (sample, evaluate and
+  study on old runs)."""
   config = config_lib.from_dict({"latent_dim": 64, "a_setting_from_the_future": 1})
   assert config.latent_dim == 64 and config.seed == 0
 
 
 def test_validation_errors_are_one_line_naming_the_setting_and_the_fix():
+  """Each invalid setting (unknown preset or norm, out-of-bounds numbers, a preset's fixed size, wasserstein
+  without a Lipschitz constraint, penalties or layer/spectral norms with --invariant_groups) raises one
+  single-line ConfigError that starts with the flag and its value. Catches a bad value that passes
+  validation (and fails later, deep in JAX) and multi-line or unnamed errors."""
   for bad, text in ((dict(preset="resnet"), "--preset='resnet': unknown value; use one of mnist, dcgan"),
                     (dict(batch_size=0), "--batch_size=0: must be a whole number in [1, 1,048,576]"),
                     (dict(image_size=32), "--image_size=32: the mnist preset"),
@@ -80,7 +86,8 @@ def test_validation_errors_are_one_line_naming_the_setting_and_the_fix():
 
 def test_shipped_flagfiles_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
   """`--flagfile=mnist.flags` finds the copy inside the package, also outside the checkout (an installed
-  package has no experiments/ folder beside it)."""
+  package has no experiments/ folder beside it).
+  Catches a lookup relative to the working directory or the checkout."""
   monkeypatch.chdir(tmp_path)
   assert cli.flagfile_names() == ["celeb_a.flags", "cifar10.flags", "fashion_mnist.flags", "mnist.flags"]
   resolved = cli.resolve_flagfiles(["prog", "--flagfile=mnist.flags", "--seed=1"])

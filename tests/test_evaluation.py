@@ -41,8 +41,15 @@ def scorer(tiny_data_dir, evaluator_dir):
 
 
 def test_evaluator_is_trained_once_then_loaded_from_its_cache(scorer, tiny_data_dir, evaluator_dir):
+  """The evaluator is trained and cached once; its recorded test accuracy is the accuracy its own
+  predictions give on its real split; loading it again from the cache gives the same variables, accuracy and
+  feature scale; features are 128-d and probabilities sum to 1. Catches a cache that retrains (or loads
+  other weights) and an accuracy recorded from another split or network."""
   ev = scorer.evaluator
-  assert 0.0 <= ev.test_accuracy <= 1.0 and ev.feature_scale > 0
+  from dcgan_jax import input_pipeline
+  test_x, test_y, _ = input_pipeline.load_images("fashion_mnist", ev.real_split, tiny_data_dir, (28, 28, 1))
+  assert ev.test_accuracy == pytest.approx(float(np.mean(ev.embed(test_x)[1].argmax(1) == test_y)))
+  assert ev.feature_scale > 0
   meta = read_json(os.path.join(ev.path, "evaluator.json"))
   assert meta["train_examples"] == 64 and meta["num_classes"] == 10
   again = evaluator.load_or_train("fashion_mnist", tiny_data_dir, (28, 28, 1), evaluator_dir)
@@ -74,6 +81,9 @@ def test_evaluator_learns_a_dataset_it_can_learn(tmp_path_factory):
 
 
 def test_scores_of_real_and_collapsed_samples(scorer, tiny_data_dir):
+  """The test split scored against itself has FID 0 and precision = recall = 1; one image repeated 8 times
+  covers one class, has FID > 0.1 and recall <= 0.25; the report has every key. Catches a scorer that
+  compares against the wrong split, and a recall blind to collapse."""
   from dcgan_jax import input_pipeline
   test_x, _, _ = input_pipeline.load_images("fashion_mnist", "test", tiny_data_dir, (28, 28, 1))
   same = scorer.score(test_x)  # the test split against itself
@@ -87,6 +97,9 @@ def test_scores_of_real_and_collapsed_samples(scorer, tiny_data_dir):
 
 
 def test_sample_formats_are_normalised_to_uint8():
+  """Samples from other implementations (uint8 or int with or without a channel axis, NCHW, floats in [-1,
+  1]) become the same uint8 NHWC images; floats in [0, 255], a wrong shape and NaN are one-line errors.
+  Catches [0, 255] floats read as [-1, 1] (every image white), NCHW read as NHWC, and NaN cast to 0."""
   u8 = np.random.default_rng(0).integers(0, 256, (4, 28, 28), np.uint8)
   as_float = u8.astype(np.float32) / 127.5 - 1
   expected = u8[..., None]
@@ -101,6 +114,9 @@ def test_sample_formats_are_normalised_to_uint8():
 
 
 def test_ema_generator_is_the_moving_average_of_the_generator():
+  """After one pmapped step with --g_ema_decay=0.9 the EMA parameters are d * before + (1 - d) * after with
+  the warm-up's d = 2/11; generator() returns the EMA, the EMA is off by default, and the decay reaches its
+  setting. Catches an EMA that is not updated, one updated from the old parameters, or without its warm-up."""
   config = Config(batch_size=8, latent_dim=16, g_ema_decay=0.9).resolved()
   mesh = parallel.global_mesh()
   data = np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1), np.uint8)
@@ -152,6 +168,10 @@ def tiny_run(tiny_data_dir, evaluator_dir, tmp_path_factory):
 
 
 def test_training_logs_evaluations_keeps_the_best_and_writes_a_gif(tiny_run):
+  """A run with --eval_every=2 logs fid, kid, coverage and the raw generator's scores at steps 2, 4, 6,
+  keeps the checkpoint of the lowest FID (the first at a tie) in best/, writes EMA and raw grids and a
+  3-frame GIF, and exports the EMA generator. Catches best/ chosen by the last or the highest FID, and the
+  raw generator's scores or grids missing beside the EMA ones."""
   lines = read_jsonl(os.path.join(tiny_run, "metrics.jsonl"))
   evals = [l for l in lines if "fid" in l]
   assert [l["step"] for l in evals] == [2, 4, 6]
@@ -170,6 +190,10 @@ def test_training_logs_evaluations_keeps_the_best_and_writes_a_gif(tiny_run):
 
 
 def test_sample_cli(tiny_run, tmp_path):
+  """python -m dcgan_jax.sample writes N images in [-1, 1] that equal the export's (EMA) generator on the
+  run's noise; --step=0 is the untrained generator of the run's seed; --interpolate writes a grid and a GIF.
+  Catches samples from the raw generator when the EMA one is asked for, another noise, and --step=0 drawn
+  from another seed."""
   from dcgan_jax import sample
   out = str(tmp_path / "s.npy")
   result = run_tool("sample", [f"--workdir={tiny_run}", "--num=5", f"--out={out}"])
@@ -203,6 +227,11 @@ def test_sample_cli(tiny_run, tmp_path):
 
 
 def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
+  """python -m dcgan_jax.evaluate on a run prints one JSON report whose FID equals the in-training FID at
+  the same step (same evaluator, noise and generator), records it in evaluations.jsonl for study, and scores
+  samples made elsewhere (uint8 without a channel axis, in an .npz of several arrays) the same as the
+  generator's. Catches an evaluation that uses other noise or another generator than training's, and a
+  report that is not recorded."""
   from dcgan_jax import evaluate, sample
   common = [f"--data_dir={tiny_data_dir}", f"--evaluator_dir={evaluator_dir}", "--num_samples=16"]
   result = run_tool("evaluate", [f"--workdir={tiny_run}"] + common)
@@ -211,7 +240,9 @@ def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
   for key in ("fid", "kid", "precision", "recall", "coverage", "num_samples", "reference", "evaluator"):
     assert key in report
   assert report["num_samples"] == 16 and report["step"] == 6 and report["ema"] is True
-  assert report["evaluator"]["test_accuracy"] >= 0 and report["reference"]["num_samples"] == 16
+  cached = read_json(os.path.join(report["evaluator"]["path"], "evaluator.json"))
+  assert report["evaluator"]["test_accuracy"] == cached["test_accuracy"]
+  assert report["reference"]["num_samples"] == 16
   # The in-training FID at step 6 used the same evaluator, noise (16) and generator.
   logged = read_jsonl(os.path.join(tiny_run, "metrics.jsonl"))
   assert report["fid"] == pytest.approx([l for l in logged if l.get("step") == 6 and "fid" in l][0]["fid"],

@@ -134,12 +134,12 @@ def test_same_folder_gives_the_same_bytes(tmp_path, monkeypatch):
       continue  # dataset_info.json, import_report.json: name the source folder
     with open(os.path.join(one["path"], name), "rb") as f, open(os.path.join(two["path"], name), "rb") as g:
       assert f.read() == g.read(), name
-  assert image_folder.fingerprint(one["path"]) == image_folder.fingerprint(two["path"])
+  first = image_folder.fingerprint(one["path"])
+  assert first == image_folder.fingerprint(two["path"])
   Image.fromarray(255 - gradient(16, 16)).save(tmp_path / "first" / "c0" / "img00.png")
   three = image_folder.import_folder(str(tmp_path / "first"), "same", str(tmp_path / "a"), 16)
-  assert image_folder.fingerprint(three["path"]) != image_folder.fingerprint(one["path"]) or \
-      three["path"] == one["path"]  # re-import into the same place replaced it
-  assert image_folder.fingerprint(three["path"]) != image_folder.fingerprint(two["path"])
+  assert three["path"] == one["path"]  # re-imported into the same place, replacing it
+  assert image_folder.fingerprint(three["path"]) != first
 
 
 def test_gray_folder_is_one_channel_and_unlabelled(tmp_path):

@@ -34,6 +34,9 @@ def test_every_loss_and_penalty_against_hand_computed_values():
 
 
 def test_losses_from_logits():
+  """The losses at logit 0 (D: 2 log 2; G non-saturating: log 2; minimax: -log 2), minimax's vanishing
+  gradient against non-saturating's at a confident D, and finite losses at logits of +-100. Catches minimax
+  and non-saturating swapped, a sign error, and log(sigmoid) computed unstably (log 0)."""
   zero = jnp.zeros((5, 1))
   np.testing.assert_allclose(losses.d_loss(zero, zero), 2 * np.log(2), rtol=1e-6)
   np.testing.assert_allclose(losses.g_loss(zero, "non_saturating"), np.log(2), rtol=1e-6)
@@ -48,6 +51,10 @@ def test_losses_from_logits():
 
 
 def test_data_order_visits_every_example_once_per_epoch_and_straddles_epochs():
+  """The data order visits every example once per epoch, each epoch in its own permutation, joined without
+  dropping a remainder; any split of the global positions gives the same indices. Catches repeated or
+  skipped examples, one permutation for every epoch, and an order that depends on how positions are split
+  over devices."""
   key = randomness.purpose_key(jax.random.key(0), randomness.DATA)
   n, b = 10, 4
   slots = jnp.arange(b)
@@ -64,6 +71,9 @@ def test_data_order_visits_every_example_once_per_epoch_and_straddles_epochs():
 
 
 def test_latents_depend_only_on_the_global_slot():
+  """The noise of global position i is the same whether the positions are drawn together or in parts,
+  differs between steps and D updates, and is standard normal. Catches noise drawn per device
+  (topology-dependent), the step or update index not folded into the key, and a wrong scale."""
   step_keys = randomness.StepKeys(jax.random.key(1), jnp.int32(7), jnp.arange(8))
   z_all = randomness.latents(step_keys.z(0), 100)
   z_tail = randomness.latents(randomness.StepKeys(jax.random.key(1), jnp.int32(7), jnp.arange(4, 8)).z(0), 100)
@@ -77,6 +87,9 @@ def test_latents_depend_only_on_the_global_slot():
 
 
 def test_permuted_index_is_a_seeded_bijection_that_shuffles():
+  """The keyed permutation is a bijection for sizes 1 to 60,001, shuffles like a uniform random permutation
+  (no correlation, about one fixed point, mean jump n/3), changes with the key and is element-wise. Catches
+  a permutation that repeats indices, leaves the order nearly intact, or ignores its key."""
   key = randomness.purpose_key(jax.random.key(0), randomness.DATA)
   for n in (1, 2, 3, 7, 64, 1000, 60001):
     perm = np.asarray(randomness.permuted_index(key, jnp.arange(n), n))
@@ -96,7 +109,8 @@ def test_permuted_index_is_a_seeded_bijection_that_shuffles():
 
 
 def test_permuted_index_is_the_same_rolled_and_written_out(monkeypatch):
-  """Accelerators run the swap-or-not rounds written out (unrolled), the CPU as a loop: same values."""
+  """Accelerators run the swap-or-not rounds written out (unrolled), the CPU as a loop: same values.
+  Catches a data order that depends on the platform."""
   key = randomness.purpose_key(jax.random.key(0), randomness.DATA)
   offsets = jnp.arange(0, 60000, 997)
   rolled = randomness.permuted_index(key, offsets, 60000)

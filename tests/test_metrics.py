@@ -14,11 +14,16 @@ def random_spd(rng, d):
 
 
 def test_fid_of_a_set_with_itself_is_zero():
+  """A feature set against itself has FID 0 (to 1e-8). Catches a matrix square root that loses precision
+  (scipy's sqrtm of a near-singular product) and a mean term of the wrong sign or scale."""
   x = np.random.default_rng(0).standard_normal((500, 16))
   assert metrics.fid(x, x) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_frechet_distance_closed_forms():
+  """The Frechet distance against closed forms: diagonal covariances give sum (sqrt(a) - sqrt(b))^2 plus the
+  mean term, and non-commuting covariances the textbook trace formula with scipy's general square root.
+  Catches sqrt(S1) sqrt(S2) in place of sqrt(S1 S2), a missing factor 2, and a dropped mean term."""
   rng = np.random.default_rng(1)
   # Diagonal covariances: tr(S1 + S2 - 2 sqrt(S1 S2)) = sum (sqrt(a) - sqrt(b))^2.
   a, b = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
@@ -32,7 +37,9 @@ def test_frechet_distance_closed_forms():
 
 
 def test_fid_of_shifted_gaussians():
-  """N(0, I) vs N(mu, I): FID = ||mu||^2, up to sampling error (std ~0.014 here: the mean term)."""
+  """N(0, I) vs N(mu, I): FID = ||mu||^2, up to sampling error (std ~0.014 here: the mean term).
+  Catches a mean term that is not squared or a covariance term that does not vanish for equal
+  covariances."""
   rng = np.random.default_rng(2)
   mu = np.full(4, 0.5)  # ||mu||^2 = 1
   x, y = rng.standard_normal((40000, 4)), rng.standard_normal((40000, 4)) + mu
@@ -49,6 +56,8 @@ def brute_force_mmd2(x, y):
 
 
 def test_mmd2_matches_the_definition():
+  """The unbiased MMD^2 with KID's cubic polynomial kernel equals the definition summed by brute force over
+  all pairs. Catches a kernel with another degree or scale, and diagonal terms kept in the within-set means."""
   rng = np.random.default_rng(3)
   x, y = rng.standard_normal((7, 3)), rng.standard_normal((5, 3)) + 0.3
   assert metrics.mmd2_unbiased(x, y) == pytest.approx(brute_force_mmd2(x, y), rel=1e-10)
@@ -56,7 +65,7 @@ def test_mmd2_matches_the_definition():
 
 def test_kid_is_unbiased():
   """Two samples of one distribution: the estimator averages to 0 (a biased V-statistic that keeps
-  the kernel diagonals would average clearly above 0)."""
+  the kernel diagonals would average clearly above 0). Catches the biased estimator."""
   rng = np.random.default_rng(4)
   values, biased = [], []
   for _ in range(3000):
@@ -71,6 +80,9 @@ def test_kid_is_unbiased():
 
 
 def test_kid_separates_distributions_and_reports_a_spread():
+  """KID over subsets: two samples of one distribution score within 3 standard deviations of 0, a shifted
+  one far above, and the reported spread is positive. Catches a KID that does not see a shift, and a spread
+  that is always 0."""
   rng = np.random.default_rng(5)
   x, y, z = (rng.standard_normal((300, 8)) for _ in range(3))
   same, same_std = metrics.kid(x, y, num_subsets=20, subset_size=100)
@@ -80,12 +92,17 @@ def test_kid_separates_distributions_and_reports_a_spread():
 
 
 def test_knn_radii_exclude_the_point_itself():
+  """k-NN radii on a line of four points, k = 1 and 2, by hand. Catches the point counted as its own nearest
+  neighbour (every radius 0) and an off-by-one in k."""
   x = np.array([[0.0], [1.0], [3.0], [6.0]])
   np.testing.assert_allclose(metrics.knn_radii(x, k=1), [1, 1, 2, 3])
   np.testing.assert_allclose(metrics.knn_radii(x, k=2), [3, 2, 3, 5])
 
 
 def test_precision_recall_on_constructed_manifolds():
+  """Precision and recall (k-NN manifolds) on constructed sets: the data against itself is (1, 1); samples
+  of one of its two modes are realistic but cover half; samples far away are (0, 0). Catches precision and
+  recall swapped, and radii taken from the wrong set."""
   rng = np.random.default_rng(6)
   blob = lambda center, n: center + 0.1 * rng.standard_normal((n, 2))
   real = np.concatenate([blob([0, 0], 200), blob([10, 0], 200)])
@@ -102,6 +119,10 @@ def one_hot(classes, num=10):
 
 
 def test_class_coverage_kl_and_score():
+  """Class coverage, class KL and the classifier score on one-hot predictions: balanced covers 10 classes
+  with KL 0 and score 10; collapsed covers 1 with KL log 10 and score 1; classes under 2% of the samples are
+  not covered. Catches a coverage that counts stray predictions, KL in the wrong direction, and a score that
+  is not exp(mean KL)."""
   balanced = one_hot(np.arange(1000) % 10)
   collapsed = one_hot(np.full(1000, 3))
   uniform = np.full(10, 0.1)

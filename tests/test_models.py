@@ -26,6 +26,9 @@ def init(config, channels):
 
 
 def test_mnist_preset_matches_the_seeds_keras_model():
+  """The mnist preset has the seed's Keras parameter counts (G 2,318,016 trainable and 25,472 BatchNorm
+  statistics, D 212,865, no BatchNorm in D), makes 28x28x1 images in [-1, 1] and gives one logit each.
+  Catches a layer of another size, a missing or extra layer, and an output that is not tanh."""
   g, d, g_vars, d_vars = init(Config(preset="mnist"), 1)
   assert count(g_vars["params"]) == 2_318_016
   assert count(g_vars["batch_stats"]) == 25_472  # Keras' non-trainable BatchNorm moving mean/variance
@@ -40,6 +43,9 @@ def test_mnist_preset_matches_the_seeds_keras_model():
 
 @pytest.mark.parametrize("size,channels", [(32, 3), pytest.param(64, 3, marks=slow), pytest.param(64, 1, marks=slow)])
 def test_dcgan_preset_shapes(size, channels):
+  """The dcgan preset at each size and channel count: G's images have that shape, D gives one logit, and
+  BatchNorm sits where the paper puts it (not in G's output layer nor D's input layer). Catches a wrong
+  number of up- or down-sampling layers and BatchNorm in the excluded layers."""
   config = Config(preset="dcgan", image_size=size, base_width=8)
   g, d, g_vars, d_vars = init(config, channels)
   images = g.apply(g_vars, jnp.ones((2, 100)), train=False)
@@ -52,6 +58,8 @@ def test_dcgan_preset_shapes(size, channels):
 
 
 def test_dcgan_init_is_normal_002():
+  """The dcgan preset initialises kernels from N(0, 0.02), as the paper. Catches flax's default lecun_normal
+  (a std set by fan-in) or Keras' glorot_uniform on this preset."""
   _, _, g_vars, _ = init(Config(preset="dcgan", image_size=32, base_width=16), 3)
   kernel = g_vars["params"]["ConvTranspose_0"]["kernel"]
   assert abs(float(jnp.std(kernel)) - 0.02) < 0.002 and abs(float(jnp.mean(kernel))) < 0.002
@@ -59,6 +67,9 @@ def test_dcgan_init_is_normal_002():
 
 @pytest.mark.parametrize("preset", ["mnist", pytest.param("dcgan", marks=slow)])
 def test_running_statistics_make_each_output_independent_of_its_batch(preset):
+  """In inference mode (running statistics) an image depends only on its own z, whatever the rest of the
+  batch; in training mode it does depend on it. Catches sampling that uses batch statistics when running
+  ones are asked for."""
   config = Config(preset=preset, image_size=None if preset == "mnist" else 32, base_width=8)
   g, _, g_vars, _ = init(config, 1)
   # Give the running statistics non-trivial values with one training-mode pass.
@@ -79,6 +90,10 @@ def test_running_statistics_make_each_output_independent_of_its_batch(preset):
 
 
 def test_dropout_mask_depends_only_on_the_examples_key():
+  """ExampleDropout: example i's mask depends only on its key (a slice of the batch gives the same masks),
+  drops about the rate, scales kept units by 1/(1 - rate), differs between keys, and is the identity without
+  keys. Catches one mask drawn for the whole batch (topology-dependent), no inverted scaling, and dropout at
+  inference."""
   drop = models.ExampleDropout(0.5)
   x = jnp.ones((4, 10, 10, 3))
   keys = jax.random.split(jax.random.key(0), 4)
@@ -168,7 +183,7 @@ def test_dft_form_is_used_where_it_saves_multiplications():
 
 def test_subpixel_form_takes_both_branches():
   """One convolution for all phases when it wastes little (5x5, stride 2), one per phase otherwise (4x4);
-  both equal lax.conv_transpose."""
+  both equal lax.conv_transpose. Catches a wrong phase layout in either branch of the sub-pixel form."""
   from dcgan_jax import cpu_kernels
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
   for k in (5, 4):
@@ -235,7 +250,8 @@ def test_bfloat16_compute_keeps_float32_state_and_close_outputs(preset, size):
 
 def test_configure_xla_cpu_respects_the_user_an_accelerator_run_and_a_started_backend(monkeypatch):
   """The XLA:CPU flag is set before JAX starts and only then, never over the user's own choice, and not
-  for a run whose JAX_PLATFORMS names no CPU."""
+  for a run whose JAX_PLATFORMS names no CPU.
+  Catches a flag that overrides the user's XLA_FLAGS or is set too late to take effect."""
   from dcgan_jax import convolutions
   assert convolutions.EIGEN_CONVOLUTIONS in os.environ["XLA_FLAGS"]  # set by conftest.py
   jax.devices()  # the backend is up: too late to change XLA_FLAGS

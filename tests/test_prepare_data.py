@@ -14,6 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_round_trip_through_tfds_and_the_trainers_loader(tmp_path):
+  """IDX files imported by prepare_data read back unchanged through tfds.load (tfrecord), tfds's
+  array_record data source and the trainer's in-memory loader, with the right counts. Catches images or
+  labels shuffled against each other, a format the trainer cannot read, and lost examples."""
   import tensorflow_datasets as tfds
   from dcgan_jax import input_pipeline
   from dcgan_jax.config import Config
@@ -38,6 +41,9 @@ def test_round_trip_through_tfds_and_the_trainers_loader(tmp_path):
 
 
 def test_load_resizes_and_converts_channels():
+  """preprocess: gray 28x28 -> RGB 32x32 keeps the value (within rounding), and CelebA's 218x178 faces are
+  centre-cropped to 108x108 before resizing. Catches a channel conversion that changes values, a crop
+  off-centre or of another size."""
   from dcgan_jax import input_pipeline
   images = np.full((3, 28, 28, 1), 200, np.uint8)
   out = input_pipeline.preprocess(images, "mnist", (32, 32, 3))
@@ -56,6 +62,9 @@ def test_load_resizes_and_converts_channels():
     ("missing", "not found"),
 ])
 def test_malformed_files_are_rejected(tmp_path, damage, message):
+  """Damaged IDX files (wrong magic number, truncated data, image/label counts that differ, a missing file)
+  are each one IdxError naming the file, and one error line with exit 2 from the command. Catches a
+  truncated file read as fewer images, and tracebacks."""
   make_idx_dir(str(tmp_path))
   images = str(tmp_path / "train-images-idx3-ubyte.gz")
   if damage == "magic":

@@ -33,6 +33,10 @@ def trained(fid_2, fid_4, d_loss=1.0):
 
 
 def test_seeds_pool_into_one_row_per_config(tmp_path):
+  """Runs that differ only in their seed (and in output settings such as --log_every) pool into one row per
+  configuration, with the values, count, mean and sample standard deviation (ddof 1) of each metric, and the
+  markdown table shows them. Catches a population std (ddof 0), grouping on output settings, and seeds of
+  another configuration pooled in."""
   fids = {(2e-4, 0): 9.0, (2e-4, 1): 10.0, (2e-4, 2): 12.5, (1e-4, 0): 20.0, (1e-4, 1): 22.0}
   runs = [study.load_run(make_run(tmp_path / f"lr{lr}_s{seed}", trained(30.0, fid), learning_rate_g=lr,
                                   seed=seed, log_every=1 + seed))  # log_every does not split groups
@@ -59,6 +63,9 @@ def test_seeds_pool_into_one_row_per_config(tmp_path):
 
 
 def test_best_takes_the_lowest_line_of_best_by(tmp_path):
+  """--at=best takes the evaluation line with the lowest --best_by (its step and every metric of that line),
+  --at=final each metric's last value; an unknown --at is one error. Catches best taken per metric (mixing
+  lines) or as the highest value."""
   run = study.load_run(make_run(tmp_path / "r", trained(fid_2=5.0, fid_4=7.0)))
   assert study.values_at(run, ["fid", "kid", "d_loss"], "best") == (2, dict(fid=5.0, kid=0.05, d_loss=None))
   assert study.values_at(run, ["fid", "kid", "d_loss"], "final") == (4, dict(fid=7.0, kid=0.07, d_loss=1.0))
@@ -68,6 +75,8 @@ def test_best_takes_the_lowest_line_of_best_by(tmp_path):
 
 
 def test_other_code_or_hardware_is_not_pooled_unless_ignored(tmp_path):
+  """Runs of another git commit (a dirty tree included) or device count are separate rows unless --ignore
+  names those fields. Catches pooling runs of different code or hardware into one mean."""
   runs = [study.load_run(make_run(tmp_path / "a", trained(1.0, 2.0))),
           study.load_run(make_run(tmp_path / "b", trained(1.0, 4.0), commit=COMMIT + "-dirty", seed=1)),
           study.load_run(make_run(tmp_path / "c", trained(1.0, 6.0), devices=4, seed=2))]
@@ -81,6 +90,9 @@ def test_other_code_or_hardware_is_not_pooled_unless_ignored(tmp_path):
 
 
 def test_short_runs_are_marked_and_missing_values_counted(tmp_path):
+  """A run short of its --num_steps is marked (runs column and a footnote) with its step range, and a metric
+  one run never logged is summarised over the runs that have it, with its count. Catches an unfinished run
+  pooled silently, and a missing value taken as 0."""
   runs = [study.load_run(make_run(tmp_path / "done", trained(1.0, 3.0))),
           study.load_run(make_run(tmp_path / "short", trained(1.0, 3.0)[:2], seed=1))]
   rows = study.table_rows(runs, ["fid", "d_loss"])
@@ -104,6 +116,10 @@ def report(step, fid, num_samples=10000, ema=True, evaluator="/cache/fashion_mni
 
 
 def test_evaluations_are_tabulated_and_only_comparable_ones_pooled(tmp_path):
+  """--source=evaluations tabulates the reports `evaluate` recorded (the newest step's for final, the lowest
+  for best), and pools only evaluations made alike (same sample count, generator, BatchNorm mode,
+  evaluator). Catches FIDs at 2,000 and 10,000 samples averaged together, and the last-written report taken
+  as the final step's."""
   from dcgan_jax import evaluate
   workdirs = [make_run(tmp_path / f"s{seed}", trained(9.0, 8.0), seed=seed) for seed in range(3)]
   evaluate.record(workdirs[0], report(4, 3.0))
@@ -138,6 +154,8 @@ def test_evaluations_are_tabulated_and_only_comparable_ones_pooled(tmp_path):
 
 
 def test_an_unwritable_workdir_loses_no_evaluation(tmp_path, capsys):
+  """evaluate.record into a folder that cannot be written prints one warning (the printed report is the only
+  copy) instead of a traceback. Catches an OSError that ends evaluate after the scoring work."""
   from dcgan_jax import evaluate
   evaluate.record(str(tmp_path / "gone"), report(4, 3.0))  # no such folder: a warning, not a crash
   assert "evaluations.jsonl: not written (No such file or directory); the report above is the only copy" \
@@ -150,6 +168,10 @@ def cli(*args):
 
 
 def test_command_line_folders_json_and_errors(tmp_path):
+  """The study command line: each bad input (no runs, a missing or non-run folder, an unknown metric,
+  --best_by never logged, no evaluations) is one line, exit 2; a folder of runs stands for them; a torn
+  metrics line is skipped with a warning; JSON output has every run's values. Catches tracebacks for bad
+  input and a torn line that ends the study."""
   runs = tmp_path / "runs"
   make_run(runs / "s0", trained(8.0, 4.0))
   make_run(runs / "s1", trained(9.0, 6.0), seed=1)

@@ -74,7 +74,9 @@ def test_invariant_groups_make_1_device_and_2_processes_bitwise_identical(tiny_d
 
 
 def test_without_groups_topologies_differ_by_amplified_rounding(tiny_data_dir, tmp_path):
-  """The default (fastest) mode: the same math on 1 and 4 devices, other float rounding."""
+  """The default (fastest) mode: the same math on 1 and 4 devices, other float rounding.
+  Catches topologies that differ by more than rounding (gradients or BatchNorm statistics not averaged
+  over the global batch)."""
   runs = run_topologies(lambda w: args(tiny_data_dir, w), tmp_path, devices=(1, 4), two_processes=False)
   reference, _ = checkpoints.read_state_numpy(runs["1x4"])
   state, step = checkpoints.read_state_numpy(runs["1x1"])

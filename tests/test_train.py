@@ -41,6 +41,10 @@ def assert_same_on_every_device(tree):
 
 @pytest.mark.parametrize("preset,d_steps", [("mnist", 1), ("dcgan", 2)])
 def test_pmapped_in_memory_steps(preset, d_steps):
+  """Three pmapped steps on 4 devices per preset and --d_steps: the step counter advances, losses are finite
+  and change, every parameter of G changes, and parameters, BatchNorm statistics and optimizer states are
+  the same on every device (D's statistics threaded too). Catches gradients or statistics not averaged over
+  devices (replicas drift apart) and state not threaded between steps."""
   config = Config(preset=preset, image_size=None if preset == "mnist" else 32, base_width=8,
                   batch_size=8, d_steps=d_steps, latent_dim=16)
   config, mesh, data, state, slots = setup(config)
@@ -80,6 +84,8 @@ def test_streamed_step_matches_in_memory_step_on_the_same_batch():
 
 
 def test_two_identical_runs_are_bitwise_identical():
+  """Two runs of the same config and seed give bitwise identical parameters. Catches randomness that does
+  not come from the seed (a time- or call-count-based key)."""
   def run():
     config, mesh, data, state, slots = setup(Config(batch_size=8, latent_dim=16, seed=3))
     step = parallel.pmap_step(step_lib.make_train_step(config, 1, num_examples=len(data)), True)
@@ -91,6 +97,9 @@ def test_two_identical_runs_are_bitwise_identical():
 
 
 def test_non_finite_values_stop_training_naming_the_step():
+  """progress.check_finite passes finite history and raises TrainingDivergedError naming the first
+  non-finite step (12 = 10 + 2) and the bad value. Catches an off-by-one step number and a check that looks
+  only at the last step."""
   ok = dict(d_loss=1.0, g_loss=1.0, g_param_norm=1.0, d_param_norm=1.0, finite=1.0)
   bad = dict(ok, g_loss=float("nan"), finite=0.0)
   progress.check_finite([ok, ok], 10)
@@ -99,6 +108,8 @@ def test_non_finite_values_stop_training_naming_the_step():
 
 
 def test_sampler_bn_modes():
+  """The sampler with running statistics gives each image independently of its batch; with batch statistics
+  the same noise gives other images. Catches a --sample_bn flag that does not reach the sampler."""
   config = Config(batch_size=8, latent_dim=16).resolved()
   state = step_lib.create_train_state(config, 1)
   z = jax.random.normal(jax.random.key(0), (4, 16))
@@ -150,7 +161,8 @@ def run_single_and_multi(in_memory, k, scan):
 
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_steps_per_call_on_cpu_is_bitwise_single_steps(in_memory):
-  """--steps_per_call on CPU: K steps per call = K single steps, bit for bit (state and metrics)."""
+  """--steps_per_call on CPU: K steps per call = K single steps, bit for bit (state and metrics).
+  Catches K steps that skip, repeat or reorder steps, data or noise."""
   state, history, state_b, per_step = run_single_and_multi(in_memory, k=3, scan=None)
   arrays = lambda s: jax.device_get((s.step, jax.random.key_data(s.key), s.g, s.d, s.g_ema))
   leaves = jax.tree_util.tree_leaves_with_path(arrays(state_b))
@@ -161,7 +173,8 @@ def test_steps_per_call_on_cpu_is_bitwise_single_steps(in_memory):
 
 def test_scanned_steps_match_single_steps():
   """The accelerators' --steps_per_call, one lax.scan, run here on CPU: the same math as single steps,
-  other rounding (the loop body is compiled apart from the single step)."""
+  other rounding (the loop body is compiled apart from the single step).
+  Catches a scan body that is not the step (other data, noise or state threading)."""
   state, history, state_b, per_step = run_single_and_multi(True, k=2, scan=True)
   # Relative L2 over all parameters and states, as in the topology tests: Adam's update follows the sign
   # of near-zero gradients, so single elements (of G's first bias) can differ by 1% while the whole
@@ -180,7 +193,9 @@ def test_scanned_steps_match_single_steps():
 
 def test_loop_with_steps_per_call_matches_single_steps(tmp_path):
   """The loop with --steps_per_call=4 over 6 steps (one 4-step call, then a 2-step call) logs and
-  checkpoints after the calls that reach those steps, and ends bitwise where the single-step loop ends."""
+  checkpoints after the calls that reach those steps, and ends bitwise where the single-step loop ends.
+  Catches logging or checkpointing only at exact multiples inside a call (missed), and a short last call
+  that trains too far."""
   import tensorflow_datasets as tfds
   from dcgan_jax import checkpoints
   base = dict(dataset="mnist", batch_size=8, latent_dim=16, num_steps=6, log_every=2, sample_every=6,
@@ -213,7 +228,8 @@ def _primitives(jaxpr) -> set:
 def test_step_has_no_loop_whose_length_depends_on_data():
   """XLA:GPU checks a while loop's condition on the host, blocking it until the device is idle, at every
   iteration (WhileThunk); only loops of static length (fori_loop/scan with Python bounds: `scan` in the
-  jaxpr) run without. The data order once walked a cycle until in range (a `while`): not again."""
+  jaxpr) run without. The data order once walked a cycle until in range (a `while`): not again.
+  Catches a while loop in the step's jaxpr."""
   config = Config(batch_size=8, latent_dim=16).resolved()
   state = step_lib.create_train_state(config, 1)
   data = np.zeros((64, 28, 28, 1), np.uint8)

@@ -201,32 +201,27 @@ def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tin
   assert stopped[0] == stopped[1] > 53, stopped
 
 
-def test_two_processes_starting_cold_train_the_evaluator_once(tiny_data_dir, tmp_path):
-  """2 processes x 2 devices with --eval_every and an empty evaluator cache: process 0 trains and caches
-  the evaluator while process 1 waits, then process 1 loads it; one evaluator in the cache, no
-  temporary leftovers, both exit 0. Catches every process training at once and racing to rename its
-  copy into the cache (the loser crashed)."""
-  workdir, cache = str(tmp_path / "run"), tmp_path / "evaluators"
-  launcher = launch(args(tiny_data_dir, workdir, num_steps=4) +
-                    ["--eval_every=2", "--eval_samples=16", f"--evaluator_dir={cache}"], tmp_path / "cold.log")
+def test_evaluation_split_over_2_processes_gives_the_1_process_numbers(tiny_data_dir, tmp_path):
+  """--eval_every with --invariant_groups=8 (the same generator on every topology), first on 2
+  processes x 2 devices with an empty evaluator cache: process 0 trains and caches the evaluator while
+  process 1 waits, then loads it (one evaluator in the cache, no temporary leftovers). Their FID, KID and
+  class metrics, each process generating and embedding half of the 17 samples, then equal a single
+  process's on all of them. Catches every process training the evaluator at once and racing to rename
+  its copy into the cache (the loser crashed), a process scoring only its own share (another sample
+  set: another FID), and shares that overlap or drop the odd sample. (Row order is not checked: these
+  metrics do not depend on it.)"""
+  cache = tmp_path / "evaluators"
+  cli_args = lambda w: args(tiny_data_dir, w, batch_size=8, invariant_groups=8, num_steps=4) + [
+      "--eval_every=2", "--eval_samples=17", f"--evaluator_dir={cache}"]
+  launcher = launch(cli_args(str(tmp_path / "processes2")), tmp_path / "cold.log")
   out = launched_output(launcher, timeout=600)
   assert launcher.returncode == 0, out[-3000:]
   outs = [process_output(out, i) for i in (0, 1)]
   assert "Training the fashion_mnist evaluator" in outs[0]
   assert "Training the fashion_mnist evaluator" not in outs[1] and "Waiting for process 0" in outs[1]
   assert len(os.listdir(cache)) == 1 and not os.listdir(cache)[0].startswith(".tmp")
-
-
-def test_evaluation_split_over_2_processes_gives_the_1_process_numbers(tiny_data_dir, tmp_path):
-  """--eval_every with --invariant_groups=8 (the same generator on every topology): the FID, KID and
-  class metrics of 2 processes x 2 devices, each generating and embedding half of the 17 samples, equal
-  a single process's on all of them. Catches a process scoring only its own share (another sample set:
-  another FID), and shares that overlap or drop the odd sample. (Row order is not checked: these
-  metrics do not depend on it.)"""
-  cache = str(tmp_path / "evaluators")
-  runs = run_topologies(lambda w: args(tiny_data_dir, w, batch_size=8, invariant_groups=8, num_steps=4)
-                        + ["--eval_every=2", "--eval_samples=17", f"--evaluator_dir={cache}"],
-                        tmp_path, devices=(1,))
+  runs = dict(run_topologies(cli_args, tmp_path, devices=(1,), two_processes=False),
+              **{"2x2": str(tmp_path / "processes2")})
   scored = {name: [l for l in read_jsonl(os.path.join(w, "metrics.jsonl")) if "fid" in l]
             for name, w in runs.items()}
   assert [l["step"] for l in scored["2x2"]] == [2, 4]

@@ -56,7 +56,7 @@ class _Requests:
     receive, send = socket.socketpair()
     receive.setblocking(True)
     send.setblocking(False)
-    signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+    self._old_wakeup_fd = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
     self._socket = (receive, send)
     for sig in SIGNALS + (LOST_A_PROCESS,):
       self._old[sig] = signal.signal(sig, lambda signum, frame: None)  # counted by the watcher
@@ -68,7 +68,7 @@ class _Requests:
       return
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
-    signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(self._old_wakeup_fd)  # whoever had it before (an asyncio loop, say)
     self._old = {}
     receive, send = self._socket
     with contextlib.suppress(OSError):

@@ -32,6 +32,7 @@ fingerprint (SHA-256 of the features and of every record, in order) that the eva
 """
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -185,6 +186,10 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
                        "your images (e.g. my_{name})")
   files, classes, skipped = list_files(image_dir)
   dataset_dir = os.path.join(data_dir, name)
+  new_dirs, folder = [], os.path.abspath(dataset_dir)  # the folders a refusal must remove again
+  while not os.path.exists(folder):
+    new_dirs.append(folder)
+    folder = os.path.dirname(folder)
   try:
     workdir_lib.check_writable(data_dir, "--data_dir")
     lock = workdir_lib.RunLock([dataset_dir], "--dataset", "another import", None).claim()
@@ -262,6 +267,9 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
   if not num_images:
     shutil.rmtree(tmp)
     lock.release()
+    for folder in new_dirs:  # innermost first: a refused import leaves no folder it created
+      with contextlib.suppress(OSError):
+        os.rmdir(folder)
     reasons = sorted({reason.split(" (")[0] for _, reason in skipped}) or ["no files"]
     raise ImportError_(f"--image_dir={image_dir}: no usable image among {len(files)} files "
                        f"({'; '.join(reasons)}); point it at a folder of PNG/JPEG/BMP/GIF/WebP images")

@@ -155,8 +155,9 @@ def test_gray_folder_is_one_channel_and_unlabelled(tmp_path):
 
 def test_nothing_usable_fails_in_one_line_and_keeps_the_old_dataset(tmp_path):
   """A folder with no usable image exits non-zero with one line naming the folder, and a dataset of
-  that name imported before stays readable. Catches an import that writes an empty dataset, or that
-  removes the previous one before the new one is complete."""
+  that name imported before stays readable; into a data_dir that did not exist, the refused import
+  creates no folder. Catches an import that writes an empty dataset, one that removes the previous one
+  before the new one is complete, and a refusal that leaves the folders it made."""
   good, bad = tmp_path / "good", tmp_path / "bad"
   good.mkdir()
   bad.mkdir()
@@ -174,6 +175,10 @@ def test_nothing_usable_fails_in_one_line_and_keeps_the_old_dataset(tmp_path):
   _, examples = read_back(str(tmp_path / "tfds"), "mine")
   assert len(examples) == 1
   assert not glob.glob(str(tmp_path / "tfds" / "mine" / ".incomplete-*"))
+  # Into a data_dir that did not exist: refused, and nothing created.
+  with pytest.raises(image_folder.ImportError_, match="no usable image"):
+    image_folder.import_folder(str(bad), "mine", str(tmp_path / "new" / "tfds"), 16)
+  assert not os.path.exists(tmp_path / "new")
 
 
 def test_registered_names_are_refused(tmp_path):

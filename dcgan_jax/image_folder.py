@@ -45,6 +45,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from dcgan_jax import input_pipeline
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import ConfigError
 
@@ -221,7 +222,7 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
   command = (f"python -m dcgan_jax.prepare_data --image_dir={os.path.abspath(image_dir)} --dataset={name} "
              f"--data_dir={os.path.abspath(data_dir)} --image_size={image_size} --crop={crop} "
              f"--channels={channels}")
-  workdir_lib.write_atomic(os.path.join(tmp, "import_started.json"), json.dumps({"command": command}))
+  workdir_lib.write_atomic(os.path.join(tmp, input_pipeline.STARTED), json.dumps({"command": command}))
   per_shard = max(1, SHARD_BYTES // (image_size * image_size * channels))
   chunk_size = max(1, min(CHUNK, CHUNK_BYTES // (image_size * image_size * channels)))
   shard_lengths, shard_paths, writer, num_bytes = [], [], None, 0
@@ -292,7 +293,7 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
   report = dict(summary, source=os.path.abspath(image_dir), crop=crop, class_names=classes,
                 class_counts=counts, fingerprint=fingerprint.hexdigest(),
                 skipped_files=[dict(path=p, reason=r) for p, r in skipped])
-  os.remove(os.path.join(tmp, "import_started.json"))
+  os.remove(os.path.join(tmp, input_pipeline.STARTED))
   with open(os.path.join(tmp, REPORT), "w") as f:
     json.dump(report, f, indent=1)
   if os.path.exists(version_dir):  # replace the old import only now that the new one is whole
@@ -310,8 +311,9 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
 def remove_interrupted(dataset_dir: str) -> list:
   """Removes what interrupted imports left in <data_dir>/<name> (tfds's "incomplete.*" folders, ours
   ".incomplete-<pid>" and ".replaced-<pid>"); call it holding the folder's lock. Returns their paths."""
+  prefixes = input_pipeline.INCOMPLETE_PREFIXES + (".replaced-",)
   left = [os.path.join(dataset_dir, n) for n in sorted(os.listdir(dataset_dir))
-          if n.startswith(("incomplete.", ".incomplete-", ".replaced-"))] if os.path.isdir(dataset_dir) else []
+          if n.startswith(prefixes)] if os.path.isdir(dataset_dir) else []
   for path in left:
     shutil.rmtree(path, ignore_errors=True)
   return left

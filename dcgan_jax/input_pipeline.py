@@ -149,7 +149,8 @@ def _download_and_prepare(builder) -> None:
   network), that failure stands, else (a flaky network) tfds tries again with its own retries."""
   from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(str(builder.data_dir)))
-  before = _paths_under(root)
+  prepared = os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+  before = None if prepared else _paths_under(root)  # (a prepared dataset downloads nothing)
   saved = downloader.MAX_RETRIES
   downloader.MAX_RETRIES = 1
   try:
@@ -157,7 +158,8 @@ def _download_and_prepare(builder) -> None:
     return
   except Exception:  # pylint: disable=broad-except
     if not _resolves(DOWNLOAD_HOST):
-      _remove_new(root, before)  # the failed attempt's partial downloads: a refusal changes nothing
+      if not prepared:
+        _remove_new(root, before)  # the failed attempt's partial downloads: a refusal changes nothing
       raise
   finally:
     downloader.MAX_RETRIES = saved

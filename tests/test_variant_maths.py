@@ -7,6 +7,7 @@ network's parameters after the step are exactly its parameters before minus the 
 """
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from dcgan_jax import losses
 from dcgan_jax import models
 from dcgan_jax import parallel
 from dcgan_jax import randomness
@@ -212,3 +214,71 @@ def test_spectral_normalisation_divides_by_sigma_and_its_gradient_flows_through_
   np.testing.assert_allclose(got, want, rtol=1e-5)
   np.testing.assert_allclose(stored, u1, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Against code others wrote: fixtures recorded with PyTorch (experiments/torch_reference_fixtures.py).
+# ---------------------------------------------------------------------------------------------------
+TORCH = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "torch_reference.npz"))
+
+
+@pytest.mark.parametrize("layer", ["dense", "conv"])
+def test_spectral_normalisation_equals_torchs_spectral_norm(layer):
+  """--d_norm=spectral's layer against torch.nn.utils.spectral_norm (one power iteration, training mode)
+  from the same weight and u: the output, the stored u and the weight's and bias's gradients, for a
+  dense layer and a 4x4 stride-2 convolution. Catches sigma under stop_gradient, the power iteration
+  on the transposed matrix, a conv kernel reshaped so that output channels mix (reshape(features, -1)),
+  and u not updated."""
+  get = lambda name: TORCH[f"spectral_{layer}_{name}"].astype(np.float32)
+  module = (models.Dense(features=3, spectral=True) if layer == "dense" else
+            models.Conv(features=3, kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), spectral=True))
+
+  def loss(params):
+    y, new = module.apply({"params": params, "batch_stats": {"spectral_u": get("u")}}, get("x"),
+                          mutable=["batch_stats"])
+    return jnp.sum(y * get("cotangent")), (y, new["batch_stats"]["spectral_u"])
+
+  grads, (y, u1) = jax.grad(loss, has_aux=True)({"kernel": get("kernel"), "bias": get("bias")})
+  np.testing.assert_allclose(y, TORCH[f"spectral_{layer}_y"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(u1, TORCH[f"spectral_{layer}_u1"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads["kernel"], TORCH[f"spectral_{layer}_grad_kernel"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads["bias"], TORCH[f"spectral_{layer}_grad_bias"], rtol=1e-4, atol=1e-5)
+
+
+def test_each_loss_has_pytorch_studioGANs_gradients():
+  """Each --loss's D loss (with respect to the real and fake logits) and G loss (fake logits) against
+  the same losses written with torch.nn.functional as PyTorch-StudioGAN writes them. Catches a sign
+  error, a missing 1/2 in least squares, hinge's margin on the wrong side, and minimax's G loss
+  replaced by the non-saturating one."""
+  real, fake = TORCH["loss_real"].astype(np.float32), TORCH["loss_fake"].astype(np.float32)
+  for kind in LOSSES:
+    d_real, d_fake = jax.grad(lambda r, f: losses.d_loss(r, f, kind), argnums=(0, 1))(real, fake)
+    g_fake = jax.grad(lambda f: losses.g_loss(f, kind))(fake)
+    for name, got in (("d_grad_real", d_real), ("d_grad_fake", d_fake), ("g_grad_fake", g_fake)):
+      np.testing.assert_allclose(got, TORCH[f"loss_{kind}_{name}"], rtol=1e-5, atol=1e-7,
+                                 err_msg=f"{kind} {name}")
+
+
+def test_penalties_have_the_authors_pytorch_gradients():
+  """The gradient penalty and R1 (losses.gradient_penalty, losses.r1_penalty over per-example input
+  gradients taken as the step takes them: the vjp of D's summed outputs) on a tiny tanh critic, against
+  WGAN-GP's PyTorch code (autograd.grad with create_graph, the norm per example) and R1 as Mescheder
+  et al.'s code writes it (gamma / 2 times the squared norm): the critic parameters' gradients. Catches
+  the norm over the whole batch, a squared norm in the gradient penalty, and R1 without its 1/2."""
+  get = lambda name: jnp.asarray(TORCH[name], jnp.float32)
+  critic = lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"]) @ p["w2"]
+  params = {"w1": get("penalty_w1"), "b1": get("penalty_b1"), "w2": get("penalty_w2")}
+  eps = get("penalty_eps")[:, None, None, None]
+  mixed = eps * get("penalty_real") + (1 - eps) * get("penalty_fake")
+
+  def input_grads(p, x):
+    out, vjp = jax.vjp(lambda x: critic(p, x), x)
+    return vjp(jnp.ones_like(out))[0]
+
+  penalties = {"gp": lambda p: float(TORCH["gp_weight"]) * losses.gradient_penalty(input_grads(p, mixed)),
+               "r1": lambda p: float(TORCH["r1_gamma"]) * losses.r1_penalty(input_grads(p, get("penalty_real")))}
+  for name, penalty in penalties.items():
+    grads = jax.grad(penalty)(params)
+    for key in params:
+      np.testing.assert_allclose(grads[key], TORCH[f"{name}_grad_{key}"], rtol=1e-4, atol=1e-6,
+                                 err_msg=f"{name} {key}")

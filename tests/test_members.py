@@ -127,7 +127,9 @@ def test_members_on_two_processes_are_bitwise_the_single_runs_with_invariant_gro
   """`--seeds=0,1 --invariant_groups=8` on 2 processes x 2 devices (the launcher, gloo) against single
   runs of seeds 0 and 1 on 1 device: each member bitwise its single run (state, metrics lines).
   Catches members that save on one process only, members' saves of one step colliding in orbax's
-  multi-process barriers (a hang, then an error), and a member program that depends on the topology.
+  multi-process barriers (a hang, then an error), a member program that depends on the topology, and
+  (each member being the single run's code) --invariant_groups not bitwise between 1 device and 2
+  processes, or logs written by both processes. (2 and 4 devices of one process: test_invariant.py.)
   (Evaluation on 2 processes: test_topology.py; per member it is the single run's code.)"""
   def cli(workdir, seeds):
     return ["--dataset=fashion_mnist", f"--data_dir={tiny_data_dir}", f"--workdir={workdir}", seeds,

@@ -321,18 +321,17 @@ def test_minimax_generator_loss_in_a_real_step():
                             jax.tree.leaves(results["non_saturating"][1])[0])
 
 
-def test_every_loss_and_penalty_trains_finite_steps_that_the_penalty_changes():
-  """Two pmapped steps per variant (4 devices): every --loss on the mnist preset (dropout in D; the
-  wasserstein loss with the gradient penalty), R1 there, and the gradient penalty and lazy R1
-  (--r1_every=2, in the CPU's and the accelerators' form) on the dcgan preset (BatchNorm in D), whose D also trains with layer and no
-  normalisation (other gradients than BatchNorm's), and the hinge loss with spectral normalisation. Each step is finite and moves G and D; a penalty is logged (> 0 where applied, 0 on a
-  lazy step) and changes D's gradient against the same step without it. Catches a loss missing from
-  the step, a penalty computed but not added to D's loss, NaNs from the double backward, and a lazy
-  R1 applied on the wrong updates."""
-  def two_steps(platform=None, **overrides):
+def test_the_penalties_train_finite_steps_on_4_devices_through_dropout():
+  """Two pmapped steps on 4 devices of the mnist preset (dropout in D): plain, wasserstein with the
+  gradient penalty, and R1. Each step is finite and moves G and D; a penalty is logged (> 0) and
+  changes D's gradient against the same step without it. (Each loss's and penalty's gradients are
+  checked exactly against the textbook on one device in test_variant_maths.py.) Catches NaNs from the
+  double backward through dropout, and a penalty computed but not added to D's loss when the batch is
+  split over devices."""
+  def two_steps(**overrides):
     config = Config(**dict(dict(batch_size=8, latent_dim=16, base_width=8), **overrides))
     config, mesh, data, state, slots = setup(config)
-    step = parallel.pmap_step(step_lib.make_train_step(config, 1, len(data), platform), in_memory=True)
+    step = parallel.pmap_step(step_lib.make_train_step(config, 1, len(data)), in_memory=True)
     data = jax.device_put(data, NamedSharding(mesh, P()))
     before = jax.device_get((state.g.params, state.d.params))
     history = []
@@ -345,24 +344,7 @@ def test_every_loss_and_penalty_trains_finite_steps_that_the_penalty_changes():
     assert all(m["finite"] == 1.0 for m in history), (overrides, history)
     return history
 
-  mnist_plain = two_steps()[0]["d_grad_norm"]
-  for loss in ("least_squares", "hinge"):  # (minimax: test_minimax_generator_loss_in_a_real_step)
-    two_steps(loss=loss)
+  plain = two_steps()[0]["d_grad_norm"]
   assert two_steps(loss="wasserstein", gp_weight=10.0)[0]["gp"] > 0
   r1 = two_steps(r1_weight=10.0)
-  assert r1[0]["r1"] > 0 and r1[0]["d_grad_norm"] != mnist_plain
-  dcgan = dict(preset="dcgan", image_size=32)
-  plain = two_steps(**dcgan)[0]["d_grad_norm"]
-  gp = two_steps(gp_weight=10.0, **dcgan)
-  assert gp[0]["gp"] > 0 and gp[0]["d_grad_norm"] != plain
-  lazy = two_steps(r1_weight=10.0, r1_every=2, **dcgan)
-  assert lazy[0]["r1"] > 0 and lazy[1]["r1"] == 0 and lazy[0]["d_grad_norm"] != plain
-  # The accelerators' form of the lazy schedule (a lax.cond; CPU weights R1 by 0 instead): the same
-  # numbers up to the convolution forms' rounding.
-  branched = two_steps(platform="gpu", r1_weight=10.0, r1_every=2, **dcgan)
-  for a, b in zip(lazy, branched):
-    np.testing.assert_allclose([a[k] for k in ("r1", "d_loss", "g_loss")], [b[k] for k in ("r1", "d_loss", "g_loss")],
-                               rtol=1e-4, atol=1e-6)
-  for d_norm in ("layer", "none"):  # (spectral: test_checkpoints.py)
-    assert two_steps(d_norm=d_norm, **dcgan)[0]["d_grad_norm"] != plain
-  two_steps(loss="hinge", d_norm="spectral")
+  assert r1[0]["r1"] > 0 and r1[0]["d_grad_norm"] != plain

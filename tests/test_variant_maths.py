@@ -136,14 +136,18 @@ def compare(monkeypatch, config, platform=None, step=0, r1_weight=None):
   return metrics, eps
 
 
+D_NORMS = {"least_squares": "layer", "hinge": "none"}  # (spectral: the fixtures below)
+
+
 @pytest.mark.parametrize("loss", ["non_saturating", pytest.param("minimax", marks=pytest.mark.slow),
                                   "least_squares", "hinge"])  # (minimax: D's loss is non_saturating's)
 def test_each_loss_trains_d_and_g_on_its_own_formula(monkeypatch, loss):
   """The D and G gradients of one real step equal the textbook gradients of --loss (D: the loss on
   real and fake outputs; G: its generator loss through the updated D). Catches D trained with the
   default cross-entropy whatever --loss says (the logged d_loss still right), a G loss of another
-  kind, a sign error, a missing 1/2, and the G update taken through the old D."""
-  compare(monkeypatch, tiny(loss=loss))
+  kind, a sign error, a missing 1/2, and the G update taken through the old D; D with BatchNorm, layer
+  norm (least squares) and none (hinge): the step's other paths through D's statistics."""
+  compare(monkeypatch, tiny(loss=loss, d_norm=D_NORMS.get(loss, "batch")))
 
 
 def test_the_gradient_penalty_interpolates_each_example_with_its_own_weight(monkeypatch):

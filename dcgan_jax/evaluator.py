@@ -70,6 +70,12 @@ class Classifier(nn.Module):
     return features, nn.Dense(self.num_classes)(features)
 
 
+def features_program(num_classes: int):
+  """The embedding program, jitted: (variables, uint8 images (n, H, W, C)) -> (features, logits)."""
+  model = Classifier(num_classes)
+  return jax.jit(lambda variables, images: model.apply(variables, _to_float(images)))
+
+
 def _to_float(images):
   return images.astype(jnp.float32) / 127.5 - 1.0  # the generator's range
 
@@ -137,8 +143,7 @@ class Evaluator:
   real_split: str = "test"
 
   def __post_init__(self):
-    model = Classifier(self.num_classes)
-    self._apply = jax.jit(lambda v, x: model.apply(v, _to_float(x)))
+    self._apply = features_program(self.num_classes)
 
   def embed(self, images: np.ndarray, batch_size: int = 1000) -> Tuple[np.ndarray, np.ndarray]:
     """uint8 images (n, H, W, C) -> (float32 features (n, 128), float32 class probabilities (n, classes))."""

@@ -163,6 +163,34 @@ def pmap_step(train_step: Callable, in_memory: bool) -> Callable:
                   out_axes=(None, None), donate_argnums=(0,))
 
 
+def step_program(train_step: Callable, in_memory: bool, mesh: Mesh) -> Callable:
+  """The program pmap_step(train_step, in_memory) compiles, written as pmap is built since JAX 0.10:
+  jax.jit over jax.shard_map on `mesh`, each mapped argument's leading axis squeezed. jax.export and
+  lowering for another platform take a jitted function (a pmapped one has no .trace): programs.py
+  exports this one; tests/test_programs.py checks that it lowers to the pmapped step's operations."""
+  mapped = (False, True, not in_memory)  # (state, positions, data), as pmap_step's in_axes
+
+  def per_device(*args):
+    return train_step(*(jax.tree.map(lambda x: jax.lax.squeeze(x, [0]), a) if m else a
+                        for a, m in zip(args, mapped)))
+
+  specs = tuple(P(AXIS) if m else P() for m in mapped)
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False),
+                 in_shardings=tuple(NamedSharding(mesh, s) for s in specs),
+                 out_shardings=NamedSharding(mesh, P()), donate_argnums=(0,))
+
+
+def scanned_steps(train_step: Callable, num_steps: int, in_memory: bool) -> Callable:
+  """`num_steps` steps as one lax.scan (the accelerators' --steps_per_call), to be pmapped like the step.
+  Streaming data has a step axis first (in the per-device view)."""
+  def scanned(state, positions, data):
+    if in_memory:
+      return jax.lax.scan(lambda s, _: train_step(s, positions, data), state, None, length=num_steps)
+    return jax.lax.scan(lambda s, batch: train_step(s, positions, batch), state, data)
+
+  return scanned
+
+
 def scan_by_default(platform_name: str) -> bool:
   """Whether make_multi_step runs its steps as one lax.scan for this platform (not on XLA:CPU)."""
   return platform_name != "cpu"
@@ -189,12 +217,7 @@ def make_multi_step(train_step: Callable, num_steps: int, in_memory: bool, scan:
   microseconds against a CPU step's tens of milliseconds.
   """
   if scan:
-    def scanned(state, positions, data):
-      if in_memory:
-        return jax.lax.scan(lambda s, _: train_step(s, positions, data), state, None, length=num_steps)
-      return jax.lax.scan(lambda s, batch: train_step(s, positions, batch), state, data)
-
-    return pmap_step(scanned, in_memory)
+    return pmap_step(scanned_steps(train_step, num_steps, in_memory), in_memory)
   p_step = p_step or pmap_step(train_step, in_memory)
   stack = jax.jit(lambda history: jax.tree.map(lambda *x: jnp.stack(x), *history))
 

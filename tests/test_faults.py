@@ -247,6 +247,7 @@ def test_signals_at_start_up_and_twice_are_clean(tiny_data_dir, tmp_path):
     proc = _start(args, tmp_path / f"{sig.name}.log")
     metrics = os.path.join(workdir, "metrics.jsonl")
     newest = workdir_lib.checkpoint_steps(workdir)[-1]
+    _wait_for_line(proc, f"Resuming from step {newest}")  # (metrics.jsonl holds the last run's lines)
     while max([r["step"] for r in read_jsonl(metrics)] or [0]) < newest + 7:  # a newer checkpoint exists
       assert proc.poll() is None, _read(proc.log)
       time.sleep(0.05)

@@ -12,6 +12,7 @@ total over the members, `images_per_sec_per_member` one member's share.
 training settings are the trainer's own flags (config.py), with the same defaults.
 """
 
+import hashlib
 import json
 import os
 import resource
@@ -124,7 +125,17 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
               device_kind=jax.local_devices()[0].device_kind, devices=n_dev, jax=jax.__version__,
               peak_memory_kind=kind, peak_memory_bytes=peak,
               final_d_loss=float(final["d_loss"]), final_g_loss=float(final["g_loss"]),
-              finite=bool(final["finite"] == 1.0))
+              finite=bool(final["finite"] == 1.0), state_sha256=state_digest(states))
+
+
+def state_digest(states) -> str:
+  """sha256 of every leaf of the final states in tree order (keys by their data): two runs with equal
+  digests ended bitwise equal (--invariant_groups on an accelerator, experiments/bench_gpu.py)."""
+  digest = hashlib.sha256()
+  as_data = lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  for leaf in jax.tree.leaves(jax.device_get(jax.tree.map(as_data, states))):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
 
 
 def main(argv):
@@ -140,4 +151,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, xla_cpu_convolutions=lambda: FLAGS.xla_cpu_convolutions)
+  cli.run(main, xla_cpu_convolutions=lambda: FLAGS.xla_cpu_convolutions,
+          deterministic=lambda: FLAGS.invariant_groups > 0)

@@ -3,7 +3,8 @@
     cli.run(main)                      # instead of absl.app.run(main)
 
 Before `main` runs (after flag parsing, before JAX starts a backend):
-  * XLA:CPU flags are set, here and nowhere else (convolutions.configure_xla_cpu);
+  * XLA flags are set, here and nowhere else (convolutions.configure_xla_cpu, and configure_xla_gpu
+    for --invariant_groups);
   * the console shows dcgan_jax's own INFO lines and other libraries' warnings and errors only
     (tfds, orbax, ...); `--verbosity=1` shows everything.
 """
@@ -114,15 +115,18 @@ def configure_console() -> None:
 
 
 def run(main: Callable, xla_cpu_convolutions: Optional[Callable[[], str]] = None,
-        positional: bool = False, uses_jax: bool = True) -> None:
+        positional: bool = False, uses_jax: bool = True,
+        deterministic: Optional[Callable[[], bool]] = None) -> None:
   """absl.app.run(main) with the shared setup above; `xla_cpu_convolutions()` may name the XLA:CPU
-  convolution library (default "eigen"; the benchmark's flag). positional: the tool takes positional
-  arguments (else they are a one-line error). uses_jax=False: a tool that never imports JAX (study)."""
+  convolution library (default "eigen"; the benchmark's flag); `deterministic()` asks for XLA:GPU's
+  deterministic mode (--invariant_groups). positional: the tool takes positional arguments (else they
+  are a one-line error). uses_jax=False: a tool that never imports JAX (study)."""
 
   def setup_then_main(argv):
     if uses_jax:
       from dcgan_jax import convolutions  # pylint: disable=g-import-not-at-top
       convolutions.configure_xla_cpu(xla_cpu_convolutions() if xla_cpu_convolutions else "eigen")
+      convolutions.configure_xla_gpu(bool(deterministic and deterministic()))
     configure_console()
     if len(argv) > 1 and not positional:
       exit_with_error(f"unexpected arguments {argv[1:]}; flags look like --name=value")

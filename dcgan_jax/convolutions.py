@@ -10,8 +10,8 @@ compiled for (models.build_models); the layers then call `conv`, `conv_transpose
            every device count and process rounds alike (on CPU, where it is verified).
 
 Hardware-specific code is reached only from here: a GPU/TPU program never contains the CPU rewrites
-(tests/test_models.py checks that jax.jvp runs through a "lax" G and D). `configure_xla_cpu` is the one
-place that sets XLA:CPU flags.
+(tests/test_models.py checks that jax.jvp runs through a "lax" G and D). `configure_xla_cpu` and
+`configure_xla_gpu` are the places that set XLA flags.
 """
 
 import os
@@ -96,4 +96,23 @@ def configure_xla_cpu(convolutions: str = "eigen") -> bool:
       or getattr(xla_bridge, "backends_are_initialized", lambda: False)()):
     return False
   os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS}".strip()
+  return True
+
+
+# XLA:GPU's deterministic mode: no atomics (scatter, reductions) and deterministic cuDNN/cuBLAS algorithm
+# choices; --invariant_groups fixes the order of every batch sum, which is only worth it with this on.
+DETERMINISTIC_GPU = "--xla_gpu_deterministic_ops=true"
+
+
+def configure_xla_gpu(deterministic: bool) -> bool:
+  """With `deterministic` (--invariant_groups), XLA:GPU's deterministic mode through XLA_FLAGS, before
+  JAX initialises its backends (cli.run). Changes nothing, and returns False, without `deterministic`,
+  when XLA_FLAGS already says (the user's wins), or once backends are up. The flag is read by XLA:GPU
+  only; every jaxlib knows it (an unknown XLA flag would abort the process)."""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  flags = os.environ.get("XLA_FLAGS", "")
+  if (not deterministic or "xla_gpu_deterministic_ops" in flags
+      or getattr(xla_bridge, "backends_are_initialized", lambda: False)()):
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_GPU}".strip()
   return True

@@ -95,4 +95,4 @@ _end_now = stopping.end_now
 
 if __name__ == "__main__":
   stopping.install()  # first thing: a SIGTERM or Ctrl-C while the run starts is never lost
-  cli.run(main)
+  cli.run(main, deterministic=lambda: FLAGS.invariant_groups > 0)

@@ -2,6 +2,9 @@
 Flax references, batches 128 / 1024 / 8192, float32 and bfloat16, interleaved repeats, medians; at
 batch 128 also 4 and 16 members in one program (--seeds; images/s is their total).
 
+At batch 128 also two --invariant_groups=16 runs per repeat: their cost, and whether all of them end
+with one final state (their `state_sha256`; XLA:GPU's deterministic mode is on with groups).
+
 Made to run once on the device tool's H200 (no network, no TensorFlow there), inside its 15 minutes:
 
   # here, once: copy the references and Fashion-MNIST's train images (the references read them) into
@@ -66,6 +69,12 @@ def configurations(batches, steps_for, device):
                        [py, "-m", "dcgan_jax.benchmark", "--preset=mnist", f"--batch_size={b}",
                         f"--steps={steps}", "--warmup=2", f"--steps_per_call={k}",
                         f"--seeds=0-{members - 1}", f"--members_form={form}"], ROOT))
+    if b == 128:  # --invariant_groups: its cost, and two runs whose states must be bitwise equal
+      for run in (1, 2):  # (XLA:GPU's deterministic mode is on with groups: convolutions.py)
+        runs.append((f"dcgan_jax b{b} float32 k{k} invariant16 run{run}",
+                     [py, "-m", "dcgan_jax.benchmark", "--preset=mnist", f"--batch_size={b}",
+                      f"--steps={steps}", "--warmup=2", f"--steps_per_call={k}", "--invariant_groups=16"],
+                     ROOT))
     runs.append((f"torch-eager b{b}", [py, "ref_torch.py", "--batch", str(b), "--steps", str(steps),
                                         "--warmup", "10", "--alternating", "--device", device], STAGE))
     runs.append((f"jax-flax-jit b{b}", [py, "ref_jax.py", "--batch", str(b), "--steps", str(steps),
@@ -98,7 +107,7 @@ def main():
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "gpu.jsonl")
-  results = collections.defaultdict(list)
+  results, digests = collections.defaultdict(list), collections.defaultdict(set)
   t_start = time.time()
   for r in range(args.repeats):
     for name, cmd, cwd in configurations(batches, steps_for, args.device):
@@ -119,9 +128,14 @@ def main():
                                                      "wall_sec", "error")}), flush=True)
       if "images_per_sec" in result:
         results[name].append(result["images_per_sec"])
+      if "state_sha256" in result:
+        digests[name.split(" run")[0]].add(result["state_sha256"])
   for name, ips in results.items():
     print(json.dumps(dict(summary=name, median_images_per_sec=round(statistics.median(ips)),
                           runs=[round(x) for x in ips])))
+  for name, found in digests.items():
+    if "invariant" in name:  # every run and repeat of one configuration: one final state
+      print(json.dumps(dict(summary=name, bitwise_equal_runs=len(found) == 1, digests=sorted(found))))
   print(f"total {time.time() - t_start:.0f} s; lines in {path}")
 
 

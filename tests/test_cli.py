@@ -94,12 +94,13 @@ def test_download_failure_names_the_offline_command(monkeypatch):
 def test_benchmark_prints_one_json_line_without_tensorflow():
   """The benchmark runs with TensorFlow, tfds and tensorboardX made unimportable (as on the GPU machine) and
   prints one JSON line with its measurements and settings. Catches the training core importing TensorFlow or
-  tfds, and a benchmark that ignores --compute_dtype or --steps_per_call."""
+  tfds, a benchmark that ignores --compute_dtype, --steps_per_call or --invariant_groups, and groups
+  without XLA:GPU's deterministic mode."""
   import subprocess
   import sys
   from helpers import ROOT, cli_env
   code = ("import sys, runpy; sys.argv = ['benchmark', '--batch_size=8', '--steps=2', '--warmup=0', "
-          "'--num_examples=64', '--compute_dtype=bfloat16', '--steps_per_call=2']; "
+          "'--num_examples=64', '--compute_dtype=bfloat16', '--steps_per_call=2', '--invariant_groups=4']; "
           "runpy.run_module('dcgan_jax.benchmark', run_name='__main__')\n")
   # Poison TensorFlow, tfds and tensorboardX (the GPU machine has none of them): the training core and
   # the benchmark must not import them.
@@ -115,6 +116,10 @@ def test_benchmark_prints_one_json_line_without_tensorflow():
   assert result["batch_size"] == 8 and result["devices"] == 2 and result["finite"]
   assert result["compute_dtype"] == "bfloat16" and result["steps"] == 2 and result["steps_per_call"] == 2
   assert result["multi_step"] == "dispatch"  # the CPU default
+  # --invariant_groups turns on XLA:GPU's deterministic mode before JAX starts (cli.run); the final
+  # state's digest is what two accelerator runs compare.
+  assert result["invariant_groups"] == 4 and "--xla_gpu_deterministic_ops=true" in result["xla_flags"]
+  assert len(result["state_sha256"]) == 64
 
 
 @pytest.mark.parametrize("name", ["mnist.flags", "fashion_mnist.flags", "cifar10.flags", "celeb_a.flags"])

@@ -271,6 +271,23 @@ def test_configure_xla_cpu_respects_the_user_an_accelerator_run_and_a_started_ba
   assert convolutions.configure_xla_cpu() and os.environ["XLA_FLAGS"] == convolutions.EIGEN_CONVOLUTIONS
 
 
+def test_configure_xla_gpu_sets_deterministic_mode_for_groups_only_and_never_over_the_user(monkeypatch):
+  """--invariant_groups asks for XLA:GPU's deterministic mode (XLA_FLAGS, before JAX starts); nothing
+  without groups, nothing over the user's own setting, nothing once a backend is up. Catches the flag
+  set for every run, over the user's choice, or too late to take effect."""
+  from dcgan_jax import convolutions
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  assert not convolutions.configure_xla_gpu(True)  # the backend is up (conftest): too late
+  monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: False)
+  assert not convolutions.configure_xla_gpu(False)
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+  assert convolutions.configure_xla_gpu(True)
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
+                                             convolutions.DETERMINISTIC_GPU]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
+  assert not convolutions.configure_xla_gpu(True) and os.environ["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=false"
+
+
 def test_spectral_normalisation_brings_the_largest_singular_value_to_one_and_trains_only_in_training():
   """--d_norm=spectral's layers: after 200 training-mode passes (one power iteration each) the weight
   they use, kernel / sigma, has largest singular value 1 within 1e-3 (1.47 for the raw kernel); an

@@ -43,6 +43,7 @@ from absl import flags
 import numpy as np
 
 from dcgan_jax import cli
+from dcgan_jax import study_stats
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import STUDY_IGNORED, ConfigError, exit_with_error
 
@@ -122,31 +123,51 @@ def load_run(workdir: str) -> Run:
              _read_jsonl(workdir_lib.path(workdir, workdir_lib.METRICS)), evaluations)
 
 
+def parse_at(at: str):
+  """--at -> ("final" or "best", the last step to look at or None). "step=N" is "final" up to step N.
+  ConfigError for anything else."""
+  if at in ("final", "best"):
+    return at, None
+  if at.startswith("step=") and at[5:].isdigit():
+    return "final", int(at[5:])
+  raise ConfigError(f"--at={at}: unknown; use final, best or step=N (e.g. step=5000)")
+
+
+def _upto(records, until):
+  return records if until is None else [r for r in records if r["step"] is not None and r["step"] <= until]
+
+
 def values_at(run: Run, metrics, at: str = "final", best_by: str = "fid"):
   """(step, {metric: value or None}) of one run's metrics.jsonl.
 
-  at="final": each metric's last logged value; step = the last logged step.
+  at="final": each metric's last logged value; step = the last logged step. at="step=N": the same,
+  over the lines of steps <= N.
   at="best": every metric from the one line with the lowest `best_by` (None for metrics not in that
   line, e.g. training losses beside an evaluation); (None, all None) when the run never logged it.
   """
+  at, until = parse_at(at)
+  records = _upto(run.records, until)
   if at == "final":
     last = {}
-    for record in run.records:
+    for record in records:
       last.update({k: v for k, v in record.items() if k != "step"})
-    return (run.records[-1]["step"] if run.records else None), {m: last.get(m) for m in metrics}
-  return _pick(run.records, metrics, at, best_by)[:2]
+    return (records[-1]["step"] if records else None), {m: last.get(m) for m in metrics}
+  return _pick(records, metrics, at, best_by)[:2]
 
 
 def _pick(records, metrics, at, best_by):
   """(step, values, "eval" settings) of the newest step's record (at="final"; of several, the last
-  written) or the one with the lowest best_by (at="best"; the first of equal ones)."""
+  written; "step=N": of steps <= N) or the one with the lowest best_by (at="best"; the first of
+  equal ones)."""
+  at, until = parse_at(at)
+  records = _upto(records, until)
   if at == "final":
     chosen = max(reversed(records), key=lambda r: -1 if r["step"] is None else r["step"], default=None)
   elif at == "best":
     scored = [r for r in records if r.get(best_by) is not None and math.isfinite(r[best_by])]
     chosen = min(scored, key=lambda r: r[best_by]) if scored else None
   else:
-    raise ConfigError(f"--at={at}: unknown; use final or best")
+    raise ConfigError(f"--at={at}: unknown; use final, best or step=N")
   if chosen is None:
     return None, {m: None for m in metrics}, {}
   return chosen["step"], {m: chosen.get(m) for m in metrics}, chosen.get("eval", {})
@@ -221,9 +242,21 @@ def table_rows(runs, metrics, at="final", best_by="fid", per_run=False, ignore=I
                metrics={})
     for m in metrics:
       values = [v[m] for _, _, v, _ in members]
-      row["metrics"][m] = dict(summarize(values), values=values)
+      row["metrics"][m] = dict(summarize(values), values=values, ci=study_stats.mean_interval(values),
+                               expected_best=study_stats.expected_best(values, study_stats.lower_is_better(m)))
     rows.append(row)
   return rows
+
+
+def label(settings: dict) -> str:
+  """A configuration's name in comparisons: its differing settings, "name=value, ..." ("all" if none)."""
+  return ", ".join(f"{k}={_setting(k, v)}" for k, v in settings.items()) or "all"
+
+
+def comparisons(rows, metrics) -> dict:
+  """{metric: study_stats.compare_all over the rows' values}: every pair of configurations."""
+  return {m: study_stats.compare_all({label(r["settings"]): r["metrics"][m]["values"] for r in rows})
+          for m in metrics}
 
 
 def _setting(name: str, value) -> str:
@@ -277,6 +310,38 @@ def format_markdown(rows, metrics, per_run: bool = False) -> str:
   return "\n".join(lines)
 
 
+def format_statistics(rows, metrics) -> str:
+  """Below the table: each configuration's 95% interval of the mean, the pairwise differences with
+  their verdicts, and the expected best of k seeds; or why they cannot be given (one seed each)."""
+  if not any(r["metrics"][m]["n"] > 1 for r in rows for m in metrics):
+    return "No intervals or comparisons: every configuration has one seed (train several: --seeds=0-2)."
+  interval = lambda ci: "— (1 seed)" if ci is None else f"[{_number(ci['low'])}, {_number(ci['high'])}]"
+  lines = [f"95% intervals of the mean over seeds (percentile bootstrap, {study_stats.RESAMPLES:,} "
+           f"resamples, seed {study_stats.SEED}; few seeds make them too narrow):", "",
+           "| configuration | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+  lines += [f"| {label(r['settings'])} | " + " | ".join(interval(r["metrics"][m]["ci"]) for m in metrics)
+            + " |" for r in rows]
+  if len(rows) > 1:
+    lines += ["", "Differences of means, A − B (permutation test, two-sided; p adjusted by Holm over "
+              "the pairs of each metric):", "",
+              "| metric | A | B | A − B | 95% interval | p | p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for m, pairs in comparisons(rows, metrics).items():
+      for p in pairs:
+        numbers = ([_number(p["difference"]), f"[{_number(p['low'])}, {_number(p['high'])}]",
+                    f"{p['p']:.3g}", f"{p['p_holm']:.3g}"] if "p" in p else ["—"] * 4)
+        lines.append(f"| {m} | {p['a']} | {p['b']} | " + " | ".join(numbers) + f" | {p['verdict']} |")
+  n = max(len(r["metrics"][metrics[0]]["expected_best"]) for r in rows)
+  lines += ["", f"Expected best of k seeds ({metrics[0]}, "
+            f"{'lowest' if study_stats.lower_is_better(metrics[0]) else 'highest'} is best; over every "
+            "k-subset of the seeds):", "", "| configuration | " + " | ".join(f"k={k}" for k in range(1, n + 1))
+            + " |", "|---|" + "---|" * n]
+  for r in rows:
+    best = r["metrics"][metrics[0]]["expected_best"]
+    cells = [_number(b) for b in best] + [""] * (n - len(best))  # (fewer seeds than another row)
+    lines.append(f"| {label(r['settings'])} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def choose_metrics(runs, requested: Optional[str], source: str = "metrics") -> list:
   """--metrics as a list; by default those of DEFAULT_METRICS (DEFAULT_EVALUATION_METRICS) that some
   run logged (else the losses). ConfigError naming what is available for a metric no run logged."""
@@ -301,9 +366,9 @@ def define_flags():
   flags.DEFINE_string("metrics", None, "Comma-separated keys (default: fid, kid, coverage, fid_raw, "
                       "kid_raw where logged, else d_loss, g_loss; with --source=evaluations fid, kid, "
                       "precision, recall, coverage).")
-  flags.DEFINE_enum("at", "final", ["final", "best"], "final: each metric's last value (with "
-                    "--source=evaluations: the newest step's evaluation); best: the evaluation with the "
-                    "lowest --best_by.")
+  flags.DEFINE_string("at", "final", "final: each metric's last value (with --source=evaluations: the "
+                      "newest step's evaluation); best: the evaluation with the lowest --best_by; step=N: "
+                      "as final, over the steps up to N.")
   flags.DEFINE_string("best_by", "fid", "The metric --at=best minimises.")
   flags.DEFINE_bool("per_run", False, "One row per run instead of one per configuration.")
   flags.DEFINE_enum("format", "markdown", ["markdown", "json"], "markdown: a table; json: one line per row.")
@@ -336,8 +401,12 @@ def main(argv):
   if flags.FLAGS.format == "json":
     for row in rows:
       print(json.dumps(row))
+    if not flags.FLAGS.per_run:
+      print(json.dumps(dict(comparisons=comparisons(rows, metrics))))
   else:
     print(format_markdown(rows, metrics, flags.FLAGS.per_run))
+    if not flags.FLAGS.per_run:
+      print("\n" + format_statistics(rows, metrics))
 
 
 if __name__ == "__main__":

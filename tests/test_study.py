@@ -194,8 +194,96 @@ def test_command_line_folders_json_and_errors(tmp_path):
   assert "metrics.jsonl:5: not a JSON line; skipped" in r.stderr
   r = cli("--format=json", "--at=best", "--metrics=fid", str(runs / "s0"), str(runs / "s1"))
   assert r.returncode == 0, r.stderr
-  (row,) = [json.loads(line) for line in r.stdout.splitlines()]
+  row, last = [json.loads(line) for line in r.stdout.splitlines()]
   assert row["metrics"]["fid"]["values"] == [4.0, 6.0] and row["steps"] == [4, 4]
+  assert last == {"comparisons": {"fid": []}}  # one configuration: no pairs
   (runs / "s0" / "config.json").write_text("{")
   r = cli(str(runs))
   assert r.returncode == 2 and "config.json: not a config.json written by dcgan_jax.main" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics over seeds (study_stats.py), each against a computation written out here
+# ---------------------------------------------------------------------------------------------------
+from dcgan_jax import study_stats  # noqa: E402
+
+
+def test_permutation_p_is_the_exact_share_of_relabelings_and_holm_steps_down():
+  """compare()'s p for 3 vs 4 seeds equals the share of all C(7, 3) relabelings whose |difference of
+  means| is at least the observed one (enumerated here); Holm's adjusted p-values equal the step-down
+  definition worked out by hand, in the input's order. Catches a one-sided test, a p from random
+  permutations where all can be enumerated, Bonferroni instead of Holm, and adjusted p-values
+  returned in sorted order."""
+  import itertools
+  a, b = [9.0, 10.0, 12.5], [11.0, 13.0, 14.5, 12.0]
+  pooled, observed = np.array(a + b), abs(np.mean(a) - np.mean(b))
+  extreme = [abs(pooled[list(i)].mean() - np.delete(pooled, list(i)).mean()) >= observed - 1e-12
+             for i in itertools.combinations(range(7), 3)]
+  result = study_stats.compare(a, b)
+  assert result["permutations"] == "exact" and result["p"] == pytest.approx(np.mean(extreme))
+  assert result["difference"] == pytest.approx(np.mean(a) - np.mean(b))
+  # Holm: sorted p 0.01 (x4), 0.02 (x3), 0.03 (x2), 0.04 (x1) -> 0.04, 0.06, 0.06, 0.06 (monotone)
+  assert study_stats.holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+  assert study_stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_bootstrap_interval_matches_a_plain_numpy_bootstrap_and_expected_best_its_subsets():
+  """mean_interval() against a percentile bootstrap written with numpy (other random draws: within 2%
+  of the spread), the same for the difference of two means, and expected_best() against the mean of
+  the best over every k-subset (itertools), lower- and higher-is-better. Catches an interval of
+  another level, a standard error instead of a bootstrap, a paired bootstrap of unpaired samples,
+  and the worst of k instead of the best."""
+  import itertools
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(10.0, 2.0, 8), rng.normal(12.0, 1.0, 6)
+  draws = rng.choice(x, size=(20_000, len(x))).mean(axis=1)
+  ci = study_stats.mean_interval(x)
+  spread = x.max() - x.min()
+  assert ci["low"] == pytest.approx(np.percentile(draws, 2.5), abs=0.02 * spread)
+  assert ci["high"] == pytest.approx(np.percentile(draws, 97.5), abs=0.02 * spread)
+  differences = draws - rng.choice(y, size=(20_000, len(y))).mean(axis=1)
+  pair = study_stats.compare(x, y)
+  assert pair["low"] == pytest.approx(np.percentile(differences, 2.5), abs=0.02 * spread)
+  assert pair["high"] == pytest.approx(np.percentile(differences, 97.5), abs=0.02 * spread)
+  assert study_stats.mean_interval([3.0]) is None and study_stats.compare([1.0, 2.0], [3.0]) is None
+  values = [7.0, 3.0, 5.0, 9.0, 4.0]
+  for lower in (True, False):
+    best = min if lower else max
+    want = [np.mean([best(c) for c in itertools.combinations(values, k)]) for k in range(1, 6)]
+    assert study_stats.expected_best(values, lower) == pytest.approx(want)
+
+
+def test_a_real_difference_is_found_and_seed_noise_is_not(tmp_path):
+  """Synthetic studies of 8 seeds per configuration: learning rates whose FIDs differ by 4 standard
+  deviations of the seeds' spread are told apart (Holm-adjusted p < 0.05, "A > B"); two whose seeds
+  gave the same values in another order, up to 1/10 of that spread, are not; a configuration with one
+  seed is "too few seeds". The table's statistics section says so. Catches a test that calls seed noise
+  a difference, or misses a large one."""
+  rng = np.random.default_rng(0)
+  base = rng.normal(12.0, 2.0, 8)
+  fids = {1e-4: base + 8.0, 2e-4: base, 3e-4: rng.permutation(base) + rng.normal(0.0, 0.2, 8)}
+  runs = [study.load_run(make_run(tmp_path / f"lr{lr}_s{s}", trained(30.0, float(fid)), learning_rate_g=lr,
+                                  seed=s))
+          for lr, values in fids.items() for s, fid in enumerate(values)]
+  runs.append(study.load_run(make_run(tmp_path / "lr5e-4_s0", trained(30.0, 11.0), learning_rate_g=5e-4)))
+  rows = study.table_rows(runs, ["fid"])
+  verdicts = {(p["a"], p["b"]): p["verdict"] for p in study.comparisons(rows, ["fid"])["fid"]}
+  assert verdicts[("learning_rate_g=0.0001", "learning_rate_g=0.0002")] == \
+      "learning_rate_g=0.0001 > learning_rate_g=0.0002"
+  assert verdicts[("learning_rate_g=0.0002", "learning_rate_g=0.0003")] == "no difference shown"
+  assert verdicts[("learning_rate_g=0.0002", "learning_rate_g=0.0005")] == "too few seeds"
+  text = study.format_statistics(rows, ["fid"])
+  assert "| learning_rate_g=0.0005 | — (1 seed) |" in text and "| fid | learning_rate_g=0.0001 |" in text
+  single = study.table_rows(runs[-1:], ["fid"])
+  assert study.format_statistics(single, ["fid"]).startswith("No intervals or comparisons")
+
+
+def test_at_step_takes_each_run_up_to_that_step(tmp_path):
+  """--at=step=N: each metric's last value logged at or before step N (the evaluation at 2 for N = 3),
+  and an unknown --at is a ConfigError. Catches the final values whatever N is, and the first line
+  after N."""
+  run = study.load_run(make_run(tmp_path / "r", trained(8.0, 4.0)))
+  assert study.values_at(run, ["fid", "d_loss"], "step=3") == (2, {"fid": 8.0, "d_loss": 1.5})
+  assert study.values_at(run, ["fid"], "step=4") == (4, {"fid": 4.0})
+  with pytest.raises(ConfigError, match="--at=later: unknown"):
+    study.values_at(run, ["fid"], "later")

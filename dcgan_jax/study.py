@@ -6,6 +6,7 @@
     python -m dcgan_jax.study --per_run runs/*           # one row per run
     python -m dcgan_jax.study --format=json runs/*       # one JSON line per row, every run's values
     python -m dcgan_jax.study --source=evaluations runs/ # the scores of `python -m dcgan_jax.evaluate`
+    python -m dcgan_jax.study --report=out runs/lr       # also out/index.html: plots, grids, verdicts
 
 Runs are grouped by their configuration (config.json), leaving out the seed and the settings that do
 not change what is trained (where and how often a run logs, samples, evaluates and checkpoints:
@@ -13,7 +14,9 @@ IGNORED_FIELDS), plus what the run recorded about where it ran: backend, device 
 and the code's git commit (runs of other code are not pooled; `--ignore=run.git_commit` pools them, e.g.
 across commits that only changed documentation). The table's columns are the settings that differ
 between groups, `runs`, `seeds`, `step` (where the values were taken) and one column per metric: mean ±
-sample standard deviation (ddof 1) over the group's runs, or the value alone for a single run.
+sample standard deviation (ddof 1) over the group's runs, or the value alone for a single run. Below
+the table: each configuration's 95% interval of the mean, every pair's difference with a permutation
+test (Holm-adjusted), and the expected best of k seeds (study_stats.py says how each is computed).
 
 Metrics are any keys of metrics.jsonl: training ones (d_loss, g_loss, D(x) as d_real, ...) and the
 in-training evaluation's (fid, kid, coverage, class_kl, and *_raw for the raw generator next to the EMA
@@ -225,7 +228,8 @@ def summarize(values) -> dict:
 
 def table_rows(runs, metrics, at="final", best_by="fid", per_run=False, ignore=IGNORED_FIELDS,
                source="metrics") -> list:
-  """The rows of the table, as dicts: "settings" (the differing ones), "runs" (workdirs), "seeds",
+  """The rows of the table, as dicts: "settings" (the differing ones), "label" (their name in
+  comparisons), "runs" (workdirs), "seeds",
   "steps" (one per run), "incomplete" (workdirs whose metrics.jsonl ends short of num_steps), and per
   metric a summarize() dict under "metrics", with "values" (one per run)."""
   groups = group(observations(runs, metrics, at, best_by, source), ignore)
@@ -235,7 +239,8 @@ def table_rows(runs, metrics, at="final", best_by="fid", per_run=False, ignore=I
   rows = []
   for settings, members in groups:
     members_runs = [run for run, *_ in members]
-    row = dict(settings={k: settings.get(k) for k in columns}, runs=[r.workdir for r in members_runs],
+    shown = {k: settings.get(k) for k in columns}
+    row = dict(settings=shown, label=label(shown), runs=[r.workdir for r in members_runs],
                seeds=[r.config.get("seed") for r in members_runs], steps=[step for _, step, _, _ in members],
                incomplete=[r.workdir for r in members_runs
                            if not r.records or r.records[-1]["step"] < r.config.get("num_steps", 0)],
@@ -255,7 +260,7 @@ def label(settings: dict) -> str:
 
 def comparisons(rows, metrics) -> dict:
   """{metric: study_stats.compare_all over the rows' values}: every pair of configurations."""
-  return {m: study_stats.compare_all({label(r["settings"]): r["metrics"][m]["values"] for r in rows})
+  return {m: study_stats.compare_all({r["label"]: r["metrics"][m]["values"] for r in rows})
           for m in metrics}
 
 
@@ -310,38 +315,6 @@ def format_markdown(rows, metrics, per_run: bool = False) -> str:
   return "\n".join(lines)
 
 
-def format_statistics(rows, metrics) -> str:
-  """Below the table: each configuration's 95% interval of the mean, the pairwise differences with
-  their verdicts, and the expected best of k seeds; or why they cannot be given (one seed each)."""
-  if not any(r["metrics"][m]["n"] > 1 for r in rows for m in metrics):
-    return "No intervals or comparisons: every configuration has one seed (train several: --seeds=0-2)."
-  interval = lambda ci: "— (1 seed)" if ci is None else f"[{_number(ci['low'])}, {_number(ci['high'])}]"
-  lines = [f"95% intervals of the mean over seeds (percentile bootstrap, {study_stats.RESAMPLES:,} "
-           f"resamples, seed {study_stats.SEED}; few seeds make them too narrow):", "",
-           "| configuration | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-  lines += [f"| {label(r['settings'])} | " + " | ".join(interval(r["metrics"][m]["ci"]) for m in metrics)
-            + " |" for r in rows]
-  if len(rows) > 1:
-    lines += ["", "Differences of means, A − B (permutation test, two-sided; p adjusted by Holm over "
-              "the pairs of each metric):", "",
-              "| metric | A | B | A − B | 95% interval | p | p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|"]
-    for m, pairs in comparisons(rows, metrics).items():
-      for p in pairs:
-        numbers = ([_number(p["difference"]), f"[{_number(p['low'])}, {_number(p['high'])}]",
-                    f"{p['p']:.3g}", f"{p['p_holm']:.3g}"] if "p" in p else ["—"] * 4)
-        lines.append(f"| {m} | {p['a']} | {p['b']} | " + " | ".join(numbers) + f" | {p['verdict']} |")
-  n = max(len(r["metrics"][metrics[0]]["expected_best"]) for r in rows)
-  lines += ["", f"Expected best of k seeds ({metrics[0]}, "
-            f"{'lowest' if study_stats.lower_is_better(metrics[0]) else 'highest'} is best; over every "
-            "k-subset of the seeds):", "", "| configuration | " + " | ".join(f"k={k}" for k in range(1, n + 1))
-            + " |", "|---|" + "---|" * n]
-  for r in rows:
-    best = r["metrics"][metrics[0]]["expected_best"]
-    cells = [_number(b) for b in best] + [""] * (n - len(best))  # (fewer seeds than another row)
-    lines.append(f"| {label(r['settings'])} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
 def choose_metrics(runs, requested: Optional[str], source: str = "metrics") -> list:
   """--metrics as a list; by default those of DEFAULT_METRICS (DEFAULT_EVALUATION_METRICS) that some
   run logged (else the losses). ConfigError naming what is available for a metric no run logged."""
@@ -374,6 +347,8 @@ def define_flags():
   flags.DEFINE_enum("format", "markdown", ["markdown", "json"], "markdown: a table; json: one line per row.")
   flags.DEFINE_list("ignore", [], "More settings to leave out of the grouping (e.g. compute_dtype, "
                     "run.devices), so runs differing in them are pooled.")
+  flags.DEFINE_string("report", None, "Also write DIR/index.html (images beside it): the table with "
+                      "intervals, the pairwise verdicts, curves with bands over seeds, sample grids.")
 
 
 def main(argv):
@@ -382,6 +357,8 @@ def main(argv):
     exit_with_error("no runs given; pass training runs' workdirs (or a folder of them), "
                     "e.g. python -m dcgan_jax.study runs/*")
   try:
+    if flags.FLAGS.report:
+      workdir_lib.check_writable(flags.FLAGS.report, "--report")
     runs = [load_run(w) for w in find_workdirs(paths)]
     source = flags.FLAGS.source
     if source == "evaluations" and not any(run.evaluations for run in runs):
@@ -406,7 +383,13 @@ def main(argv):
   else:
     print(format_markdown(rows, metrics, flags.FLAGS.per_run))
     if not flags.FLAGS.per_run:
-      print("\n" + format_statistics(rows, metrics))
+      from dcgan_jax import study_report  # pylint: disable=g-import-not-at-top
+      print("\n" + study_report.format_statistics(rows, metrics, comparisons(rows, metrics)))
+  if flags.FLAGS.report:
+    from dcgan_jax import study_report  # pylint: disable=g-import-not-at-top  (matplotlib)
+    page = study_report.write(flags.FLAGS.report, rows, metrics, {run.workdir: run for run in runs},
+                              comparisons(rows, metrics), format_markdown(rows, metrics))
+    print(f"report: {page}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -66,8 +66,9 @@ def _difference(a, b, axis=-1):
 
 def compare(a: Sequence[float], b: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES,
             seed: int = SEED) -> Optional[dict]:
-  """Mean(a) - mean(b), its bootstrap interval (each sample resampled on its own) and the two-sided
-  permutation-test p-value; None unless both have 2 or more values."""
+  """Mean(a) - mean(b), its bootstrap interval (each sample resampled on its own), the two-sided
+  permutation-test p-value and the smallest p these sample sizes allow (p_floor); None unless both
+  have 2 or more values."""
   a, b = _clean(a), _clean(b)
   if len(a) < 2 or len(b) < 2:
     return None
@@ -82,9 +83,12 @@ def compare(a: Sequence[float], b: Sequence[float], level: float = LEVEL, resamp
     test = stats.permutation_test((a, b), _difference, permutation_type="independent", vectorized=True,
                                   n_resamples=resamples, alternative="two-sided", rng=rng)
     p = float(test.pvalue)
-  exact = math.comb(len(a) + len(b), len(a)) <= resamples
+  relabelings = math.comb(len(a) + len(b), len(a))
+  exact = relabelings <= resamples
+  # The smallest p any data could give: the observed labeling (and, with equal sizes, its mirror).
+  floor = (2 if len(a) == len(b) else 1) / relabelings if exact else 1 / (resamples + 1)
   return dict(difference=float(np.mean(a) - np.mean(b)), low=low, high=high, level=level, p=p,
-              n=[len(a), len(b)], permutations="exact" if exact else f"{resamples} random")
+              p_floor=floor, n=[len(a), len(b)], permutations="exact" if exact else f"{resamples} random")
 
 
 def holm(p_values: Sequence[float]) -> list:

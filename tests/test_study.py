@@ -205,6 +205,7 @@ def test_command_line_folders_json_and_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Statistics over seeds (study_stats.py), each against a computation written out here
 # ---------------------------------------------------------------------------------------------------
+from dcgan_jax import study_report  # noqa: E402
 from dcgan_jax import study_stats  # noqa: E402
 
 
@@ -272,10 +273,10 @@ def test_a_real_difference_is_found_and_seed_noise_is_not(tmp_path):
       "learning_rate_g=0.0001 > learning_rate_g=0.0002"
   assert verdicts[("learning_rate_g=0.0002", "learning_rate_g=0.0003")] == "no difference shown"
   assert verdicts[("learning_rate_g=0.0002", "learning_rate_g=0.0005")] == "too few seeds"
-  text = study.format_statistics(rows, ["fid"])
+  text = study_report.format_statistics(rows, ["fid"], study.comparisons(rows, ["fid"]))
   assert "| learning_rate_g=0.0005 | — (1 seed) |" in text and "| fid | learning_rate_g=0.0001 |" in text
   single = study.table_rows(runs[-1:], ["fid"])
-  assert study.format_statistics(single, ["fid"]).startswith("No intervals or comparisons")
+  assert study_report.format_statistics(single, ["fid"], {}).startswith("No intervals or comparisons")
 
 
 def test_at_step_takes_each_run_up_to_that_step(tmp_path):

@@ -41,7 +41,8 @@ class HostReader:
     cpu = jax.local_devices(backend="cpu")[0]  # this process's own: never another process's device
     key = jax.device_put(jax.random.key(config.seed), cpu)
     indices = jax.jit(lambda key, number, positions: randomness.example_indices(
-        randomness.purpose_key(key, randomness.DATA), number, positions, config.batch_size, num_examples))
+        randomness.purpose_key(key, randomness.DATA), number, positions, config.batch_size, num_examples,
+        "cpu"))  # (compiled for this host's CPU, whatever the accelerator)
     flat = jax.device_put(self._positions.reshape(-1), cpu)
     self._indices = lambda number: np.asarray(indices(key, jax.device_put(np.int32(number), cpu), flat))
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,

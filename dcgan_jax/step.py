@@ -236,7 +236,7 @@ def make_train_step(config: Config, channels: int, num_examples: Optional[int] =
       if num_examples is None:
         return to_float(data[k])
       idx = randomness.example_indices(data_key, state.step * config.d_steps + k, positions,
-                                       config.batch_size, num_examples)
+                                       config.batch_size, num_examples, platform)
       return to_float(data[idx])
 
     d, g_bs = state.d, state.g.batch_stats

@@ -61,6 +61,7 @@ CONFIGURATIONS = {
     "dcgan32_b128_f32": ("train", dict(_DCGAN32, batch_size=128)),
     "dcgan64_b128_f32": ("train", dict(_DCGAN64, batch_size=128)),
     "dcgan64_b128_bf16": ("train", dict(_DCGAN64, batch_size=128, compute_dtype="bfloat16")),
+    "mnist_b128_minimax": ("train", dict(_MNIST, batch_size=128, loss="minimax")),
     "mnist_b128_least_squares": ("train", dict(_MNIST, batch_size=128, loss="least_squares")),
     "mnist_b128_hinge": ("train", dict(_MNIST, batch_size=128, loss="hinge")),
     "mnist_b128_wgan_gp": ("train", dict(_MNIST, batch_size=128, loss="wasserstein", gp_weight=10.0)),

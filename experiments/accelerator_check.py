@@ -1,7 +1,7 @@
 """Exports every accelerator program users run (dcgan_jax/programs.py's CONFIGURATIONS) for GPU and TPU on
 this machine, without the hardware, and prints one JSON line per program and platform.
 
-    python experiments/accelerator_check.py --platforms=cuda,tpu [--devices=8] [--only=mnist_b128_f32]
+    python experiments/accelerator_check.py --platforms=cuda,tpu [--devices=8] [--only=mnist_b128_f32] [--brief]
 
 Keys: name, platform, ok (else error), op_counts, flops_per_image, bytes_per_image, collectives_per_step,
 collective_bytes_per_step, custom_calls, host_callbacks, f64_ops, large_constants, nondeterministic_ops,
@@ -38,7 +38,7 @@ def main():
   parser.add_argument("--platforms", default="cuda,tpu", help="jax.export platforms, comma-separated")
   parser.add_argument("--devices", type=int, default=8, help="devices of the training mesh (1..64)")
   parser.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
-  parser.add_argument("--op_counts", action="store_true", help="print op_counts too (long lines)")
+  parser.add_argument("--brief", action="store_true", help="leave op_counts out (shorter lines)")
   parser.add_argument("--table", action="store_true",
                       help="then a markdown table: FLOPs per image and the images/s each peak allows")
   args = parser.parse_args()
@@ -61,7 +61,7 @@ def main():
       t0 = time.time()
       report = programs.check(name, platform, args.devices)
       report["seconds"] = round(time.time() - t0, 1)
-      if not args.op_counts:
+      if args.brief:
         report.pop("op_counts", None)
       failed += not report["ok"]
       reports.append(report)

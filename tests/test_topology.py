@@ -93,8 +93,8 @@ def test_random_access_path_is_bitwise_identical_on_1_device_and_2_processes(tin
 
 def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_on_other_topologies(tiny_data_dir, tmp_path):
   """2 processes x 2 devices, SIGTERM to process 1 only: both processes stop after the same step, write
-  one checkpoint together and exit 0; the run then continues on 1 process x 4 devices, then on 1 x 1,
-  and ends bitwise equal to an uninterrupted 1-device run (--invariant_groups=8). Catches a process that
+  one checkpoint together and exit 0; the run then continues on 1 process x 1 device and ends bitwise
+  equal to an uninterrupted 1-device run (--invariant_groups=8). Catches a process that
   stops on its own signal alone (the other waits forever in a collective, or they checkpoint different
   steps), and a resume that cannot change topology."""
   workdir = str(tmp_path / "stopped")
@@ -113,14 +113,11 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_on_other_topol
   assert stopped[0] == stopped[1], stopped
   step = stopped[0]
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
-  r = run_cli(run(workdir, step + 2), devices=4)  # the same run, continued on 1 process x 4 devices...
+  total = step + 4
+  r = run_cli(run(workdir, total), devices=1)  # the same run, continued on 1 process x 1 device
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"Resuming from step {step}" in r.stderr
   assert "Topology changed: the checkpoint of step" in r.stderr and "by 2 process(es) with 4" in r.stderr
-  total = step + 4
-  r = run_cli(run(workdir, total), devices=1)  # ...then on one device
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert f"Resuming from step {step + 2}" in r.stderr and "by 1 process(es) with 4" in r.stderr
   straight = str(tmp_path / "straight")
   r = run_cli(run(straight, total), devices=1)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -25,6 +25,7 @@ OPTIMIZERS = ("adam", "rmsprop")
 SAMPLE_BN_MODES = ("running", "batch")
 IN_MEMORY_MODES = ("auto", "true", "false")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+EVAL_FEATURES = ("evaluator", "inception")
 MEMBERS_FORMS = ("auto", "dispatch", "vmap")
 D_NORMS = ("none", "batch", "layer", "spectral")
 # Settings --sweep may vary between the members of one program: scalars of the optimizers and the EMA.
@@ -191,6 +192,16 @@ class Config:
   evaluator_dir: Optional[str] = setting(
       None, "Cache of the evaluator classifiers (trained once per dataset); default "
       "~/.cache/dcgan_jax/evaluators.", OUTPUT)
+  eval_features: str = setting(
+      "evaluator", "Features of the in-training FID/KID (and of the choice of best/): evaluator (the "
+      "library's own offline network, vs the test split) or inception (pytorch-fid's, vs the train "
+      "split, as papers; needs --inception_weights or a cached copy; adds the Inception Score).", OUTCOME)
+  inception_weights: Optional[str] = setting(
+      None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: the copy in --inception_dir, "
+      "downloaded there once when online).", OUTPUT)
+  inception_dir: Optional[str] = setting(
+      None, "Cache of the Inception weights and the datasets' reference features; default "
+      "~/.cache/dcgan_jax/inception.", OUTPUT)
 
   # ---------------------------------------------------------------------------------------------
   def member_seeds(self) -> list:
@@ -278,6 +289,7 @@ class Config:
     choice("in_memory", IN_MEMORY_MODES)
     choice("compute_dtype", COMPUTE_DTYPES)
     choice("members_form", MEMBERS_FORMS)
+    choice("eval_features", EVAL_FEATURES)
     if self.d_norm is not None:
       choice("d_norm", D_NORMS)
       if self.invariant_groups and self.d_norm in ("layer", "spectral"):

@@ -288,6 +288,34 @@ def process_0_first(make: Callable, what: str):
   return result
 
 
+def over_local_devices(program: Callable, per_device: int) -> Callable:
+  """call(shared, rows) -> numpy outputs: `program(shared, chunk)` (a function of rows that treats each
+  row on its own, e.g. an inference network) on chunks of `per_device` rows per local device, each chunk
+  split over this process's devices (a mesh of the local devices; `shared` replicated on them). The
+  last chunk is padded with copies of its first row, which are dropped: one compiled shape per call.
+  `call.place(tree)` puts `shared` on the devices once, for trees used in many calls."""
+  mesh = Mesh(np.array(jax.local_devices()), ("local",))
+  rows_sharding, replicated = NamedSharding(mesh, P("local")), NamedSharding(mesh, P())
+  jitted = jax.jit(program, out_shardings=rows_sharding)
+  chunk = per_device * mesh.devices.size
+
+  def call(shared, rows):
+    shared = jax.device_put(shared, replicated)
+    outs = []
+    for start in range(0, len(rows), chunk):
+      part = rows[start:start + chunk]
+      n = len(part)
+      if n < chunk:
+        xp = np if isinstance(part, np.ndarray) else jnp
+        part = xp.concatenate([part, xp.repeat(part[:1], chunk - n, axis=0)])
+      out = jitted(shared, jax.device_put(part, rows_sharding))
+      outs.append(jax.tree.map(lambda o, n=n: np.asarray(o)[:n], out))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+  call.place = lambda tree: jax.device_put(tree, replicated)
+  return call
+
+
 def process_share(rows: np.ndarray) -> np.ndarray:
   """This process's contiguous share of `rows` (all of them in a single-process run): work that every
   process would otherwise repeat, split (e.g. the evaluation's samples)."""

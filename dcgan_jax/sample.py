@@ -62,6 +62,13 @@ def load(workdir, step=None, best=False, use_ema=True, sample_bn=None):
   step=0 without a checkpoint 0 is the untrained generator, rebuilt from the run's config (the initial
   weights are a function of the seed): the baseline that training should improve on.
   """
+  sampler, g, config, step, used_ema = load_sampler(workdir, step, best, use_ema, sample_bn)
+  return (lambda z: sampling.sample_images(sampler, g, z)), config, step, used_ema
+
+
+def load_sampler(workdir, step=None, best=False, use_ema=True, sample_bn=None):
+  """(sampler, g, config, step, used_ema): load's generator as sampling.make_sampler's jitted
+  `sampler(g, z)` and its state `g`, for programs that generate on the devices."""
   if step == 0 and 0 not in workdir_lib.checkpoint_steps(workdir):
     generator, variables, config = _initial_generator(workdir)
     used_ema = False
@@ -71,7 +78,7 @@ def load(workdir, step=None, best=False, use_ema=True, sample_bn=None):
   sampler = sampling.make_sampler(generator, sample_bn or config.sample_bn)
   g = step_lib.NetState(jax.tree.map(jnp.asarray, variables["params"]),
                         jax.tree.map(jnp.asarray, variables["batch_stats"]), None)
-  return (lambda z: sampling.sample_images(sampler, g, z)), config, step, used_ema
+  return sampler, g, config, step, used_ema
 
 
 def _initial_generator(workdir):

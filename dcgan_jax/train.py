@@ -293,7 +293,13 @@ class _Steps:
 
 def _make_scorer(config, image_shape):
   """The evaluator (trained and cached by process 0 first, then loaded by the others) and its scorer,
-  shared by all members."""
+  shared by all members; or, with --eval_features=inception, the Inception network's."""
+  if config.eval_features == "inception":
+    from dcgan_jax import inception_metrics  # pylint: disable=g-import-not-at-top
+    weights = parallel.process_0_first(lambda: inception_metrics.load_weights(
+        config.inception_weights, config.inception_dir), "the Inception weights")
+    return inception_metrics.GeneratorScorer(weights, config.dataset, config.data_dir, image_shape,
+                                             config.inception_dir)
   from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
   ev = parallel.process_0_first(lambda: evaluator.load_or_train(
       config.dataset, config.data_dir, image_shape, config.evaluator_dir), "the evaluator")
@@ -315,12 +321,18 @@ class _Evaluation:
     # After the evaluator's data are read (_make_scorer): orbax's background clean-up of a new checkpoint
     # directory must not overlap tfds's file access (tfds.testing.mock_data patches the file system).
     self.checkpointer = checkpoints.Checkpointer(workdir, config, subdir="best", max_to_keep=1)
-    self.best = (self.checkpointer.latest_score() or {}).get("fid", float("inf"))
+    best = self.checkpointer.latest_score() or {}
+    self.features = config.eval_features
+    # A best/ chosen in other features holds an FID on another scale: the first evaluation replaces it.
+    same = best.get("features", "evaluator") == self.features
+    self.best = best.get("fid", float("inf")) if same else float("inf")
     self.z = randomness.eval_latents(jax.random.key(config.seed), config.eval_samples, config.latent_dim)
 
   def _score(self, g) -> dict:
     """Each process generates and embeds its share of the evaluation samples; the embeddings are
     gathered, and every process computes the same metrics from all of them."""
+    if hasattr(self.scorer, "score_generator"):  # inception_metrics.GeneratorScorer
+      return self.scorer.score_generator(self.sample, g, self.z)
     from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
     share = sampling.sample_images(self.sample, g, parallel.process_share(self.z))
     images = evaluator.as_uint8_images(share, self.scorer.evaluator.image_shape)
@@ -346,7 +358,7 @@ class _Evaluation:
     fid = parallel.broadcast_from_process_0(results["fid"])  # every process takes the same decision
     if fid < self.best:
       self.best = fid
-      self.checkpointer.save(state, step, score=dict(fid=fid, step=step, ema=ema))
+      self.checkpointer.save(state, step, score=dict(fid=fid, step=step, ema=ema, features=self.features))
       # Finished before the rolling checkpoint of the same step starts: orbax names its multi-process
       # barriers by step alone, and two saves of one step in flight at once collide (a deadlock).
       self.checkpointer.wait()

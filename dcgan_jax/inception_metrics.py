@@ -77,11 +77,12 @@ def find_weights(path: Optional[str], cache_dir: Optional[str]) -> str:
   url = os.environ.get(URL_ENV, WEIGHTS_URL)
   tmp = f"{cached}.download-{os.getpid()}"
   try:
-    os.makedirs(cache_dir, exist_ok=True)
-    logging.info("Downloading the Inception weights from %s to %s.", url, cached)
-    with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-      while block := response.read(1 << 20):
-        f.write(block)
+    with urllib.request.urlopen(url, timeout=60) as response:
+      logging.info("Downloading the Inception weights from %s to %s.", url, cached)
+      os.makedirs(cache_dir, exist_ok=True)
+      with open(tmp, "wb") as f:
+        while block := response.read(1 << 20):
+          f.write(block)
     if not _sha256(tmp).startswith(WEIGHTS_SHA256_PREFIX):
       raise OSError(f"the download's SHA-256 does not start with {WEIGHTS_SHA256_PREFIX}")
     os.replace(tmp, cached)

@@ -291,15 +291,17 @@ def process_0_first(make: Callable, what: str):
 def over_local_devices(program: Callable, per_device: int) -> Callable:
   """call(shared, rows) -> numpy outputs: `program(shared, chunk)` (a function of rows that treats each
   row on its own, e.g. an inference network) on chunks of `per_device` rows per local device, each chunk
-  split over this process's devices (a mesh of the local devices; `shared` replicated on them). The
-  last chunk is padded with copies of its first row, which are dropped: one compiled shape per call.
+  split over this process's devices (a mesh of the local devices; `shared` replicated on them); fewer
+  rows than that make one smaller chunk. The last chunk is padded with copies of its first row, which
+  are dropped: one compiled shape per number of rows.
   `call.place(tree)` puts `shared` on the devices once, for trees used in many calls."""
   mesh = Mesh(np.array(jax.local_devices()), ("local",))
   rows_sharding, replicated = NamedSharding(mesh, P("local")), NamedSharding(mesh, P())
   jitted = jax.jit(program, out_shardings=rows_sharding)
-  chunk = per_device * mesh.devices.size
+  devices = mesh.devices.size
 
   def call(shared, rows):
+    chunk = min(per_device, -(-len(rows) // devices)) * devices  # a few rows: no padding to per_device
     shared = jax.device_put(shared, replicated)
     outs = []
     for start in range(0, len(rows), chunk):

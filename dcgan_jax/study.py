@@ -58,7 +58,7 @@ RUN_FIELDS = ("backend", "device_kind", "devices", "git_commit")
 DEFAULT_METRICS = ("fid", "kid", "coverage", "fid_raw", "kid_raw")
 DEFAULT_EVALUATION_METRICS = ("fid", "kid", "precision", "recall", "coverage")
 # What makes one evaluation's scores comparable with another's, grouped on as eval.<name>.
-EVALUATION_FIELDS = ("num_samples", "ema", "sample_bn", "evaluator")
+EVALUATION_FIELDS = ("num_samples", "ema", "sample_bn", "features", "evaluator")
 
 
 @dataclasses.dataclass
@@ -106,12 +106,15 @@ def _read_jsonl(path: str) -> list:
 def evaluation_record(report: dict) -> dict:
   """One evaluate report -> a record like metrics.jsonl's: step, its scores (numbers at the top level),
   the real-data floor's as reference_<name>, and under "eval" the settings EVALUATION_FIELDS
-  (evaluator: the cache path of the evaluator network)."""
+  (features: evaluator or inception; evaluator: the evaluator network's cache path, or the Inception
+  weights' SHA-256)."""
   is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
   record = {k: v for k, v in report.items() if is_number(v) and k not in ("step", "num_samples")}
   record.update({f"reference_{k}": v for k, v in report.get("reference", {}).items()
-                 if is_number(v) and k != "num_samples"})
-  settings = dict(report, evaluator=report.get("evaluator", {}).get("path"))
+                 if is_number(v) and k not in ("num_samples", "count")})
+  # The feature network: the evaluator's cache path, or the Inception weights' hash.
+  settings = dict(report, features=report.get("features", "evaluator"),
+                  evaluator=report.get("evaluator", {}).get("path") or report.get("weights", {}).get("sha256"))
   record.update(step=report.get("step"), eval={k: settings.get(k) for k in EVALUATION_FIELDS})
   return record
 

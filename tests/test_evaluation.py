@@ -252,7 +252,8 @@ def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
   from dcgan_jax import study
   assert study.evaluations_at(study.load_run(tiny_run), ["fid", "reference_fid"]) == [(
       6, dict(fid=report["fid"], reference_fid=report["reference"]["fid"]),
-      dict(num_samples=16, ema=True, sample_bn="running", evaluator=report["evaluator"]["path"]))]
+      dict(num_samples=16, ema=True, sample_bn="running", features="evaluator",
+           evaluator=report["evaluator"]["path"]))]
   # Samples made elsewhere, as uint8 without a channel axis in an .npz of several arrays.
   generate, config, _, _ = sample.load(tiny_run)
   ours = evaluator.as_uint8_images(generate(sample.latents(config, 16)), (28, 28, 1))

@@ -46,6 +46,22 @@ def test_fid_of_shifted_gaussians():
   assert metrics.fid(x, y) == pytest.approx(1.0, abs=0.05)
 
 
+def test_fid_of_sets_smaller_than_the_dimension_equals_the_textbook_formula():
+  """Sets of fewer samples than dimensions (rank-deficient covariances, the small-sample route through
+  A2 A1^T's singular values) give the textbook value tr(S1 + S2 - 2 sqrtm(S1 S2)) + ||mu1 - mu2||^2,
+  with S1, S2 computed by np.cov and the root by scipy, for sets of unequal sizes. Catches the route's
+  1/(n - 1) scaling, a centring by the other set's mean, and singular values not summed."""
+  rng = np.random.default_rng(3)
+  a = rng.standard_normal((30, 40)) * rng.uniform(0.5, 2, 40)
+  b = rng.standard_normal((25, 40)) + 0.3
+  s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  diff = a.mean(0) - b.mean(0)
+  textbook = diff @ diff + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+  assert metrics.fid(a, b) == pytest.approx(textbook, rel=1e-6)
+  assert metrics.fid_from_samples(a, b) == pytest.approx(
+      metrics.frechet_distance(a.mean(0), s1, b.mean(0), s2), rel=1e-7)
+
+
 def brute_force_mmd2(x, y):
   k = lambda a, b: (a @ b / len(a) + 1) ** 3
   m, n = len(x), len(y)

@@ -1,0 +1,54 @@
+"""One process of the Inception topology test: embeds fixed images and the images of a stand-in generator
+with inception_metrics.Features, and process 0 saves what it received (all processes' shares).
+
+    python tests/inception_probe.py OUT.npz [PROCESS_ID NUM_PROCESSES PORT]
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dcgan_jax import convolutions  # noqa: E402
+
+convolutions.configure_xla_cpu()  # the XLA:CPU flags every dcgan_jax program (and the tests) runs with
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dcgan_jax import inception_metrics, parallel  # noqa: E402
+from inception_fixture import random_variables, recorder  # noqa: E402
+
+PROBE_IMAGES = 7  # odd: the processes' shares differ in size, and the devices' chunks are padded
+
+
+def probe_inputs():
+  """(uint8 images (7, 32, 32, 3), latents (7, 3 * 16 * 16), the stand-in generator's parameter)."""
+  images = recorder().colour_images(PROBE_IMAGES, 32, 5)
+  z = np.random.default_rng(0).standard_normal((PROBE_IMAGES, 3 * 16 * 16)).astype(np.float32)
+  return images, z, np.float32(0.7)
+
+
+@jax.jit
+def stand_in_sample(g, z):
+  """A 'generator' (g, z (n, 768)) -> float32 (n, 16, 16, 3) in [-1, 1]."""
+  return jnp.tanh(g * z.reshape(-1, 16, 16, 3))
+
+
+def main():
+  out = sys.argv[1]
+  if len(sys.argv) > 2:
+    process_id, num_processes, port = map(int, sys.argv[2:5])
+    parallel.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+  features = inception_metrics.Features(inception_metrics.Weights("random", "0" * 64, random_variables()),
+                                        per_device=2)
+  images, z, g = probe_inputs()
+  pool3, logits = features.embed(images)
+  gen_pool3, gen_logits = features.embed_generated(stand_in_sample, g, z)
+  if jax.process_index() == 0:
+    np.savez(out, pool3=pool3, logits=logits, gen_pool3=gen_pool3, gen_logits=gen_logits)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,6 +1,7 @@
 """Side-by-side GPU throughput, seed model: dcgan_jax against ../shared/bench's PyTorch eager and plain
 Flax references, batches 128 / 1024 / 8192, float32 and bfloat16, interleaved repeats, medians; at
-batch 128 also 4 and 16 members in one program (--seeds; images/s is their total).
+batch 128 also 4 and 16 members in one program (--seeds; images/s is their total). Then the FID
+Inception network's feature throughput (experiments/inception_throughput.py).
 
 At batch 128 also two --invariant_groups=16 runs (first repeat only): their cost, and whether both end
 with one final state (their `state_sha256`; XLA:GPU's deterministic mode is on with groups).
@@ -79,6 +80,9 @@ def configurations(batches, steps_for, device):
                                         "--warmup", "10", "--alternating", "--device", device], STAGE))
     runs.append((f"jax-flax-jit b{b}", [py, "ref_jax.py", "--batch", str(b), "--steps", str(steps),
                                          "--warmup", "10", "--alternating"], STAGE))
+  # The FID Inception network's throughput (inception_metrics.Features), once per repeat.
+  runs.append(("inception features 32x32", [py, "experiments/inception_throughput.py", "--images=5000",
+                                            "--per_device=200"], ROOT))
   return runs
 
 

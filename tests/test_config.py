@@ -48,7 +48,8 @@ def test_study_groups_on_everything_but_the_seed_and_the_output_settings():
   """Catches study pooling runs of different computations or scores (e.g. num_steps, eval_samples,
   sample_bn) or separating runs that differ only in where and how often they wrote."""
   assert config_lib.STUDY_IGNORED == {"seed", "seeds", "sweep", "data_dir", "log_every", "sample_every", "num_samples",
-                                      "checkpoint_every", "keep_checkpoints", "eval_every", "evaluator_dir"}
+                                      "checkpoint_every", "keep_checkpoints", "eval_every", "evaluator_dir",
+                                      "inception_weights", "inception_dir"}
   from dcgan_jax import study
   assert set(study.IGNORED_FIELDS) == config_lib.STUDY_IGNORED
 

@@ -130,7 +130,7 @@ def test_evaluations_are_tabulated_and_only_comparable_ones_pooled(tmp_path):
   assert runs[0].evaluations[0] == dict(
       step=4, fid=3.0, kid=0.03, kid_std=0.001, precision=0.5, recall=0.4, coverage=10, num_classes=10,
       class_kl=0.02, classifier_score=8.0, num_real=10000, reference_fid=0.05, reference_precision=0.87,
-      eval=dict(num_samples=10000, ema=True, sample_bn="running",
+      eval=dict(num_samples=10000, ema=True, sample_bn="running", features="evaluator",
                 evaluator="/cache/fashion_mnist-28x28x1-n64-seed0-v1"))
   assert study.choose_metrics(runs, None, "evaluations") == ["fid", "kid", "precision", "recall", "coverage"]
   rows = study.table_rows(runs, ["fid", "reference_fid"], source="evaluations")

@@ -10,7 +10,8 @@
 Inception features (inception.py, inception_metrics.py): numbers that stand beside papers'. The report
 states "features", "weights" (file, SHA-256), "preprocessing", "num_samples" and "reference" (dataset,
 split, count, or the file). Samples: a generator (--workdir; generated and embedded on the devices),
---samples=A, or both sides as files: --reference_samples=B. Default count 50,000 (or the whole file).
+--samples=A, or both sides as files: --reference_samples=B (images, or pytorch-fid's statistics file
+with "mu" and "sigma": FID and IS only). Default count 50,000 (or the whole file).
 
 --features=evaluator (the default): the library's own offline evaluator, below.
 
@@ -80,7 +81,8 @@ def define_flags():
   flags.DEFINE_integer("reference_count", 0, "--features=inception: real images of the split (a seeded "
                        "subset); 0 = all.", lower_bound=0)
   flags.DEFINE_string("reference_samples", None, "--features=inception: compare with these images "
-                      "(.npy/.npz or a folder, as --samples) instead of a dataset split.")
+                      "(.npy/.npz or a folder, as --samples), or with pytorch-fid's statistics (.npz with "
+                      "mu and sigma: FID only), instead of a dataset split.")
   flags.DEFINE_bool("reference", True, "Also report the real-data floor (real train images vs test split).")
   flags.DEFINE_bool("record", True, "Scoring a --workdir: also append the report to "
                     "<workdir>/evaluations.jsonl (what `python -m dcgan_jax.study --source=evaluations` "
@@ -187,6 +189,7 @@ def evaluate_inception(workdir=None, data_dir=None, dataset=None, num_samples=No
   before any image is embedded."""
   from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
   from dcgan_jax import inception_metrics  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import metrics  # pylint: disable=g-import-not-at-top
   from dcgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   report, run_config = {}, None
   if samples is None:
@@ -211,7 +214,8 @@ def evaluate_inception(workdir=None, data_dir=None, dataset=None, num_samples=No
   else:
     z = sample_lib.latents(run_config, num_samples or 50000, seed)
     shape = jax.eval_shape(sampler, g, z[:1]).shape[1:]
-  if reference_samples:
+  statistics = reference_statistics(reference_samples) if reference_samples else None
+  if reference_samples and statistics is None:
     real = load_samples(reference_samples, None, "--reference_samples")
     real = evaluator.as_uint8_images(real, _image_shape(real))
   weights = inception_metrics.load_weights(inception_weights, inception_dir)
@@ -222,6 +226,15 @@ def evaluate_inception(workdir=None, data_dir=None, dataset=None, num_samples=No
     pool3, logits = features.embed(images)
   else:
     pool3, logits = features.embed_generated(sampler, g, z)
+  if statistics is not None:  # FID from the file's mu and sigma alone; KID and precision/recall need features
+    mu, sigma = statistics
+    if mu.shape != (pool3.shape[1],) or sigma.shape != (pool3.shape[1],) * 2:
+      raise ConfigError(f"--reference_samples={reference_samples}: mu {mu.shape} and sigma {sigma.shape} are "
+                        f"not statistics of {pool3.shape[1]}-d pool3 features")
+    report["reference"] = dict(statistics=os.path.abspath(reference_samples))
+    score = dict(fid=metrics.frechet_distance(*metrics.gaussian_stats(pool3), mu, sigma))
+    score["inception_score"], score["inception_score_std"] = inception_metrics.inception_score(logits)
+    return {**score, "num_samples": len(pool3), **report, **inception_metrics.describe(weights)}
   if reference_samples:
     real_pool3, _ = features.embed(real)
     reference = dict(samples=os.path.abspath(reference_samples), count=len(real_pool3))
@@ -231,6 +244,20 @@ def evaluate_inception(workdir=None, data_dir=None, dataset=None, num_samples=No
     real_pool3, reference = ref.features, ref.description
   return {**inception_metrics.scores(pool3, logits, real_pool3), "num_samples": len(pool3), **report,
           "reference": reference, **inception_metrics.describe(weights)}
+
+
+def reference_statistics(path: str):
+  """(mu, sigma) of a pytorch-fid statistics file (an .npz holding "mu" and "sigma", e.g. one written by
+  `python -m pytorch_fid --save-stats`), else None (the file holds images)."""
+  if not (path.endswith(".npz") and os.path.isfile(path)):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if {"mu", "sigma"} <= set(f.keys()):
+        return np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"--reference_samples={path}: not a readable .npz file ({type(e).__name__})") from None
+  return None
 
 
 def _image_shape(images: np.ndarray) -> tuple:

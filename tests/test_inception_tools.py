@@ -50,6 +50,7 @@ def test_evaluate_on_arrays_folders_and_a_dataset_split(weights, tiny_data_dir, 
     KID, precision/recall and Inception Score of an independent computation on the same images
     (Features.embed here, on 4 devices, and metrics.*), and state the count, the reference, the weights'
     hash and the preprocessing;
+  * pytorch-fid's statistics file (mu, sigma) of the reference gives the same FID;
   * the same images as two folders of PNG files give the same numbers (pytorch_fid A B's input);
   * a dataset split as the reference: its features are cached, and the second evaluation reads the
     cache instead of embedding the images again (a doctored cache changes the FID);
@@ -76,6 +77,14 @@ def test_evaluate_on_arrays_folders_and_a_dataset_split(weights, tiny_data_dir, 
   assert arrays["num_samples"] == 12 and arrays["reference"]["count"] == 11
   assert arrays["weights"]["sha256"] == inception_metrics._sha256(path)  # pylint: disable=protected-access
   assert arrays["features"] == "inception" and "align_corners=False" in arrays["preprocessing"]
+
+  # pytorch-fid's statistics file (mu, sigma) as the reference: the same FID; no KID or precision.
+  np.savez(tmp_path / "stats.npz", mu=real.mean(0), sigma=np.cov(real.astype(np.float64), rowvar=False))
+  from dcgan_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  stats = evaluate_lib.evaluate_inception(samples=str(tmp_path / "a.npy"), inception_weights=path,
+                                          inception_dir=cache, reference_samples=str(tmp_path / "stats.npz"))
+  assert stats["fid"] == pytest.approx(arrays["fid"], rel=1e-6) and "kid" not in stats
+  assert stats["reference"] == dict(statistics=str(tmp_path / "stats.npz"))
 
   for name, images in (("A", a_uint8[..., 0]), ("B", b[..., 0])):
     os.makedirs(tmp_path / name)

@@ -11,7 +11,7 @@ The weights are pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (the Tensor
 2015-12-05 ported to PyTorch; its SHA-256 starts with 6726825d, the suffix of its name). Without a path
 they are looked up in the cache directory and, when absent, downloaded there once from pytorch-fid's
 GitHub release ($DCGAN_JAX_INCEPTION_URL overrides the address, for a mirror). The Flax variables
-converted from them are cached beside them (converted-<sha256 prefix>.msgpack).
+converted from them are cached beside them (converted_path).
 """
 
 import dataclasses
@@ -96,6 +96,14 @@ def find_weights(path: Optional[str], cache_dir: Optional[str]) -> str:
                       "pass --inception_weights=PATH (or put it in that directory)") from None
 
 
+CONVERTED_VERSION = 1  # bump when the conversion or the network's variables change: caches then convert again
+
+
+def converted_path(cache_dir: Optional[str], sha256: str) -> str:
+  """Where the Flax variables converted from the weights file with this hash are cached."""
+  return os.path.join(cache_dir or DEFAULT_DIR, f"converted-v{CONVERTED_VERSION}-{sha256[:16]}.msgpack")
+
+
 def load_weights(path: Optional[str] = None, cache_dir: Optional[str] = None) -> Weights:
   """pytorch-fid's weights as Flax variables (see find_weights), converted once and cached by hash."""
   path = find_weights(path, cache_dir)
@@ -103,7 +111,7 @@ def load_weights(path: Optional[str] = None, cache_dir: Optional[str] = None) ->
   if not sha.startswith(WEIGHTS_SHA256_PREFIX):
     logging.warning("%s is not pytorch-fid's %s (its SHA-256 does not start with %s): its metrics are "
                     "not comparable with papers'.", path, WEIGHTS_FILE, WEIGHTS_SHA256_PREFIX)
-  converted = os.path.join(cache_dir or DEFAULT_DIR, f"converted-{sha[:16]}.msgpack")
+  converted = converted_path(cache_dir, sha)
   try:
     like = jax.eval_shape(lambda: inception.FIDInceptionV3().init(
         jax.random.key(0), np.zeros((1, inception.SIZE, inception.SIZE, 3), np.float32)))
@@ -204,21 +212,26 @@ def reference_features(features: Features, dataset: str, split: str, data_dir: O
          f"-w{features.weights.sha256[:12]}")
   path = os.path.join(cache_dir or DEFAULT_DIR, "reference", key + ".npz")
   description = dict(dataset=dataset, split=split, image_shape=list(image_shape))
+  cached = None
   try:
-    with np.load(path) as cached:
-      return Reference(cached["features"], {**description, "count": len(cached["features"])})
+    with np.load(path) as f:
+      cached = f["features"]
   except (OSError, ValueError, KeyError):
     pass
+  # Embedding is collective: the processes compute together unless every one has the cache (each
+  # process reads its own cache directory, which need not be shared).
+  if parallel.every_process(cached is not None):
+    return Reference(cached, {**description, "count": len(cached)})
   images, _, _ = input_pipeline.load_images(dataset, split, data_dir, image_shape)
   if count and count < len(images):
     images = images[np.sort(np.random.default_rng(0).permutation(len(images))[:count])]
   pool3, _ = features.embed(images)
-  if jax.process_index() == 0:
+  if cached is None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     mu, sigma = metrics.gaussian_stats(pool3)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
     np.savez(tmp, mu=mu, sigma=sigma, features=pool3)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # whole or not at all; processes sharing the directory write the same bytes
   return Reference(pool3, {**description, "count": len(pool3)})
 
 

@@ -337,6 +337,15 @@ def gather_shares(share: np.ndarray, total: int) -> np.ndarray:
   return np.concatenate([gathered[p, :n] for p, n in enumerate(sizes)])
 
 
+def every_process(flag: bool) -> bool:
+  """True when `flag` is true on every process (e.g. all have a cached result, so none computes a
+  collective one)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
 def broadcast_from_process_0(value: float) -> float:
   """Process 0's value, on every process (decisions all processes must take together)."""
   if jax.process_count() == 1:

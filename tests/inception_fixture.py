@@ -55,6 +55,6 @@ def stand_in_weights(cache_dir: str) -> str:
   with open(path, "wb") as f:
     f.write(b"stand-in for pt_inception-2015-12-05-6726825d.pth")
   sha = inception_metrics._sha256(path)  # pylint: disable=protected-access
-  with open(os.path.join(cache_dir, f"converted-{sha[:16]}.msgpack"), "wb") as f:
+  with open(inception_metrics.converted_path(cache_dir, sha), "wb") as f:
     f.write(flax.serialization.to_bytes(random_variables()))
   return path

@@ -112,3 +112,33 @@ def test_inception_score_of_known_class_distributions():
   assert inception_metrics.inception_score(per_split)[0] == pytest.approx(1.0, rel=1e-9)
   with pytest.raises(ValueError, match="at least 10"):
     inception_metrics.inception_score(np.zeros((9, 1008)))
+
+
+def test_weights_are_converted_once_and_a_wrong_file_is_one_error(tmp_path, monkeypatch):
+  """load_weights converts a state dict to Flax variables, caches them by the file's hash, and reads the
+  cache the next time (the file is not parsed again); a torch.save file that is not the FID network
+  (here the BatchNorm tensors alone) is a ConfigError naming the flag and the missing arrays, and a
+  missing file names pytorch-fid's file. Catches a cache keyed by something other than the file's
+  contents, a conversion on every start, and a traceback instead of one line."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  weights = tmp_path / "weights.pth"
+  weights.write_bytes(b"any bytes: the reader is replaced below")
+  state = random_state_dict()
+  monkeypatch.setattr(torch_file, "load_state_dict", lambda path: state)
+  first = inception_metrics.load_weights(str(weights), str(tmp_path / "cache"))
+  assert os.path.exists(inception_metrics.converted_path(str(tmp_path / "cache"), first.sha256))
+
+  def fail(path):
+    raise AssertionError("parsed again")
+
+  monkeypatch.setattr(torch_file, "load_state_dict", fail)
+  second = inception_metrics.load_weights(str(weights), str(tmp_path / "cache"))
+  assert jax.tree.all(jax.tree.map(np.array_equal, first.variables, second.variables))
+  assert first.describe() == dict(file="weights.pth", sha256=first.sha256, pytorch_fid_weights=False)
+  monkeypatch.undo()
+  bn_only = os.path.join(FIXTURES, "inception_random_bn.pth")
+  with pytest.raises(ConfigError, match=r"--inception_weights=.*arrays missing"):
+    inception_metrics.load_weights(bn_only, str(tmp_path / "cache"))
+  with pytest.raises(ConfigError, match="file not found.*pt_inception-2015-12-05-6726825d.pth"):
+    inception_metrics.load_weights(str(tmp_path / "nothing.pth"), str(tmp_path / "cache"))

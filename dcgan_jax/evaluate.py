@@ -79,7 +79,7 @@ def define_flags():
   flags.DEFINE_enum("reference_split", "train", ["train", "test"], "--features=inception: the dataset "
                     "split the samples are compared with (papers: train, e.g. CIFAR-10's 50k).")
   flags.DEFINE_integer("reference_count", 0, "--features=inception: real images of the split (a seeded "
-                       "subset); 0 = all.", lower_bound=0)
+                       "subset); 0 = all.", lower_bound=0, upper_bound=10**7)
   flags.DEFINE_string("reference_samples", None, "--features=inception: compare with these images "
                       "(.npy/.npz or a folder, as --samples), or with pytorch-fid's statistics (.npz with "
                       "mu and sigma: FID only), instead of a dataset split.")

@@ -144,13 +144,13 @@ def evaluate(workdir=None, data_dir=None, dataset=None, num_samples=None, step=N
   """The evaluator's JSON report (see the module docstring). Raises ConfigError for bad input."""
   num_samples = num_samples or 10000
   from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import sampling  # pylint: disable=g-import-not-at-top
   report = {}
   run_config = None
   if samples is None:
     if not workdir:
       raise ConfigError("pass --workdir=W (a training run) or --samples=FILE (images to score)")
-    generate, run_config, step, used_ema = sample_lib.load(workdir, step, best, use_ema, sample_bn)
+    generate, run_config, step, used_ema = sampling.load(workdir, step, best, use_ema, sample_bn)
     report.update(source=os.path.abspath(workdir), step=step, ema=used_ema,
                   sample_bn=sample_bn or run_config.sample_bn)
   elif workdir:
@@ -165,7 +165,7 @@ def evaluate(workdir=None, data_dir=None, dataset=None, num_samples=None, step=N
     report.update(source=os.path.abspath(samples), samples_key=samples_key)
     shape = _image_shape(images)
   else:
-    images = generate(sample_lib.latents(run_config, num_samples, seed))
+    images = generate(sampling.latents(run_config, num_samples, seed))
     shape = images.shape[1:]
   ev = evaluator.load_or_train(dataset, data_dir, tuple(shape), evaluator_dir)
   images = evaluator.as_uint8_images(images, ev.image_shape)
@@ -190,12 +190,12 @@ def evaluate_inception(workdir=None, data_dir=None, dataset=None, num_samples=No
   from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
   from dcgan_jax import inception_metrics  # pylint: disable=g-import-not-at-top
   from dcgan_jax import metrics  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import sampling  # pylint: disable=g-import-not-at-top
   report, run_config = {}, None
   if samples is None:
     if not workdir:
       raise ConfigError("pass --workdir=W (a training run) or --samples=FILE (images to score)")
-    sampler, g, run_config, step, used_ema = sample_lib.load_sampler(workdir, step, best, use_ema, sample_bn)
+    sampler, g, run_config, step, used_ema = sampling.load_sampler(workdir, step, best, use_ema, sample_bn)
     report.update(source=os.path.abspath(workdir), step=step, ema=used_ema,
                   sample_bn=sample_bn or run_config.sample_bn)
   elif workdir:
@@ -212,7 +212,7 @@ def evaluate_inception(workdir=None, data_dir=None, dataset=None, num_samples=No
     shape = images.shape[1:]
     report.update(source=os.path.abspath(samples), samples_key=samples_key)
   else:
-    z = sample_lib.latents(run_config, num_samples or 50000, seed)
+    z = sampling.latents(run_config, num_samples or 50000, seed)
     shape = jax.eval_shape(sampler, g, z[:1]).shape[1:]
   statistics = reference_statistics(reference_samples) if reference_samples else None
   if reference_samples and statistics is None:

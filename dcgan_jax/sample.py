@@ -18,16 +18,10 @@ walking together, forth and back.
 import os
 
 from absl import flags
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dcgan_jax import checkpoints
 from dcgan_jax import cli
-from dcgan_jax import models
-from dcgan_jax import randomness
 from dcgan_jax import sampling
-from dcgan_jax import step as step_lib
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax import writers
 from dcgan_jax.config import ConfigError, exit_with_error
@@ -56,51 +50,6 @@ def define_flags():
 FLAGS = flags.FLAGS
 
 
-def load(workdir, step=None, best=False, use_ema=True, sample_bn=None):
-  """(sample(z) -> float32 images in [-1, 1], config, step, used_ema) for a run or an export.
-
-  step=0 without a checkpoint 0 is the untrained generator, rebuilt from the run's config (the initial
-  weights are a function of the seed): the baseline that training should improve on.
-  """
-  sampler, g, config, step, used_ema = load_sampler(workdir, step, best, use_ema, sample_bn)
-  return (lambda z: sampling.sample_images(sampler, g, z)), config, step, used_ema
-
-
-def load_sampler(workdir, step=None, best=False, use_ema=True, sample_bn=None):
-  """(sampler, g, config, step, used_ema): load's generator as sampling.make_sampler's jitted
-  `sampler(g, z)` and its state `g`, for programs that generate on the devices."""
-  if step == 0 and 0 not in workdir_lib.checkpoint_steps(workdir):
-    generator, variables, config = _initial_generator(workdir)
-    used_ema = False
-  else:
-    generator, variables, config, step, used_ema = checkpoints.load_run_generator(workdir, step, use_ema,
-                                                                                  best)
-  sampler = sampling.make_sampler(generator, sample_bn or config.sample_bn)
-  g = step_lib.NetState(jax.tree.map(jnp.asarray, variables["params"]),
-                        jax.tree.map(jnp.asarray, variables["batch_stats"]), None)
-  return sampler, g, config, step, used_ema
-
-
-def _initial_generator(workdir):
-  config, run = workdir_lib.read_config(workdir)
-  state = step_lib.create_train_state(config, run["channels"])
-  generator, _ = models.build_models(config, run["channels"])
-  return generator, {"params": state.g.params, "batch_stats": state.g.batch_stats}, config
-
-
-def latents(config, num: int, seed=None) -> jax.Array:
-  """The run's evaluation noise (num, latent_dim), or that of another seed."""
-  return randomness.eval_latents(jax.random.key(config.seed if seed is None else seed), num,
-                                 config.latent_dim)
-
-
-def interpolation_latents(config, rows: int, steps: int, seed=None) -> jax.Array:
-  """(rows, steps, latent_dim): row r goes linearly from z[2r] to z[2r + 1] of the evaluation noise."""
-  ends = latents(config, 2 * rows, seed).reshape(rows, 2, -1)
-  t = jnp.linspace(0.0, 1.0, steps)[None, :, None]
-  return (1 - t) * ends[:, :1] + t * ends[:, 1:]
-
-
 def main(argv):
   del argv
   for name in ("workdir", "out"):
@@ -112,13 +61,13 @@ def main(argv):
   out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
   try:
     workdir_lib.check_writable(out_dir, "--out")
-    sample, config, step, used_ema = load(FLAGS.workdir, FLAGS.step, FLAGS.best, FLAGS.use_ema,
+    sample, config, step, used_ema = sampling.load(FLAGS.workdir, FLAGS.step, FLAGS.best, FLAGS.use_ema,
                                           FLAGS.sample_bn)
   except (ConfigError, FileNotFoundError) as e:
     exit_with_error(str(e))
   os.makedirs(out_dir, exist_ok=True)
   if FLAGS.interpolate:
-    z = interpolation_latents(config, FLAGS.num, FLAGS.interpolation_steps, FLAGS.seed)
+    z = sampling.interpolation_latents(config, FLAGS.num, FLAGS.interpolation_steps, FLAGS.seed)
     images = sample(z.reshape(-1, config.latent_dim))
     images = images.reshape(z.shape[:2] + images.shape[1:])  # (rows, steps, H, W, C)
     if ext == ".npy":
@@ -131,7 +80,7 @@ def main(argv):
       writers.save_gif(frames + frames[-2:0:-1], gif, frame_ms=120, last_frame_ms=120)
       print(f"wrote {gif}")
   else:
-    images = sample(latents(config, FLAGS.num, FLAGS.seed))
+    images = sample(sampling.latents(config, FLAGS.num, FLAGS.seed))
     if ext == ".npy":
       _save_npy(images.astype(np.float32), FLAGS.out)
     else:

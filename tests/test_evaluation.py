@@ -194,7 +194,6 @@ def test_sample_cli(tiny_run, tmp_path):
   run's noise; --step=0 is the untrained generator of the run's seed; --interpolate writes a grid and a GIF.
   Catches samples from the raw generator when the EMA one is asked for, another noise, and --step=0 drawn
   from another seed."""
-  from dcgan_jax import sample
   out = str(tmp_path / "s.npy")
   result = run_tool("sample", [f"--workdir={tiny_run}", "--num=5", f"--out={out}"])
   assert result.returncode == 0, result.stderr[-2000:]
@@ -202,17 +201,17 @@ def test_sample_cli(tiny_run, tmp_path):
   assert images.shape == (5, 28, 28, 1) and images.dtype == np.float32
   assert -1 <= images.min() and images.max() <= 1
   # The same images from the generator export (EMA weights) as from the newest checkpoint's EMA weights.
-  generate, config, step, used_ema = sample.load(os.path.join(tiny_run, "generator"))
+  generate, config, step, used_ema = sampling.load(os.path.join(tiny_run, "generator"))
   assert step == 6 and used_ema
-  np.testing.assert_allclose(generate(sample.latents(config, 5)), images, atol=1e-6)
+  np.testing.assert_allclose(generate(sampling.latents(config, 5)), images, atol=1e-6)
   # Step 0: the untrained generator, rebuilt from the run's seed.
-  generate, config, step, _ = sample.load(tiny_run, step=0)
+  generate, config, step, _ = sampling.load(tiny_run, step=0)
   from dcgan_jax import models, randomness
   state = step_lib.create_train_state(config, 1)
   expected = models.build_models(config, 1)[0].apply(
       {"params": state.g.params, "batch_stats": state.g.batch_stats},
       randomness.eval_latents(jax.random.key(config.seed), 5, config.latent_dim), train=False)
-  np.testing.assert_allclose(generate(sample.latents(config, 5)), expected, atol=1e-5)
+  np.testing.assert_allclose(generate(sampling.latents(config, 5)), expected, atol=1e-5)
   png = str(tmp_path / "walk.png")
   result = run_tool("sample", [f"--workdir={tiny_run}", "--interpolate", "--num=2",
                                "--interpolation_steps=4", f"--out={png}", "--use_ema=false"])
@@ -232,7 +231,7 @@ def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
   samples made elsewhere (uint8 without a channel axis, in an .npz of several arrays) the same as the
   generator's. Catches an evaluation that uses other noise or another generator than training's, and a
   report that is not recorded."""
-  from dcgan_jax import evaluate, sample
+  from dcgan_jax import evaluate
   common = [f"--data_dir={tiny_data_dir}", f"--evaluator_dir={evaluator_dir}", "--num_samples=16"]
   result = run_tool("evaluate", [f"--workdir={tiny_run}"] + common)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -255,8 +254,8 @@ def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
       dict(num_samples=16, ema=True, sample_bn="running", features="evaluator",
            evaluator=report["evaluator"]["path"]))]
   # Samples made elsewhere, as uint8 without a channel axis in an .npz of several arrays.
-  generate, config, _, _ = sample.load(tiny_run)
-  ours = evaluator.as_uint8_images(generate(sample.latents(config, 16)), (28, 28, 1))
+  generate, config, _, _ = sampling.load(tiny_run)
+  ours = evaluator.as_uint8_images(generate(sampling.latents(config, 16)), (28, 28, 1))
   np.savez(tmp_path / "other.npz", train=np.zeros((16, 28, 28), np.uint8), eval=ours[..., 0])
   result = run_tool("evaluate", ["--samples=" + str(tmp_path / "other.npz"), "--samples_key=eval",
                                  "--dataset=fashion_mnist"] + common)

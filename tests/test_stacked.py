@@ -80,9 +80,9 @@ def test_stacked_dataset_trains_and_its_modes_are_counted_by_the_channel_classif
                                   eval_every=2, eval_samples=64, evaluator_dir=cache, log_every=2), workdir)
   scored = [m for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "modes" in m]
   # The same count from the run's generator and evaluation noise, classified here.
-  from dcgan_jax import sample
-  generate, run_config, _, _ = sample.load(workdir)
-  images = evaluator.as_uint8_images(generate(sample.latents(run_config, 64)), (32, 32, 3))
+  from dcgan_jax import sampling
+  generate, run_config, _, _ = sampling.load(workdir)
+  images = evaluator.as_uint8_images(generate(sampling.latents(run_config, 64)), (32, 32, 3))
   expected = stacked.mode_report(evaluator.stacked_modes(channel, images))
   assert len(scored) == 1 and scored[0]["modes"] == expected["modes"]
   assert scored[0]["modes_kl"] == pytest.approx(expected["modes_kl"], rel=1e-5)

@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from dcgan_jax import evaluator
+from dcgan_jax import inception
 from dcgan_jax import models
 from dcgan_jax import parallel
 from dcgan_jax import sampling
@@ -74,16 +75,18 @@ CONFIGURATIONS = {
     "mnist_sample_b500": ("sample", dict(_MNIST)),
     "dcgan64_sample_b500": ("sample", dict(_DCGAN64)),
     "mnist_features_b1000": ("features", dict(_MNIST)),
+    "dcgan32_inception_b50": ("inception", dict(_DCGAN32)),
 }
 CHANNELS = {"mnist": 1, "dcgan": 3}  # the presets' usual data: Fashion-MNIST, colour photographs
-_SAMPLES = {"sample": 500, "features": 1000}  # the chunks sampling.sample_images and Evaluator.embed use
+# The chunks sampling.sample_images, Evaluator.embed and (per device) inception_metrics.Features use.
+_SAMPLES = {"sample": 500, "features": 1000, "inception": 50}
 
 
 @dataclasses.dataclass(frozen=True)
 class Program:
   """A jitted program and the abstract arguments (shapes, dtypes, shardings) it is lowered with."""
   name: str
-  kind: str  # "train", "sample" or "features"
+  kind: str  # "train", "sample", "features" (the evaluator) or "inception"
   config: Config
   fn: Callable
   args: tuple
@@ -115,6 +118,11 @@ def build(name: str, num_devices: Optional[int] = None, platform: str = "cuda",
       g = jax.eval_shape(lambda: step_lib.create_train_state(config, channels).g)
       fn = sampling.make_sampler(generator)
       args = (_abstract(g, one), jax.ShapeDtypeStruct((n, config.latent_dim), jnp.float32, sharding=one))
+    elif kind == "inception":
+      fn = inception.features_program()
+      variables = jax.eval_shape(lambda: inception.FIDInceptionV3().init(
+          jax.random.key(0), jnp.zeros((1, inception.SIZE, inception.SIZE, 3))))
+      args = (_abstract(variables, one), jax.ShapeDtypeStruct((n,) + shape, jnp.uint8, sharding=one))
     else:
       fn = evaluator.features_program(10)
       variables = jax.eval_shape(lambda: evaluator.Classifier(10).init(jax.random.key(0), jnp.zeros((1,) + shape)))

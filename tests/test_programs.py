@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # each program is traced and lowered: seconds api
 
 CHECKED = ["mnist_b128_f32", "dcgan64_b128_bf16", "mnist_b128_wgan_gp", "dcgan64_b128_lazy_r1",
            "dcgan64_b128_spectral_hinge", "mnist_b128_k8", "mnist_b128_streaming", "mnist_b128_members4_vmap",
-           "mnist_b128_invariant16", "mnist_sample_b500", "mnist_features_b1000"]
+           "mnist_b128_invariant16", "mnist_sample_b500", "mnist_features_b1000", "dcgan32_inception_b50"]
 SMALL = dict(base_width=8, latent_dim=16)  # (the structure, not the widths, is what is checked)
 
 
@@ -73,7 +73,9 @@ def test_accelerator_programs_hold_no_cpu_form_callback_or_float64_and_donate_th
     grouped = "invariant" in name
     assert report["form_ops"]["cpu"] == report["form_ops"]["dft"] == 0, report["form_ops"]
     assert (report["form_ops"]["exact"] > 0) == grouped, report["form_ops"]
-    assert report["large_constants"] == 0 and report["custom_calls"] == [] and report["host_callbacks"] == 0
+    # (The FID Inception network's one large constant is its 299x32 resize matrix.)
+    assert report["large_constants"] == (1 if report["kind"] == "inception" else 0)
+    assert report["custom_calls"] == [] and report["host_callbacks"] == 0
     assert report["f64_ops"] == 0
     if not grouped:
       assert report["op_counts"]["stablehlo.convolution"] > 0

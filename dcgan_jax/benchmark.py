@@ -28,7 +28,8 @@ from dcgan_jax import config as config_lib
 from dcgan_jax import members
 from dcgan_jax import parallel
 from dcgan_jax import step as step_lib
-from dcgan_jax.config import Config, ConfigError, exit_with_error
+from dcgan_jax.config import Config, ConfigError
+from dcgan_jax.cli import exit_with_error
 
 # The Config fields a benchmark varies; every other one keeps its default.
 CONFIG_FLAGS = ("preset", "image_size", "base_width", "latent_dim", "batch_size", "seed", "optimizer",

@@ -12,13 +12,19 @@ Before `main` runs (after flag parsing, before JAX starts a backend):
 import logging as logging_std
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from dcgan_jax.config import exit_with_error
+
+
+def exit_with_error(message: str) -> NoReturn:
+  """How the command-line tools end on bad input: `error: <message>` on stderr, exit status 2. (The
+  library raises ConfigError; only the tools decide to exit.)"""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 FLAGFILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flagfiles")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

@@ -15,9 +15,8 @@ and the fix. This module imports no JAX.
 """
 
 import dataclasses
-import sys
 import typing
-from typing import Iterable, NoReturn, Optional
+from typing import Iterable, Optional
 
 PRESETS = ("mnist", "dcgan")
 LOSSES = ("non_saturating", "minimax", "least_squares", "hinge", "wasserstein")  # losses.py
@@ -48,12 +47,6 @@ PRESET_DEFAULTS = {
 
 class ConfigError(ValueError):
   """A setting is invalid. The message is one line: the setting, the problem, the fix."""
-
-
-def exit_with_error(message: str) -> NoReturn:
-  """How the command-line tools end on bad input: `error: <message>` on stderr, exit status 2."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 INT_MAX = 2**31 - 1  # steps, seeds and intervals: int32 on the devices

@@ -27,7 +27,8 @@ from dcgan_jax import data as data_lib
 from dcgan_jax import host_reader
 from dcgan_jax import parallel
 from dcgan_jax import step as step_lib
-from dcgan_jax.config import Config, ConfigError, exit_with_error
+from dcgan_jax.config import Config, ConfigError
+from dcgan_jax.cli import exit_with_error
 
 CONFIG_FLAGS = ("dataset", "data_dir", "split", "preset", "image_size", "batch_size", "d_steps", "seed")
 config_lib.define_flags(CONFIG_FLAGS)

@@ -46,7 +46,8 @@ import numpy as np
 
 from dcgan_jax import cli
 from dcgan_jax import workdir as workdir_lib
-from dcgan_jax.config import ConfigError, exit_with_error
+from dcgan_jax.config import ConfigError
+from dcgan_jax.cli import exit_with_error
 
 
 def define_flags():

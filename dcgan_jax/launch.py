@@ -26,7 +26,7 @@ from absl import app
 from absl import flags
 
 from dcgan_jax import workdir as workdir_lib
-from dcgan_jax.config import exit_with_error
+from dcgan_jax.cli import exit_with_error
 
 flags.DEFINE_integer("num_processes", 2, "Processes to start, one run together.",
                      lower_bound=1, upper_bound=256)

@@ -17,7 +17,8 @@ from absl import logging
 from dcgan_jax import cli
 from dcgan_jax import config as config_lib
 from dcgan_jax import stopping
-from dcgan_jax.config import ConfigError, exit_with_error
+from dcgan_jax.config import ConfigError
+from dcgan_jax.cli import exit_with_error
 
 FLAGS = flags.FLAGS
 

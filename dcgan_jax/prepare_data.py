@@ -36,7 +36,8 @@ import numpy as np
 
 from dcgan_jax import cli
 from dcgan_jax import workdir as workdir_lib
-from dcgan_jax.config import ConfigError, exit_with_error
+from dcgan_jax.config import ConfigError
+from dcgan_jax.cli import exit_with_error
 
 DATASETS = ("mnist", "fashion_mnist", "stacked_mnist", "stacked_fashion_mnist")  # stacked.py: 1,000 modes
 SPLIT_FILES = {  # split -> (images, labels), the names LeCun's and Zalando's distributions use

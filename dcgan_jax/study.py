@@ -48,7 +48,8 @@ import numpy as np
 from dcgan_jax import cli
 from dcgan_jax import study_stats
 from dcgan_jax import workdir as workdir_lib
-from dcgan_jax.config import STUDY_IGNORED, ConfigError, exit_with_error
+from dcgan_jax.config import STUDY_IGNORED, ConfigError
+from dcgan_jax.cli import exit_with_error
 
 # The seed and the settings that change neither the trained networks nor their in-training scores
 # (config.py: the seed, and every OUTPUT setting).

@@ -64,6 +64,7 @@ def train_and_evaluate(config: Config, workdir: str):
     common = members.common_step(runs) if has_members else None
     for c, w, _ in runs:
       checkpoints.check_resume(w, c)
+    weights = _inception_weights(config)  # (a missing weights file is refused before the data load)
     data = data_lib.open_training_data(runs[0][0], mesh, per_device)
     closing.callback(data.close)
     # The in-memory dataset is the same for every seed (the order is drawn inside the step); the
@@ -78,7 +79,7 @@ def train_and_evaluate(config: Config, workdir: str):
     if form == "vmap" and not data.in_memory:
       raise ConfigError("--members_form=vmap: the members share one dataset in device memory, and this "
                         "one is read by index (--in_memory); use --members_form=dispatch")
-    scorer = _make_scorer(config, data.image_shape) if config.eval_every else None
+    scorer = _make_scorer(config, data.image_shape, weights) if config.eval_every else None
     return _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer, locks)
 
 
@@ -291,15 +292,23 @@ class _Steps:
     return self._calls[k](state, self._positions, data.for_call(step, k))
 
 
-def _make_scorer(config, image_shape):
+def _inception_weights(config):
+  """--eval_features=inception: the weights (found, fetched or converted by process 0 first, then by
+  the others from the cache); None otherwise."""
+  if not (config.eval_every and config.eval_features == "inception"):
+    return None
+  from dcgan_jax import inception_metrics  # pylint: disable=g-import-not-at-top
+  return parallel.process_0_first(lambda: inception_metrics.load_weights(
+      config.inception_weights, config.inception_dir), "the Inception weights")
+
+
+def _make_scorer(config, image_shape, inception_weights=None):
   """The evaluator (trained and cached by process 0 first, then loaded by the others) and its scorer,
   shared by all members; or, with --eval_features=inception, the Inception network's."""
-  if config.eval_features == "inception":
+  if inception_weights is not None:
     from dcgan_jax import inception_metrics  # pylint: disable=g-import-not-at-top
-    weights = parallel.process_0_first(lambda: inception_metrics.load_weights(
-        config.inception_weights, config.inception_dir), "the Inception weights")
-    return inception_metrics.GeneratorScorer(weights, config.dataset, config.data_dir, image_shape,
-                                             config.inception_dir)
+    return inception_metrics.GeneratorScorer(inception_weights, config.dataset, config.data_dir,
+                                             image_shape, config.inception_dir)
   from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
   ev = parallel.process_0_first(lambda: evaluator.load_or_train(
       config.dataset, config.data_dir, image_shape, config.evaluator_dir), "the evaluator")

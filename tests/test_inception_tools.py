@@ -202,3 +202,20 @@ def test_weights_are_downloaded_once_and_checked(tmp_path, monkeypatch):
     assert inception_metrics.find_weights(None, str(cache)) == got  # the cache, without the server
   finally:
     server.server_close()
+
+
+def test_training_without_weights_is_refused_before_the_data_and_writes_nothing(tmp_path):
+  """--eval_features=inception with no weights file (offline, none cached): one `error:` line naming the
+  weights file, exit 2, and no workdir; the refusal comes before the dataset is opened (the data_dir
+  given here does not exist, and its error is not the one reported). Catches the weights looked up only
+  after the dataset is loaded (minutes, for a large one) or after the workdir is written."""
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "dcgan_jax.main", f"--workdir={workdir}", "--dataset=fashion_mnist",
+       f"--data_dir={tmp_path / 'no_data'}", "--num_steps=2", "--eval_every=1", "--eval_features=inception",
+       f"--inception_dir={tmp_path / 'empty'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(cli_env(1), DCGAN_JAX_INCEPTION_URL="http://127.0.0.1:9/weights.pth"))
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "pt_inception-2015-12-05-6726825d.pth" in errors[0], result.stderr[-3000:]
+  assert not workdir.exists() and not (tmp_path / "empty").exists()

@@ -1,7 +1,9 @@
 """One process of the Inception topology test: embeds fixed images and the images of a stand-in generator
-with inception_metrics.Features, and process 0 saves what it received (all processes' shares).
+with inception_metrics.Features, takes a dataset split's reference features (from its own cache
+directory, CACHE/p<process index>, or computed with the other processes), and process 0 saves what it
+received (all processes' shares).
 
-    python tests/inception_probe.py OUT.npz [PROCESS_ID NUM_PROCESSES PORT]
+    python tests/inception_probe.py OUT.npz DATA_DIR CACHE [PROCESS_ID NUM_PROCESSES PORT]
 """
 import os
 import sys
@@ -37,17 +39,20 @@ def stand_in_sample(g, z):
 
 
 def main():
-  out = sys.argv[1]
-  if len(sys.argv) > 2:
-    process_id, num_processes, port = map(int, sys.argv[2:5])
+  out, data_dir, cache = sys.argv[1:4]
+  if len(sys.argv) > 4:
+    process_id, num_processes, port = map(int, sys.argv[4:7])
     parallel.initialize(f"127.0.0.1:{port}", num_processes, process_id)
   features = inception_metrics.Features(inception_metrics.Weights("random", "0" * 64, random_variables()),
                                         per_device=2)
   images, z, g = probe_inputs()
   pool3, logits = features.embed(images)
   gen_pool3, gen_logits = features.embed_generated(stand_in_sample, g, z)
+  reference = inception_metrics.reference_features(features, "fashion_mnist", "train", data_dir, (28, 28, 1),
+                                                   os.path.join(cache, f"p{jax.process_index()}"))
   if jax.process_index() == 0:
-    np.savez(out, pool3=pool3, logits=logits, gen_pool3=gen_pool3, gen_logits=gen_logits)
+    np.savez(out, pool3=pool3, logits=logits, gen_pool3=gen_pool3, gen_logits=gen_logits,
+             reference=reference.features)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -140,11 +141,14 @@ def test_training_evaluates_in_inception_features_and_evaluate_agrees(weights, t
   assert report["reference"]["split"] == "train" and report["reference"]["count"] == 64
 
 
-def test_features_are_the_same_on_one_process_and_on_two(tmp_path):
+def test_features_are_the_same_on_one_process_and_on_two(tiny_data_dir, tmp_path):
   """Features.embed and embed_generated (images generated, rounded and embedded in one program) give the
-  same numbers, bit for bit, on 1 process of 4 devices, 1 process of 1 device, and 2 processes of 1 device (shares of
-  4 and 3 images, gathered in order). Catches shares gathered out of order, padding rows left in, and
-  a generator program that differs from generating first and embedding the uint8 images."""
+  same numbers, bit for bit, on 1 process of 4 devices, 1 process of 1 device, and 2 processes of 1
+  device (shares of 4 and 3 images, gathered in order); so do a dataset split's reference features when
+  only one of the two processes has them cached (the processes then compute them together, and the
+  other one caches them too). Catches shares gathered out of order, padding rows left in, a generator
+  program that differs from generating first and embedding the uint8 images, and a process that reads
+  its cache while the other waits for it in a collective (a hang, ended by the timeout)."""
   import inception_probe  # pylint: disable=g-import-not-at-top
   here = inception_metrics.Features(inception_metrics.Weights("random", "0" * 64, random_variables()),
                                     per_device=2)
@@ -152,22 +156,32 @@ def test_features_are_the_same_on_one_process_and_on_two(tmp_path):
   pool3, logits = here.embed(images)
   generated = np.round((np.tanh(g * z.reshape(-1, 16, 16, 3)) + 1) * 127.5).astype(np.uint8)
   gen_pool3, _ = here.embed(generated)
-  port = _free_port()
   script = os.path.join(ROOT, "tests", "inception_probe.py")
-  one = subprocess.run([sys.executable, script, str(tmp_path / "one.npz")], cwd=ROOT, env=cli_env(1),
-                       capture_output=True, text=True, timeout=600)
+  one = subprocess.run([sys.executable, script, str(tmp_path / "one.npz"), tiny_data_dir, str(tmp_path / "c1")],
+                       cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
-  procs = [subprocess.Popen([sys.executable, script, str(tmp_path / "two.npz"), str(i), "2", str(port)],
+  shutil.copytree(tmp_path / "c1" / "p0", tmp_path / "c2" / "p0")  # process 1's cache stays empty
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, script, str(tmp_path / "two.npz"), tiny_data_dir,
+                             str(tmp_path / "c2"), str(i), "2", str(port)],
                             cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
-  for p in procs:
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out[-3000:]
+  try:
+    for p in procs:
+      out, _ = p.communicate(timeout=300)
+      assert p.returncode == 0, out[-3000:]
+  finally:
+    for p in procs:
+      p.kill()
   for name in ("one", "two"):
     with np.load(tmp_path / f"{name}.npz") as got:
       np.testing.assert_array_equal(got["pool3"], pool3, err_msg=name)
       np.testing.assert_array_equal(got["logits"], logits, err_msg=name)
       np.testing.assert_array_equal(got["gen_pool3"], gen_pool3, err_msg=name)
+      reference = got["reference"]
+  with np.load(tmp_path / "one.npz") as got:
+    np.testing.assert_array_equal(got["reference"], reference)
+  assert len(reference) == 64 and os.listdir(tmp_path / "c2" / "p1" / "reference")
 
 
 def _free_port():

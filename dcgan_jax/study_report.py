@@ -100,8 +100,7 @@ def _short(text: str, width: int = 40) -> str:
 def newest_grid(workdir: str):
   """The newest samples/step_*.png of a run (the EMA generator's where both exist), or None."""
   folder = workdir_lib.path(workdir, workdir_lib.SAMPLES)
-  names = sorted(n for n in os.listdir(folder) if n.startswith("step_") and n.endswith(".png")) if (
-      os.path.isdir(folder)) else []
+  names = workdir_lib.sample_grids(workdir)
   return os.path.join(folder, names[-1]) if names else None
 
 

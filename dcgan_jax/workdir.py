@@ -35,6 +35,22 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 GENERATOR = "generator"
 LOCK = "run.lock"
+GRID_PREFIX = "step_"  # samples/<prefix>step_XXXXXXXX.png: the prefix names the generator ("raw_")
+PROGRESS_GIF = "progress.gif"  # in samples/
+
+
+def sample_grid_name(step: int, prefix: str = "") -> str:
+  """The file name (in SAMPLES) of the sample grid of `step`: <prefix>step_XXXXXXXX.png."""
+  return f"{prefix}{GRID_PREFIX}{step:08d}.png"
+
+
+def sample_grids(workdir: str) -> list:
+  """The file names of the run's sample grids (its main generator's: the EMA one where both are
+  drawn), in step order; [] when it has none."""
+  folder = path(workdir, SAMPLES)
+  if not os.path.isdir(folder):
+    return []
+  return sorted(n for n in os.listdir(folder) if n.startswith(GRID_PREFIX) and n.endswith(".png"))
 
 
 class RunLock:

@@ -99,7 +99,7 @@ class RunWriter:
 
   def write_samples(self, step: int, images: np.ndarray, prefix: str = "") -> str:
     """images: float (n, H, W, C) in [-1, 1] -> samples/<prefix>step_XXXXXXXX.png. Returns its path."""
-    path = workdir_lib.path(self.workdir, workdir_lib.SAMPLES, f"{prefix}step_{step:08d}.png")
+    path = workdir_lib.path(self.workdir, workdir_lib.SAMPLES, workdir_lib.sample_grid_name(step, prefix))
     if not self.enabled:
       return path
     grid = image_grid(images)
@@ -112,18 +112,18 @@ class RunWriter:
     """samples/progress.gif: every samples/step_*.png grid in step order (those of earlier, resumed
     runs included), looping, the last frame held longer. Returns its path, or None with no grids."""
     folder = workdir_lib.path(self.workdir, workdir_lib.SAMPLES)
-    names = sorted(n for n in os.listdir(folder) if n.startswith("step_") and n.endswith(".png")) \
-        if self.enabled else []
+    names = workdir_lib.sample_grids(self.workdir) if self.enabled else []
     frames = []
     for name in names:
       try:
         frames.append(load_png(os.path.join(folder, name)))
       except (OSError, ValueError) as e:  # a grid damaged outside the run: left out of the animation
-        logging.warning("%s: unreadable (%s); left out of progress.gif", os.path.join(folder, name), e)
+        logging.warning("%s: unreadable (%s); left out of %s", os.path.join(folder, name), e,
+                        workdir_lib.PROGRESS_GIF)
     frames = [f for f in frames if f.shape == frames[-1].shape] if frames else []
     if not frames:
       return None
-    path = os.path.join(folder, "progress.gif")
+    path = os.path.join(folder, workdir_lib.PROGRESS_GIF)
     save_gif(frames, path, frame_ms)
     return path
 

@@ -63,10 +63,10 @@ def common_step(member_runs: list) -> int:
 def study_table(workdir: str) -> str:
   """The markdown table of `python -m dcgan_jax.study WORKDIR` over the members (mean ± std per
   configuration)."""
-  from dcgan_jax import study  # pylint: disable=g-import-not-at-top
-  found = [study.load_run(w) for w in study.find_workdirs([workdir])]
-  metrics = study.choose_metrics(found, None)
-  return study.format_markdown(study.table_rows(found, metrics), metrics)
+  from dcgan_jax import study_table as table  # pylint: disable=g-import-not-at-top
+  found = [table.load_run(w) for w in table.find_workdirs([workdir])]
+  metrics = table.choose_metrics(found, None)
+  return table.format_markdown(table.table_rows(found, metrics), metrics)
 
 
 def check_memory(num_members: int, state_bytes: int, device_bytes_limit, data_bytes: int = 0) -> None:

@@ -110,7 +110,7 @@ def _number(x) -> str:
 
 def format_statistics(rows, metrics, comparisons: dict) -> str:
   """Markdown for below the study's table: each configuration's 95% interval of the mean, the pairwise
-  differences with their verdicts (comparisons: study.comparisons), and the expected best of k seeds;
+  differences with their verdicts (comparisons: study_table.comparisons), and the expected best of k seeds;
   or why they cannot be given (one seed each)."""
   if not any(r["metrics"][m]["n"] > 1 for r in rows for m in metrics):
     return "No intervals or comparisons: every configuration has one seed (train several: --seeds=0-2)."
@@ -153,8 +153,8 @@ def _table(header, body) -> str:
 
 
 def write(directory: str, rows, metrics, runs, comparisons: dict, markdown_table: str) -> str:
-  """Writes DIR/index.html and its images; returns the page's path. rows: study.table_rows (each with
-  "label" added); runs: {workdir: study.Run}; comparisons: study.comparisons."""
+  """Writes DIR/index.html and its images; returns the page's path. rows: study_table.table_rows (each with
+  "label" added); runs: {workdir: study_table.Run}; comparisons: study_table.comparisons."""
   os.makedirs(directory, exist_ok=True)
   number = _number
   parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Study: {len(runs)} runs</title>"

@@ -50,8 +50,8 @@ def test_study_groups_on_everything_but_the_seed_and_the_output_settings():
   assert config_lib.STUDY_IGNORED == {"seed", "seeds", "sweep", "data_dir", "log_every", "sample_every", "num_samples",
                                       "checkpoint_every", "keep_checkpoints", "eval_every", "evaluator_dir",
                                       "inception_weights", "inception_dir"}
-  from dcgan_jax import study
-  assert set(study.IGNORED_FIELDS) == config_lib.STUDY_IGNORED
+  from dcgan_jax import study_table
+  assert set(study_table.IGNORED_FIELDS) == config_lib.STUDY_IGNORED
 
 
 def test_saved_configs_of_other_versions_load():

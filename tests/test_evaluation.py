@@ -248,8 +248,8 @@ def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
                                         rel=1e-4)
   # The report is also recorded in the workdir, where dcgan_jax.study reads it.
   assert read_jsonl(os.path.join(tiny_run, "evaluations.jsonl")) == [report]
-  from dcgan_jax import study
-  assert study.evaluations_at(study.load_run(tiny_run), ["fid", "reference_fid"]) == [(
+  from dcgan_jax import study_table
+  assert study_table.evaluations_at(study_table.load_run(tiny_run), ["fid", "reference_fid"]) == [(
       6, dict(fid=report["fid"], reference_fid=report["reference"]["fid"]),
       dict(num_samples=16, ema=True, sample_bn="running", features="evaluator",
            evaluator=report["evaluator"]["path"]))]

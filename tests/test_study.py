@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from dcgan_jax import study
+from dcgan_jax import study_table
 from dcgan_jax import writers
 from dcgan_jax.config import Config, ConfigError
 from helpers import ROOT
@@ -38,10 +38,10 @@ def test_seeds_pool_into_one_row_per_config(tmp_path):
   markdown table shows them. Catches a population std (ddof 0), grouping on output settings, and seeds of
   another configuration pooled in."""
   fids = {(2e-4, 0): 9.0, (2e-4, 1): 10.0, (2e-4, 2): 12.5, (1e-4, 0): 20.0, (1e-4, 1): 22.0}
-  runs = [study.load_run(make_run(tmp_path / f"lr{lr}_s{seed}", trained(30.0, fid), learning_rate_g=lr,
+  runs = [study_table.load_run(make_run(tmp_path / f"lr{lr}_s{seed}", trained(30.0, fid), learning_rate_g=lr,
                                   seed=seed, log_every=1 + seed))  # log_every does not split groups
           for (lr, seed), fid in fids.items()]
-  rows = study.table_rows(runs, ["fid", "kid", "d_loss"])
+  rows = study_table.table_rows(runs, ["fid", "kid", "d_loss"])
   assert [row["settings"] for row in rows] == [{"learning_rate_g": 2e-4}, {"learning_rate_g": 1e-4}]
   assert [row["seeds"] for row in rows] == [[0, 1, 2], [0, 1]]
   first = rows[0]["metrics"]["fid"]
@@ -50,15 +50,15 @@ def test_seeds_pool_into_one_row_per_config(tmp_path):
   assert first["std"] == pytest.approx(np.std([9.0, 10.0, 12.5], ddof=1))
   assert rows[1]["metrics"]["kid"]["mean"] == pytest.approx(0.21)
   assert rows[1]["metrics"]["d_loss"]["values"] == [1.0, 1.0] and rows[1]["steps"] == [4, 4]
-  table = study.format_markdown(rows, ["fid", "kid", "d_loss"])
+  table = study_table.format_markdown(rows, ["fid", "kid", "d_loss"])
   assert table.splitlines()[0] == "| learning_rate_g | runs | seeds | step | fid | kid | d_loss |"
   assert "| 0.0002 | 3 | 0-2 | 4 | 10.5 ± 1.8 |" in table
   assert "| 0.0001 | 2 | 0-1 | 4 | 21 ± 1.4 |" in table
   # --per_run: one row per run, the same columns.
-  per_run = study.table_rows(runs, ["fid"], per_run=True)
+  per_run = study_table.table_rows(runs, ["fid"], per_run=True)
   assert [row["metrics"]["fid"]["mean"] for row in per_run] == [9.0, 10.0, 12.5, 20.0, 22.0]
   assert per_run[3]["settings"] == {"learning_rate_g": 1e-4}
-  assert f"| {tmp_path / 'lr0.0001_s0'} | 0.0001 | 1 | 0 | 4 | 20 |" in study.format_markdown(
+  assert f"| {tmp_path / 'lr0.0001_s0'} | 0.0001 | 1 | 0 | 4 | 20 |" in study_table.format_markdown(
       per_run, ["fid"], per_run=True)
 
 
@@ -66,26 +66,26 @@ def test_best_takes_the_lowest_line_of_best_by(tmp_path):
   """--at=best takes the evaluation line with the lowest --best_by (its step and every metric of that line),
   --at=final each metric's last value; an unknown --at is one error. Catches best taken per metric (mixing
   lines) or as the highest value."""
-  run = study.load_run(make_run(tmp_path / "r", trained(fid_2=5.0, fid_4=7.0)))
-  assert study.values_at(run, ["fid", "kid", "d_loss"], "best") == (2, dict(fid=5.0, kid=0.05, d_loss=None))
-  assert study.values_at(run, ["fid", "kid", "d_loss"], "final") == (4, dict(fid=7.0, kid=0.07, d_loss=1.0))
-  assert study.values_at(run, ["fid"], "best", best_by="kid") == (2, dict(fid=5.0))
+  run = study_table.load_run(make_run(tmp_path / "r", trained(fid_2=5.0, fid_4=7.0)))
+  assert study_table.values_at(run, ["fid", "kid", "d_loss"], "best") == (2, dict(fid=5.0, kid=0.05, d_loss=None))
+  assert study_table.values_at(run, ["fid", "kid", "d_loss"], "final") == (4, dict(fid=7.0, kid=0.07, d_loss=1.0))
+  assert study_table.values_at(run, ["fid"], "best", best_by="kid") == (2, dict(fid=5.0))
   with pytest.raises(ConfigError, match="--at=last: unknown"):
-    study.values_at(run, ["fid"], "last")
+    study_table.values_at(run, ["fid"], "last")
 
 
 def test_other_code_or_hardware_is_not_pooled_unless_ignored(tmp_path):
   """Runs of another git commit (a dirty tree included) or device count are separate rows unless --ignore
   names those fields. Catches pooling runs of different code or hardware into one mean."""
-  runs = [study.load_run(make_run(tmp_path / "a", trained(1.0, 2.0))),
-          study.load_run(make_run(tmp_path / "b", trained(1.0, 4.0), commit=COMMIT + "-dirty", seed=1)),
-          study.load_run(make_run(tmp_path / "c", trained(1.0, 6.0), devices=4, seed=2))]
-  rows = study.table_rows(runs, ["fid"])
+  runs = [study_table.load_run(make_run(tmp_path / "a", trained(1.0, 2.0))),
+          study_table.load_run(make_run(tmp_path / "b", trained(1.0, 4.0), commit=COMMIT + "-dirty", seed=1)),
+          study_table.load_run(make_run(tmp_path / "c", trained(1.0, 6.0), devices=4, seed=2))]
+  rows = study_table.table_rows(runs, ["fid"])
   assert [row["settings"] for row in rows] == [
       {"run.devices": 1, "run.git_commit": COMMIT}, {"run.devices": 1, "run.git_commit": COMMIT + "-dirty"},
       {"run.devices": 4, "run.git_commit": COMMIT}]
-  assert "| 1 | 0123456789ab-dirty | 1 | 1 | 4 | 4 |" in study.format_markdown(rows, ["fid"])
-  pooled = study.table_rows(runs, ["fid"], ignore=study.IGNORED_FIELDS + ("run.git_commit", "run.devices"))
+  assert "| 1 | 0123456789ab-dirty | 1 | 1 | 4 | 4 |" in study_table.format_markdown(rows, ["fid"])
+  pooled = study_table.table_rows(runs, ["fid"], ignore=study_table.IGNORED_FIELDS + ("run.git_commit", "run.devices"))
   assert len(pooled) == 1 and pooled[0]["metrics"]["fid"]["mean"] == pytest.approx(4.0)
 
 
@@ -93,17 +93,17 @@ def test_short_runs_are_marked_and_missing_values_counted(tmp_path):
   """A run short of its --num_steps is marked (runs column and a footnote) with its step range, and a metric
   one run never logged is summarised over the runs that have it, with its count. Catches an unfinished run
   pooled silently, and a missing value taken as 0."""
-  runs = [study.load_run(make_run(tmp_path / "done", trained(1.0, 3.0))),
-          study.load_run(make_run(tmp_path / "short", trained(1.0, 3.0)[:2], seed=1))]
-  rows = study.table_rows(runs, ["fid", "d_loss"])
+  runs = [study_table.load_run(make_run(tmp_path / "done", trained(1.0, 3.0))),
+          study_table.load_run(make_run(tmp_path / "short", trained(1.0, 3.0)[:2], seed=1))]
+  rows = study_table.table_rows(runs, ["fid", "d_loss"])
   assert rows[0]["incomplete"] == [str(tmp_path / "short")] and rows[0]["steps"] == [4, 2]
-  table = study.format_markdown(rows, ["fid", "d_loss"])
+  table = study_table.format_markdown(rows, ["fid", "d_loss"])
   assert "| 2* | 0-1 | 2-4 | 2 ± 1.4 | 1.25 ± 0.35 |" in table
   assert table.endswith(f"\\* not trained to its --num_steps: {tmp_path / 'short'}")
-  assert study.format_markdown(study.table_rows(runs, ["fid"], at="best"), ["fid"]).count("| 1 ± 0 |") == 1
+  assert study_table.format_markdown(study_table.table_rows(runs, ["fid"], at="best"), ["fid"]).count("| 1 ± 0 |") == 1
   # A metric one run never logged: the others' statistics, with their count.
-  runs.append(study.load_run(make_run(tmp_path / "no_eval", trained(1.0, 3.0)[::2], seed=2)))
-  assert "| 2 | 0-2 | 4 | 3 (n=1) |" in study.format_markdown(study.table_rows(runs[::2], ["fid"]), ["fid"])
+  runs.append(study_table.load_run(make_run(tmp_path / "no_eval", trained(1.0, 3.0)[::2], seed=2)))
+  assert "| 2 | 0-2 | 4 | 3 (n=1) |" in study_table.format_markdown(study_table.table_rows(runs[::2], ["fid"]), ["fid"])
 
 
 def report(step, fid, num_samples=10000, ema=True, evaluator="/cache/fashion_mnist-28x28x1-n64-seed0-v1"):
@@ -126,31 +126,31 @@ def test_evaluations_are_tabulated_and_only_comparable_ones_pooled(tmp_path):
   evaluate.record(workdirs[0], report(2, 2.0))  # --step=2 scored later: the best, not the final one
   evaluate.record(workdirs[1], report(4, 4.0))
   evaluate.record(workdirs[2], report(4, 5.0, num_samples=2000))  # fewer samples: not comparable
-  runs = [study.load_run(w) for w in workdirs]
+  runs = [study_table.load_run(w) for w in workdirs]
   assert runs[0].evaluations[0] == dict(
       step=4, fid=3.0, kid=0.03, kid_std=0.001, precision=0.5, recall=0.4, coverage=10, num_classes=10,
       class_kl=0.02, classifier_score=8.0, num_real=10000, reference_fid=0.05, reference_precision=0.87,
       eval=dict(num_samples=10000, ema=True, sample_bn="running", features="evaluator",
                 evaluator="/cache/fashion_mnist-28x28x1-n64-seed0-v1"))
-  assert study.choose_metrics(runs, None, "evaluations") == ["fid", "kid", "precision", "recall", "coverage"]
-  rows = study.table_rows(runs, ["fid", "reference_fid"], source="evaluations")
+  assert study_table.choose_metrics(runs, None, "evaluations") == ["fid", "kid", "precision", "recall", "coverage"]
+  rows = study_table.table_rows(runs, ["fid", "reference_fid"], source="evaluations")
   assert [row["settings"] for row in rows] == [{"eval.num_samples": 10000}, {"eval.num_samples": 2000}]
   assert rows[0]["steps"] == [4, 4] and rows[0]["metrics"]["fid"]["values"] == [3.0, 4.0]
   assert rows[0]["metrics"]["reference_fid"]["mean"] == 0.05
-  best = study.table_rows(runs[:2], ["fid"], at="best", source="evaluations")
+  best = study_table.table_rows(runs[:2], ["fid"], at="best", source="evaluations")
   assert best[0]["metrics"]["fid"]["values"] == [2.0, 4.0] and best[0]["steps"] == [2, 4]
   evaluate.record(workdirs[1], report(4, 4.5))  # the same step scored again: the newer line counts
-  assert study.evaluations_at(study.load_run(workdirs[1]), ["fid"])[0][:2] == (4, dict(fid=4.5))
+  assert study_table.evaluations_at(study_table.load_run(workdirs[1]), ["fid"])[0][:2] == (4, dict(fid=4.5))
   # The raw generator scored too: its own rows, beside the EMA generator's.
   for w, fid in zip(workdirs, (6.0, 7.0, 8.0)):
     evaluate.record(w, report(4, fid, ema=False))
-  rows = study.table_rows([study.load_run(w) for w in workdirs], ["fid"], source="evaluations")
+  rows = study_table.table_rows([study_table.load_run(w) for w in workdirs], ["fid"], source="evaluations")
   assert [(row["settings"], row["metrics"]["fid"]["values"]) for row in rows] == [
       ({"eval.ema": True, "eval.num_samples": 10000}, [3.0, 4.5]),
       ({"eval.ema": False, "eval.num_samples": 10000}, [6.0, 7.0, 8.0]),
       ({"eval.ema": True, "eval.num_samples": 2000}, [5.0])]
   # The training log is still what says whether a run finished.
-  assert rows[0]["incomplete"] == [] and study.table_rows(runs, ["fid"])[0]["steps"] == [4, 4, 4]
+  assert rows[0]["incomplete"] == [] and study_table.table_rows(runs, ["fid"])[0]["steps"] == [4, 4, 4]
 
 
 def test_an_unwritable_workdir_loses_no_evaluation(tmp_path, capsys):
@@ -263,19 +263,19 @@ def test_a_real_difference_is_found_and_seed_noise_is_not(tmp_path):
   rng = np.random.default_rng(0)
   base = rng.normal(12.0, 2.0, 8)
   fids = {1e-4: base + 8.0, 2e-4: base, 3e-4: rng.permutation(base) + rng.normal(0.0, 0.2, 8)}
-  runs = [study.load_run(make_run(tmp_path / f"lr{lr}_s{s}", trained(30.0, float(fid)), learning_rate_g=lr,
+  runs = [study_table.load_run(make_run(tmp_path / f"lr{lr}_s{s}", trained(30.0, float(fid)), learning_rate_g=lr,
                                   seed=s))
           for lr, values in fids.items() for s, fid in enumerate(values)]
-  runs.append(study.load_run(make_run(tmp_path / "lr5e-4_s0", trained(30.0, 11.0), learning_rate_g=5e-4)))
-  rows = study.table_rows(runs, ["fid"])
-  verdicts = {(p["a"], p["b"]): p["verdict"] for p in study.comparisons(rows, ["fid"])["fid"]}
+  runs.append(study_table.load_run(make_run(tmp_path / "lr5e-4_s0", trained(30.0, 11.0), learning_rate_g=5e-4)))
+  rows = study_table.table_rows(runs, ["fid"])
+  verdicts = {(p["a"], p["b"]): p["verdict"] for p in study_table.comparisons(rows, ["fid"])["fid"]}
   assert verdicts[("learning_rate_g=0.0001", "learning_rate_g=0.0002")] == \
       "learning_rate_g=0.0001 > learning_rate_g=0.0002"
   assert verdicts[("learning_rate_g=0.0002", "learning_rate_g=0.0003")] == "no difference shown"
   assert verdicts[("learning_rate_g=0.0002", "learning_rate_g=0.0005")] == "too few seeds"
-  text = study_report.format_statistics(rows, ["fid"], study.comparisons(rows, ["fid"]))
+  text = study_report.format_statistics(rows, ["fid"], study_table.comparisons(rows, ["fid"]))
   assert "| learning_rate_g=0.0005 | — (1 seed) |" in text and "| fid | learning_rate_g=0.0001 |" in text
-  single = study.table_rows(runs[-1:], ["fid"])
+  single = study_table.table_rows(runs[-1:], ["fid"])
   assert study_report.format_statistics(single, ["fid"], {}).startswith("No intervals or comparisons")
 
 
@@ -283,8 +283,8 @@ def test_at_step_takes_each_run_up_to_that_step(tmp_path):
   """--at=step=N: each metric's last value logged at or before step N (the evaluation at 2 for N = 3),
   and an unknown --at is a ConfigError. Catches the final values whatever N is, and the first line
   after N."""
-  run = study.load_run(make_run(tmp_path / "r", trained(8.0, 4.0)))
-  assert study.values_at(run, ["fid", "d_loss"], "step=3") == (2, {"fid": 8.0, "d_loss": 1.5})
-  assert study.values_at(run, ["fid"], "step=4") == (4, {"fid": 4.0})
+  run = study_table.load_run(make_run(tmp_path / "r", trained(8.0, 4.0)))
+  assert study_table.values_at(run, ["fid", "d_loss"], "step=3") == (2, {"fid": 8.0, "d_loss": 1.5})
+  assert study_table.values_at(run, ["fid"], "step=4") == (4, {"fid": 4.0})
   with pytest.raises(ConfigError, match="--at=later: unknown"):
-    study.values_at(run, ["fid"], "later")
+    study_table.values_at(run, ["fid"], "later")

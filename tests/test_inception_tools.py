@@ -10,7 +10,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -161,7 +160,8 @@ def test_features_are_the_same_on_one_process_and_on_two(tiny_data_dir, tmp_path
                        cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
   shutil.copytree(tmp_path / "c1" / "p0", tmp_path / "c2" / "p0")  # process 1's cache stays empty
-  port = _free_port()
+  from dcgan_jax import launch  # pylint: disable=g-import-not-at-top
+  port = launch.free_port()
   procs = [subprocess.Popen([sys.executable, script, str(tmp_path / "two.npz"), tiny_data_dir,
                              str(tmp_path / "c2"), str(i), "2", str(port)],
                             cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -182,12 +182,6 @@ def test_features_are_the_same_on_one_process_and_on_two(tiny_data_dir, tmp_path
   with np.load(tmp_path / "one.npz") as got:
     np.testing.assert_array_equal(got["reference"], reference)
   assert len(reference) == 64 and os.listdir(tmp_path / "c2" / "p1" / "reference")
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_weights_are_downloaded_once_and_checked(tmp_path, monkeypatch):

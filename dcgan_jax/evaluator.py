@@ -380,6 +380,21 @@ class Scorer:
                   real_split=self.evaluator.real_split)
     return report
 
+  def score_generator(self, sample, g, z) -> dict:
+    """The in-training metrics (FID, KID, class coverage and KL, stacked modes) of the images
+    sample(g, z): each process generates and embeds its share of z, the embeddings are gathered."""
+    from dcgan_jax import parallel, sampling  # pylint: disable=g-import-not-at-top
+    images = as_uint8_images(sampling.sample_images(sample, g, parallel.process_share(z)),
+                             self.evaluator.image_shape)
+    feats, probs = self.evaluator.embed(images)
+    modes = self.modes_of(images)
+    n = len(z)
+    report = self.score_embedded(
+        parallel.gather_shares(feats, n), parallel.gather_shares(probs, n), precision_recall=False,
+        modes=None if modes is None else parallel.gather_shares(modes[:, None], n)[:, 0])
+    return {k: float(report[k]) for k in ("fid", "kid", "coverage", "class_kl", "modes", "modes_kl")
+            if k in report}
+
   def reference(self, num: int) -> dict:
     """The floor: the same metrics for `num` real train images (a seeded subset) against the real split
     (for a dataset with only a train split, a subset of the very images it is compared with: a floor

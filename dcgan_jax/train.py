@@ -338,21 +338,9 @@ class _Evaluation:
     self.z = randomness.eval_latents(jax.random.key(config.seed), config.eval_samples, config.latent_dim)
 
   def _score(self, g) -> dict:
-    """Each process generates and embeds its share of the evaluation samples; the embeddings are
-    gathered, and every process computes the same metrics from all of them."""
-    if hasattr(self.scorer, "score_generator"):  # inception_metrics.GeneratorScorer
-      return self.scorer.score_generator(self.sample, g, self.z)
-    from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
-    share = sampling.sample_images(self.sample, g, parallel.process_share(self.z))
-    images = evaluator.as_uint8_images(share, self.scorer.evaluator.image_shape)
-    feats, probs = self.scorer.evaluator.embed(images)
-    modes = self.scorer.modes_of(images)  # stacked datasets
-    n = len(self.z)
-    report = self.scorer.score_embedded(
-        parallel.gather_shares(feats, n), parallel.gather_shares(probs, n), precision_recall=False,
-        modes=None if modes is None else parallel.gather_shares(modes[:, None], n)[:, 0])
-    return {k: float(report[k]) for k in ("fid", "kid", "coverage", "class_kl", "modes", "modes_kl")
-            if k in report}
+    """The scorer's in-training metrics of g's images from the fixed evaluation noise: each process
+    generates and embeds its share, and every process computes the same metrics from all of them."""
+    return self.scorer.score_generator(self.sample, g, self.z)
 
   def run(self, state, step, writer) -> None:
     start = time.time()

@@ -27,6 +27,7 @@ from dcgan_jax import cli
 from dcgan_jax import config as config_lib
 from dcgan_jax import members
 from dcgan_jax import parallel
+from dcgan_jax import platforms
 from dcgan_jax import step as step_lib
 from dcgan_jax.config import Config, ConfigError
 from dcgan_jax.cli import exit_with_error
@@ -71,7 +72,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   mesh = parallel.global_mesh()
   n_dev = mesh.devices.size
   parallel.check_devices(config, n_dev)
-  platform = parallel.platform(mesh)
+  policy = platforms.of_mesh(mesh)
   rng = np.random.default_rng(0)
   data = parallel.replicate(rng.integers(0, 256, (num_examples, config.image_size, config.image_size,
                                                   channels), np.uint8), mesh)
@@ -79,13 +80,13 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   member_runs = members.runs(config, workdir="")  # the members' configs (or the run's own)
   states = [parallel.replicate(step_lib.create_train_state(c, channels), mesh) for c, _, _ in member_runs]
   state_bytes = step_lib.state_bytes(states[0])
-  train_step = step_lib.make_train_step(config, channels, num_examples, platform)
-  form = parallel.members_form(config.members_form, platform) if config.seeds else None
+  train_step = step_lib.make_train_step(config, channels, num_examples, policy)
+  form = policy.members_form(config.members_form) if config.seeds else None
   if form == "vmap":  # one state with a leading member axis, one program
     states, train_step = [parallel.stack_members(states)], parallel.over_members(train_step)
   k = config.steps_per_call
   if scan is None:
-    scan = parallel.scan_by_default(platform)
+    scan = policy.scan_steps
   call = (parallel.pmap_step(train_step, in_memory=True) if k == 1 else
           parallel.make_multi_step(train_step, k, in_memory=True, scan=scan))
   calls = -(-steps // k)  # the timed steps, rounded up to whole calls
@@ -122,7 +123,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
               sec_per_step=elapsed / steps,
               images_per_sec=len(member_runs) * config.batch_size * steps / elapsed,
               images_per_sec_per_member=config.batch_size * steps / elapsed,
-              compile_sec=compile_sec, backend=jax.default_backend(),
+              compile_sec=compile_sec, backend=platforms.backend_name(),
               device_kind=jax.local_devices()[0].device_kind, devices=n_dev, jax=jax.__version__,
               peak_memory_kind=kind, peak_memory_bytes=peak,
               final_d_loss=float(final["d_loss"]), final_g_loss=float(final["g_loss"]),

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from dcgan_jax import config as config_lib
 from dcgan_jax import parallel
+from dcgan_jax import platforms
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import Config, ConfigError
 
@@ -53,7 +54,7 @@ def provenance(config: Config) -> dict:
   except Exception:  # pylint: disable=broad-except
     versions["tensorflow_datasets"] = None
   return dict(config=dataclasses.asdict(config), versions=versions, git_commit=git_commit(),
-              device_kind=jax.devices()[0].device_kind, backend=jax.default_backend(),
+              device_kind=jax.devices()[0].device_kind, backend=platforms.backend_name(),
               device_count=jax.device_count(), local_device_count=jax.local_device_count(),
               process_count=jax.process_count(), host=platform.node(),
               time=datetime.datetime.now(datetime.timezone.utc).isoformat())

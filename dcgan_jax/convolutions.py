@@ -1,7 +1,8 @@
 """How the models' convolutions and dense layers are computed: one form per program, chosen once.
 
-`form_for(platform, exact)` picks the form when the models are built, for the platform the step is
-compiled for (models.build_models); the layers then call `conv`, `conv_transpose` and `dense` with it:
+The platform policy picks the form when the models are built, for the platform the step is compiled for
+(platforms.Policy.conv_form, through models.build_models); the layers then call `conv`,
+`conv_transpose` and `dense` with it:
 
   "lax"    XLA's own ops (GPU: cuDNN, TPU): plain `lax.conv_general_dilated` / `lax.conv_transpose` /
            `jnp.dot`, exactly what flax's layers run. No custom VJP, so forward-mode AD works.
@@ -24,22 +25,6 @@ from dcgan_jax import patches
 
 FORMS = ("lax", "cpu", "exact")
 _DN = ("NHWC", "HWIO", "NHWC")
-
-
-def form_for(platform: str, exact: bool = False) -> str:
-  """The form for programs compiled for `platform` (a jax Device's .platform: "cpu", "gpu", "tpu"...);
-  exact: --invariant_groups."""
-  if exact:
-    return "exact"
-  return "cpu" if platform == "cpu" else "lax"
-
-
-def branches_skip_work(platform: str) -> bool:
-  """Whether a `lax.cond` whose branches hold convolutions saves the untaken branch's work on
-  `platform`. Not on XLA:CPU: there a convolution inside a conditional's branch takes a far slower path
-  (like one inside a loop body, jax-ml/jax#12868): the lazy R1 step as a lax.cond took 10.0 s per step
-  against 0.32 s for R1 on every update (`bash experiments/variants_bench.sh`, docs/variants.md)."""
-  return platform != "cpu"
 
 
 def _lax_conv(x, kernel, strides, padding):

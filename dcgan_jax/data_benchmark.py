@@ -26,6 +26,7 @@ from dcgan_jax import config as config_lib
 from dcgan_jax import data as data_lib
 from dcgan_jax import host_reader
 from dcgan_jax import parallel
+from dcgan_jax import platforms
 from dcgan_jax import step as step_lib
 from dcgan_jax.config import Config, ConfigError
 from dcgan_jax.cli import exit_with_error
@@ -66,7 +67,7 @@ def time_training(config: Config, steps: int, warmup: int) -> float:
   data = data_lib.open_training_data(config, mesh, per_device)
   try:
     train_step = step_lib.make_train_step(config, data.channels, data.step_num_examples,
-                                          parallel.platform(mesh))
+                                          platforms.of_mesh(mesh))
     p_step = parallel.pmap_step(train_step, data.in_memory)
     positions = parallel.batch_positions(mesh, per_device)
     state = parallel.replicate(step_lib.create_train_state(config, data.channels), mesh)
@@ -99,7 +100,7 @@ def main(argv):
   print(json.dumps(dict(
       dataset=config.dataset, num_examples=num_examples, preset=config.preset,
       image_size=config.image_size, batch_size=config.batch_size, steps=FLAGS.steps,
-      devices=jax.device_count(), backend=jax.default_backend(), reader_workers=host_reader.WORKERS,
+      devices=jax.device_count(), backend=platforms.backend_name(), reader_workers=host_reader.WORKERS,
       reader_images_per_sec=round(reader, 1), train_images_per_sec=train,
       by_index_over_in_memory=round(by_index / in_memory, 3) if in_memory else None,
       peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))), flush=True)

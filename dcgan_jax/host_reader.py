@@ -22,6 +22,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from dcgan_jax import platforms
 from dcgan_jax import randomness
 from dcgan_jax.config import Config
 
@@ -42,7 +43,7 @@ class HostReader:
     key = jax.device_put(jax.random.key(config.seed), cpu)
     indices = jax.jit(lambda key, number, positions: randomness.example_indices(
         randomness.purpose_key(key, randomness.DATA), number, positions, config.batch_size, num_examples,
-        "cpu"))  # (compiled for this host's CPU, whatever the accelerator)
+        platforms.HOST))  # (compiled for this host's CPU, whatever the accelerator)
     flat = jax.device_put(self._positions.reshape(-1), cpu)
     self._indices = lambda number: np.asarray(indices(key, jax.device_put(np.int32(number), cpu), flat))
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from dcgan_jax import invariant
 from dcgan_jax import convolutions
+from dcgan_jax import platforms
 from dcgan_jax import randomness
 from dcgan_jax.config import Config
 
@@ -362,18 +363,18 @@ class DCGANDiscriminator(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 def build_models(config: Config, channels: int, axis_name: Optional[str] = None,
-                 platform: Optional[str] = None):
+                 policy: Optional[platforms.Policy] = None, form: Optional[str] = None):
   """Returns (generator, discriminator) for a resolved config.
 
   `axis_name` is the pmap axis of the global batch ("batch" inside the training step: BatchNorm
   statistics, and with --invariant_groups every batch sum, run over it), None for sampling outside pmap.
-  `platform` is that of the devices the models will be compiled for (Device.platform; default: JAX's
-  default backend): it chooses how convolutions are computed (convolutions.form_for). Every form has
-  the same parameters, so states and checkpoints move freely between platforms.
+  `policy` is that of the devices the models will be compiled for (default: JAX's default backend's):
+  it chooses how convolutions are computed (platforms.Policy.conv_form); `form` names one instead.
+  Every form has the same parameters, so states and checkpoints move freely between platforms.
   """
   c = config
   grouped = bool(c.invariant_groups and axis_name)
-  form = convolutions.form_for(platform or jax.default_backend(), exact=grouped)
+  form = form or (policy or platforms.default()).conv_form(exact=grouped)
   common = dict(dtype=jnp.dtype(c.compute_dtype), axis_name=axis_name, form=form,
                 group_size=c.batch_size // c.invariant_groups if grouped else 0)
   bn = dict(bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon)

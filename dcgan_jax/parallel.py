@@ -62,11 +62,6 @@ def global_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()), (AXIS,))
 
 
-def platform(mesh: Mesh) -> str:
-  """The platform the step is compiled for ("cpu", "gpu", "tpu"): chooses the convolution form."""
-  return mesh.devices.flat[0].platform
-
-
 def check_devices(config: Config, num_devices: int) -> None:
   """ConfigError unless the global batch (and --invariant_groups) split evenly over all devices."""
   if config.batch_size % num_devices:
@@ -78,18 +73,6 @@ def check_devices(config: Config, num_devices: int) -> None:
     raise ConfigError(f"--invariant_groups={config.invariant_groups}: must be a multiple of twice the "
                       f"number of devices ({2 * num_devices}); pick one that twice every device count "
                       "you compare divides, e.g. 16 for up to 8 devices.")
-
-
-# --members_form=auto, per platform. XLA:CPU: dispatch, measured (docs/reproducibility.md: 4 vmapped
-# members train at 0.6x the images/s of 4 dispatched ones; vmapped convolution parameters become grouped
-# convolutions). GPU and TPU: not measured yet (experiments/bench_gpu.py times both forms), so until
-# then the form that is bitwise the single runs.
-MEMBERS_FORM = {"cpu": "dispatch", "gpu": "dispatch", "tpu": "dispatch"}
-
-
-def members_form(requested: str, platform_name: str) -> str:
-  """"dispatch" or "vmap": --members_form, with auto resolved for the platform."""
-  return MEMBERS_FORM.get(platform_name, "dispatch") if requested == "auto" else requested
 
 
 def over_members(train_step: Callable) -> Callable:
@@ -191,11 +174,6 @@ def scanned_steps(train_step: Callable, num_steps: int, in_memory: bool) -> Call
   return scanned
 
 
-def scan_by_default(platform_name: str) -> bool:
-  """Whether make_multi_step runs its steps as one lax.scan for this platform (not on XLA:CPU)."""
-  return platform_name != "cpu"
-
-
 def make_multi_step(train_step: Callable, num_steps: int, in_memory: bool, scan: bool,
                     p_step: Optional[Callable] = None) -> Callable:
   """`num_steps` training steps per call, one host round trip: what --steps_per_call runs.
@@ -204,9 +182,9 @@ def make_multi_step(train_step: Callable, num_steps: int, in_memory: bool, scan:
   `data` as for the step (in-memory), or with a step axis after the device axis (streaming:
   (devices, num_steps, d_steps, per_device_batch, H, W, C)).
 
-  scan (accelerators): the steps are one pmapped `lax.scan`, so a fast accelerator is not kept waiting
-  by the host between steps. The loop body is compiled apart from the single step: the same math,
-  other rounding.
+  scan (platforms.Policy.scan_steps: accelerators): the steps are one pmapped `lax.scan`, so a fast
+  accelerator is not kept waiting by the host between steps. The loop body is compiled apart from the
+  single step: the same math, other rounding.
 
   Otherwise (XLA:CPU) the call dispatches the single-step program `p_step` (pmap_step(train_step); pass
   the one already in use to share its compilation) num_steps times, asynchronously, and stacks the

@@ -7,9 +7,9 @@ GPU or TPU mesh, lowered for that platform (jax.export works on a CPU-only machi
     report = programs.describe(program, "cuda")   # op counts, FLOPs, collectives, donation, ...
 
 A training program is parallel.step_program (what pmap_step compiles, as jit over shard_map) of
-step.make_train_step for the export platform's devices: the models' convolution form follows the
-platform (convolutions.form_for: "lax" for gpu/tpu, "exact" with --invariant_groups), the scan of
---steps_per_call follows parallel.scan_by_default, members are vmapped (parallel.over_members). The
+step.make_train_step for the export platform's devices, under that platform's policy (platforms.py:
+the convolution form, "lax" for gpu/tpu and "exact" with --invariant_groups; the scan of
+--steps_per_call; lazy R1's lax.cond), members vmapped (parallel.over_members). The
 sampling and evaluation programs are sampling.make_sampler's and evaluator.features_program's.
 
 What `describe` reports, from the lowered StableHLO (operations walked, nested regions included):
@@ -44,11 +44,12 @@ from dcgan_jax import evaluator
 from dcgan_jax import inception
 from dcgan_jax import models
 from dcgan_jax import parallel
+from dcgan_jax import platforms
 from dcgan_jax import sampling
 from dcgan_jax import step as step_lib
 from dcgan_jax.config import Config
 
-# jax.export's platform names -> jax.Device.platform (what chooses the models' convolution form).
+# jax.export's platform names -> jax.Device.platform (what the platform policy is chosen by).
 DEVICE_PLATFORM = {"cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "cpu": "cpu"}
 NUM_EXAMPLES = 60_000  # the in-memory dataset's size in the programs' shapes (Fashion-MNIST's train split)
 
@@ -107,14 +108,14 @@ def build(name: str, num_devices: Optional[int] = None, platform: str = "cuda",
   `num_devices` devices (default: all), as the trainer builds it for `platform` (jax.export's name)."""
   kind, base = CONFIGURATIONS[name]
   config = Config(**dict(base, **(settings or {}))).resolved()
-  device_platform = DEVICE_PLATFORM[platform]
+  policy = platforms.of_platform(DEVICE_PLATFORM[platform])
   channels = CHANNELS[config.preset]
   shape = step_lib.image_shape(config, channels)
   if kind != "train":
     n = _SAMPLES[kind]
     one = NamedSharding(Mesh(np.array(jax.devices()[:1]), (parallel.AXIS,)), P())
     if kind == "sample":
-      generator, _ = models.build_models(config, channels, platform=device_platform)
+      generator, _ = models.build_models(config, channels, policy=policy)
       g = jax.eval_shape(lambda: step_lib.create_train_state(config, channels).g)
       fn = sampling.make_sampler(generator)
       args = (_abstract(g, one), jax.ShapeDtypeStruct((n, config.latent_dim), jnp.float32, sharding=one))
@@ -136,13 +137,12 @@ def build(name: str, num_devices: Optional[int] = None, platform: str = "cuda",
   per_device = config.batch_size // num_devices
   in_memory = config.in_memory != "false"
   members = len(config.member_seeds()) or 1
-  train_step = step_lib.make_train_step(config, channels, NUM_EXAMPLES if in_memory else None,
-                                        device_platform)
+  train_step = step_lib.make_train_step(config, channels, NUM_EXAMPLES if in_memory else None, policy)
   if members > 1:
     train_step = parallel.over_members(train_step)
   k = config.steps_per_call
   if k > 1:
-    assert parallel.scan_by_default(device_platform), "accelerators scan their steps"
+    assert policy.scan_steps, "accelerators scan their steps"
     train_step = parallel.scanned_steps(train_step, k, in_memory)
   state = jax.eval_shape(lambda: step_lib.create_train_state(config, channels))
   state = _abstract(state, replicated, (members,) if members > 1 else ())

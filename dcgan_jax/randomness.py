@@ -19,6 +19,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from dcgan_jax import platforms
+
 # Purposes of the base key (first fold).
 INIT, TRAIN, DATA, EVAL_NOISE = 0, 1, 2, 3
 # Purposes inside one training step (second fold, after the step). `k` is the D update's index.
@@ -109,12 +111,13 @@ def _mix32(v: jax.Array) -> jax.Array:
   return v ^ (v >> 16)
 
 
-def permuted_index(key: jax.Array, offset: jax.Array, n: int, platform: Optional[str] = None) -> jax.Array:
+def permuted_index(key: jax.Array, offset: jax.Array, n: int,
+                   policy: Optional[platforms.Policy] = None) -> jax.Array:
   """permutation_key[offset]: where a seeded permutation of range(n) sends each offset, element-wise.
 
   key: one typed key, or one per element (shape of `offset`); offset: int (any shape) in [0, n) -> int32.
-  platform: of the devices the program is compiled for ("cpu", "gpu", "tpu"; default JAX's default
-  backend): chooses only whether the rounds' loop is rolled (the same result either way).
+  policy: of the devices the program is compiled for (default: JAX's default backend's): chooses only
+  whether the rounds' loop is written out (platforms.Policy.unroll_loops; the same result either way).
   The swap-or-not shuffle (Hoang, Morris and Rogaway, CRYPTO 2012): round r pairs x with
   partner = (K_r - x) mod n and swaps them when a keyed bit of the pair (of its larger member, so both
   members agree) is 1. Each round is an involution of [0, n), so the composition is a bijection for any
@@ -139,16 +142,15 @@ def permuted_index(key: jax.Array, offset: jax.Array, n: int, platform: Optional
     swap = (_mix32(jnp.maximum(x, partner) ^ salts[r]) >> 31) == 1
     return jnp.where(swap, partner, x)
 
-  # Same operations either way, so the same result: on XLA:CPU a rolled loop (written out, 128 rounds
-  # cost ~4 s of compile time); on accelerators written out, one fused kernel instead of one launch per
-  # round (a fixed-length loop does not block the host, but each iteration is a kernel launch there).
-  unroll = 1 if (platform or jax.default_backend()) == "cpu" else _SWAP_OR_NOT_ROUNDS
+  # (A fixed-length loop does not block the host, but on an accelerator each iteration is a launch.)
+  unroll = _SWAP_OR_NOT_ROUNDS if (policy or platforms.default()).unroll_loops else 1
   return jax.lax.fori_loop(0, _SWAP_OR_NOT_ROUNDS, one_round, offset.astype(jnp.uint32),
                            unroll=unroll).astype(jnp.int32)
 
 
 def example_indices(data_key: jax.Array, batch_number: jax.Array, positions: jax.Array,
-                    batch_size: int, num_examples: int, platform: Optional[str] = None) -> jax.Array:
+                    batch_size: int, num_examples: int,
+                    policy: Optional[platforms.Policy] = None) -> jax.Array:
   """Dataset indices of the given global positions of real batch `batch_number`.
 
   Args:
@@ -157,7 +159,7 @@ def example_indices(data_key: jax.Array, batch_number: jax.Array, positions: jax
     positions: int32 (b,), global positions inside the batch, in [0, batch_size).
     batch_size: global batch size (<= num_examples).
     num_examples: dataset size N.
-    platform: of the devices the program is compiled for (permuted_index).
+    policy: of the devices the program is compiled for (permuted_index).
   Returns:
     int32 (b,) indices in [0, N): stream position p = batch_number * batch_size + position maps to
     permutation_e[p mod N], one seeded permutation per epoch e = p // N (permuted_index). Every example
@@ -168,7 +170,7 @@ def example_indices(data_key: jax.Array, batch_number: jax.Array, positions: jax
   # int32 positions overflow after 2**31 examples seen (e.g. 16.7M steps at batch 128): far beyond
   # a DCGAN run; the trainer checks it up front.
   epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(data_key, pos // num_examples)
-  return permuted_index(epoch_keys, pos % num_examples, num_examples, platform)
+  return permuted_index(epoch_keys, pos % num_examples, num_examples, policy)
 
 
 def eval_latents(base_key: jax.Array, num: int, latent_dim: int) -> jax.Array:

@@ -26,11 +26,11 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
-from dcgan_jax import convolutions
 from dcgan_jax import invariant
 from dcgan_jax import losses
 from dcgan_jax import models
 from dcgan_jax import parallel
+from dcgan_jax import platforms
 from dcgan_jax import randomness
 from dcgan_jax.config import Config
 
@@ -73,7 +73,9 @@ def image_shape(config: Config, channels: int) -> tuple:
 def create_train_state(config: Config, channels: int) -> TrainState:
   """The initial state (float32 parameters, whatever --compute_dtype), on the default device.
   `config` must be resolved (Config.resolved())."""
-  generator, discriminator = models.build_models(config, channels)
+  # Every convolution form has the same parameters, and init runs the models once only for shapes: the
+  # plain lax form, whose first pass is quick (the XLA:CPU form compiles its kernels: ~7 s).
+  generator, discriminator = models.build_models(config, channels, form="lax")
   key = jax.random.key(config.seed)
   g_key, d_key = jax.random.split(randomness.purpose_key(key, randomness.INIT))
   g_vars = generator.init(g_key, jnp.zeros((1, config.latent_dim), jnp.float32), train=False)
@@ -117,14 +119,15 @@ def ema_decay(decay: float, num_updates: jax.Array, rampup: float = 0.0) -> jax.
 
 
 def make_train_step(config: Config, channels: int, num_examples: Optional[int] = None,
-                    platform: Optional[str] = None) -> Callable:
+                    policy: Optional[platforms.Policy] = None) -> Callable:
   """Returns train_step(state, positions, data) -> (state, metrics), to be pmapped over AXIS.
 
   num_examples: set for the in-memory path (data = the whole uint8 dataset (N, H, W, C));
                 None for the streaming path (data = uint8 (d_steps, per_device_batch, H, W, C)).
-  platform: of the devices the step is compiled for (chooses the convolution form; models.py).
+  policy: of the devices the step is compiled for (platforms.py; default: JAX's default backend's).
   """
-  generator, discriminator = models.build_models(config, channels, axis_name=AXIS, platform=platform)
+  policy = policy or platforms.default()
+  generator, discriminator = models.build_models(config, channels, axis_name=AXIS, policy=policy)
   # --invariant_groups: the layers return gradients already summed over all devices in a fixed order,
   # of a loss that is each device's share of the global mean (invariant.py); else the usual pmean.
   grouped = config.invariant_groups > 0
@@ -194,15 +197,14 @@ def make_train_step(config: Config, channels: int, num_examples: Optional[int] =
     metrics.update(penalties)  # this device's share when grouped (no penalties then: config refuses)
     return NetState(optax.apply_updates(d.params, updates), bs, opt_state), metrics
 
-  skip_lazy_work = convolutions.branches_skip_work(platform or jax.default_backend())
 
   def d_update_lazy_r1(d, real, fake, keys, k, number):
     """--r1_every=N > 1: R1, weighted by N, on D updates number 0, N, 2N, ... only. Where a branch saves
-    work (convolutions.branches_skip_work), a lax.cond skips the double backward on the other updates;
+    work (platforms.Policy.branches_skip_work), a lax.cond skips the double backward on the other updates;
     on XLA:CPU R1 is computed on every update and weighted 0 off the schedule (the same gradients: the
     term adds exact zeros). Metrics: r1 is 0 off the schedule."""
     due = number % config.r1_every == 0
-    if not skip_lazy_work:
+    if not policy.branches_skip_work:
       new, m = d_update(d, real, fake, keys, k, config.r1_weight * config.r1_every * due.astype(jnp.float32))
       return new, dict(m, r1=jnp.where(due, m["r1"], 0.0))
     with_r1 = lambda: d_update(d, real, fake, keys, k, config.r1_weight * config.r1_every)
@@ -236,7 +238,7 @@ def make_train_step(config: Config, channels: int, num_examples: Optional[int] =
       if num_examples is None:
         return to_float(data[k])
       idx = randomness.example_indices(data_key, state.step * config.d_steps + k, positions,
-                                       config.batch_size, num_examples, platform)
+                                       config.batch_size, num_examples, policy)
       return to_float(data[idx])
 
     d, g_bs = state.d, state.g.batch_stats

@@ -21,6 +21,7 @@ from dcgan_jax import data as data_lib
 from dcgan_jax import members
 from dcgan_jax import models
 from dcgan_jax import parallel
+from dcgan_jax import platforms
 from dcgan_jax import progress
 from dcgan_jax import randomness
 from dcgan_jax import sampling
@@ -46,6 +47,7 @@ def train_and_evaluate(config: Config, workdir: str):
   # ---- Settings, devices, checkpoints and data: every refusal before anything is written ---------
   config = config.resolved()
   mesh = parallel.global_mesh()
+  policy = platforms.of_mesh(mesh)  # every per-platform choice of the run's programs
   parallel.check_devices(config, mesh.devices.size)
   per_device = config.batch_size // mesh.devices.size
   if (config.num_steps * config.d_steps + 1) * config.batch_size >= 2**31:
@@ -73,17 +75,17 @@ def train_and_evaluate(config: Config, workdir: str):
                       for c, _, _ in runs[1:]]
     for d in {id(d): d for d in datas[1:] if d is not data}.values():
       closing.callback(d.close)
-    form = parallel.members_form(config.members_form, parallel.platform(mesh)) if has_members else None
+    form = policy.members_form(config.members_form) if has_members else None
     if has_members:
       _check_member_memory([c for c, _, _ in runs], data)
     if form == "vmap" and not data.in_memory:
       raise ConfigError("--members_form=vmap: the members share one dataset in device memory, and this "
                         "one is read by index (--in_memory); use --members_form=dispatch")
     scorer = _make_scorer(config, data.image_shape, weights) if config.eval_every else None
-    return _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer, locks)
+    return _train(config, workdir, mesh, policy, per_device, runs, datas, form, common, scorer, locks)
 
 
-def _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer, locks):
+def _train(config, workdir, mesh, policy, per_device, runs, datas, form, common, scorer, locks):
   """train_and_evaluate once everything is validated: writes, trains, finishes."""
   # ---- Outputs and state: fresh, or the newest checkpoint every member has ------------------------
   for lock in locks:
@@ -91,7 +93,7 @@ def _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer,
   data, has_members = datas[0], bool(runs[0][2])
   device = jax.local_devices()[0]
   where = dict(devices=jax.local_device_count(), device_kind=device.device_kind,
-               backend=jax.default_backend(), git_commit=checkpoints.git_commit())  # config.json's "run"
+               backend=platforms.backend_name(), git_commit=checkpoints.git_commit())  # config.json's "run"
   group = [_Member(c, w, name, d, mesh, common, where) for (c, w, name), d in zip(runs, datas)]
   if len(set(m.step for m in group)) > 1:  # a member's newest common checkpoint was unreadable
     for m in group:
@@ -99,9 +101,9 @@ def _train(config, workdir, mesh, per_device, runs, datas, form, common, scorer,
 
   # ---- Step programs, sampling, evaluation --------------------------------------------------------
   if form == "vmap":  # one program steps all members, stacked on a leading axis
-    runner = _Stacked(group, _Steps(group[0].config, data, mesh, per_device, over_members=True))
+    runner = _Stacked(group, _Steps(group[0].config, data, mesh, policy, per_device, over_members=True))
   else:
-    runner = _Dispatched(group, data, mesh, per_device)
+    runner = _Dispatched(group, data, mesh, policy, per_device)
   if scorer:
     for m in group:
       m.evaluation = _Evaluation(m.config, m.workdir, m.sample, scorer, m.name)
@@ -239,12 +241,12 @@ class _Dispatched:
   """Each run's (member's) k steps by its own compiled program, one after the other; members that differ
   only in their seed share one program (the seed is in the state, not in the program)."""
 
-  def __init__(self, group, data, mesh, per_device):
+  def __init__(self, group, data, mesh, policy, per_device):
     self.group, programs = group, {}
     for m in group:
       computation = dataclasses.replace(m.config, seed=0)
       if computation not in programs:
-        programs[computation] = _Steps(m.config, data, mesh, per_device)
+        programs[computation] = _Steps(m.config, data, mesh, policy, per_device)
       m.steps = programs[computation]
 
   def run(self, step, k):
@@ -275,13 +277,12 @@ class _Steps:
   (parallel.make_multi_step), one compiled program per k, made on first use (on XLA:CPU all of them
   dispatch the single step's program). over_members: of a state with a leading member axis."""
 
-  def __init__(self, config, data, mesh, per_device, over_members=False):
-    platform = parallel.platform(mesh)
+  def __init__(self, config, data, mesh, policy, per_device, over_members=False):
     self._data, self._positions = data, parallel.batch_positions(mesh, per_device)
-    self._train_step = step_lib.make_train_step(config, data.channels, data.step_num_examples, platform)
+    self._train_step = step_lib.make_train_step(config, data.channels, data.step_num_examples, policy)
     if over_members:
       self._train_step = parallel.over_members(self._train_step)
-    self._scan = parallel.scan_by_default(platform)
+    self._scan = policy.scan_steps
     self._calls = {1: parallel.pmap_step(self._train_step, data.in_memory)}
 
   def __call__(self, state, step, k, data):

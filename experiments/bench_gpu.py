@@ -63,7 +63,7 @@ def configurations(batches, steps_for, device):
                       f"--steps={steps}", "--warmup=2", f"--compute_dtype={dtype}",
                       f"--steps_per_call={kk}"], ROOT))
     if b == 128:  # many members in one program (--seeds): the chip that one run leaves idle; both
-      # member forms, to choose --members_form=auto's GPU entry (parallel.MEMBERS_FORM) by measurement
+      # member forms, to choose --members_form=auto's GPU entry (platforms.MEMBERS_FORM) by measurement
       for members in (4, 16):
         for form in ("dispatch", "vmap"):
           runs.append((f"dcgan_jax b{b} float32 k{k} members{members} {form}",

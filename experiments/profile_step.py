@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dcgan_jax import parallel  # noqa: E402
+from dcgan_jax import platforms  # noqa: E402
 from dcgan_jax import step as step_lib  # noqa: E402
 from dcgan_jax.config import Config  # noqa: E402
 
@@ -40,7 +41,7 @@ mesh = parallel.global_mesh()
 data = parallel.replicate(np.random.default_rng(0).integers(0, 256, (60000, 28, 28, 1), np.uint8), mesh)
 slots = parallel.batch_positions(mesh, a.batch // mesh.devices.size)
 state = parallel.replicate(step_lib.create_train_state(config, 1), mesh)
-step = parallel.pmap_step(step_lib.make_train_step(config, 1, 60000, parallel.platform(mesh)), in_memory=True)
+step = parallel.pmap_step(step_lib.make_train_step(config, 1, 60000, platforms.of_mesh(mesh)), in_memory=True)
 hlo = step.lower(state, slots, data).compile().as_text()
 layer = {m.group(1): m.group(2) for m in re.finditer(r"%(\S+) = .*?op_name=\"([^\"]+)\"", hlo)}
 for _ in range(3):  # compile and warm up

@@ -7,6 +7,7 @@ import pytest
 from dcgan_jax import checkpoints
 from dcgan_jax import input_pipeline
 from dcgan_jax import parallel
+from dcgan_jax import platforms
 from dcgan_jax import step as step_lib
 from dcgan_jax import train
 from dcgan_jax.config import Config
@@ -43,7 +44,7 @@ def test_random_access_batches_are_the_in_memory_steps_batches(tiny_data_dir, mo
     return to_float(batch)
 
   monkeypatch.setattr(step_lib, "to_float", spy)
-  one = jax.pmap(step_lib.make_train_step(config, 1, len(images), "cpu"), axis_name=parallel.AXIS,
+  one = jax.pmap(step_lib.make_train_step(config, 1, len(images), platforms.HOST), axis_name=parallel.AXIS,
                  in_axes=(None, 0, None), out_axes=(None, None), devices=jax.devices()[:1])
   state = step_lib.create_train_state(config, 1)
   for step in range(3):

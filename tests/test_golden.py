@@ -46,12 +46,14 @@ def trajectory(devices=1, **overrides):
   import jax
   import optax
   from dcgan_jax import parallel
+  from dcgan_jax import platforms
   from dcgan_jax import step as step_lib
   from dcgan_jax.config import Config
   config = Config(**{**settings(), **overrides}).resolved()
   data = synthetic_images()
-  train_step = jax.pmap(step_lib.make_train_step(config, 1, len(data), "cpu"), axis_name=parallel.AXIS,
-                        in_axes=(None, 0, None), out_axes=(None, None), devices=jax.devices()[:devices])
+  train_step = jax.pmap(step_lib.make_train_step(config, 1, len(data), platforms.HOST),
+                        axis_name=parallel.AXIS, in_axes=(None, 0, None), out_axes=(None, None),
+                        devices=jax.devices()[:devices])
   state = step_lib.create_train_state(config, 1)
   positions = np.arange(config.batch_size, dtype=np.int32).reshape(devices, -1)
   steps = []

@@ -18,6 +18,7 @@ import pytest
 from dcgan_jax import losses
 from dcgan_jax import models
 from dcgan_jax import parallel
+from dcgan_jax import platforms
 from dcgan_jax import randomness
 from dcgan_jax import step as step_lib
 from dcgan_jax.config import Config
@@ -42,7 +43,8 @@ def trainer_step(monkeypatch, config, state, platform=None):
   configured optimizer. Returns (new state, metrics, the step's z, the step's interpolation weights)."""
   if (config, platform) not in _STEPS:
     monkeypatch.setattr(step_lib, "make_optimizer", lambda config, learning_rate: optax.sgd(learning_rate))
-    _STEPS[config, platform] = jax.pmap(step_lib.make_train_step(config, 1, None, platform),
+    policy = platforms.of_platform(platform) if platform else None
+    _STEPS[config, platform] = jax.pmap(step_lib.make_train_step(config, 1, None, policy),
                                         axis_name=parallel.AXIS, in_axes=(None, 0, 0), out_axes=(None, None),
                                         devices=jax.devices()[:1])
   step = _STEPS[config, platform]
@@ -67,7 +69,7 @@ def textbook_gradients(config, state, z, eps, r1_weight=None):
 
 @functools.partial(jax.jit, static_argnums=0)  # one compilation per model: loss and weights are traced
 def _textbook(config, state, z, eps, loss_index, gp_weight, r1_weight, learning_rate_d):
-  gen, disc = models.build_models(config, 1, platform="gpu")  # the plain-lax form, not the trainer's
+  gen, disc = models.build_models(config, 1, form="lax")  # the plain-lax form, not the trainer's
   real = jnp.asarray(real_images()[0], jnp.float32) / 127.5 - 1.0
   fake, _ = gen.apply({"params": state.g.params, "batch_stats": state.g.batch_stats}, z, train=True,
                       mutable=["batch_stats"])

@@ -26,11 +26,39 @@ its tiling by batch size (measured: the mnist generator's outputs for 8 examples
 between a batch of 8 and a batch of 32), which is why the groups exist at all.
 """
 
+import dataclasses
 from typing import Callable, List, Optional
 
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Reductions:
+  """How the step turns per-example values into batch means (losses.py's `mean` argument).
+
+  share: per-example values -> the loss whose gradient the step takes (this device's part);
+  mean: per-example values -> the global batch mean, for metrics;
+  average: this device's gradients -> the global batch's;
+  exact: whether the metrics are already global (else the step pmeans them)."""
+  share: Callable
+  mean: Callable
+  average: Callable
+  exact: bool
+
+
+def reductions(batch_size: int, invariant_groups: int, axis_name: str) -> Reductions:
+  """--invariant_groups=G > 0: the layers return gradients already summed over all devices in a fixed
+  order, of a loss that is each device's share of the global mean (sum / global batch size), and the
+  metrics are summed in a fixed order too. G = 0: the usual per-device means and lax.pmean."""
+  if invariant_groups:
+    group_size = batch_size // invariant_groups
+    return Reductions(share=lambda v: jnp.sum(v) / batch_size,
+                      mean=lambda v: global_mean(v, group_size, axis_name),
+                      average=lambda grads: grads, exact=True)
+  return Reductions(share=jnp.mean, mean=jnp.mean, average=lambda grads: lax.pmean(grads, axis_name),
+                    exact=False)
 
 
 def split(x: jax.Array, group_size: int) -> List[jax.Array]:

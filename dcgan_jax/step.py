@@ -17,6 +17,7 @@ update (jax.vjp keeps G's backward pass), so its BatchNorm statistics are update
 Gradients and BatchNorm statistics are averaged over the global batch (pmap axis parallel.AXIS).
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
@@ -66,10 +67,6 @@ def make_optimizer(config: Config, learning_rate: float) -> optax.GradientTransf
   return optax.rmsprop(learning_rate, decay=config.beta1)
 
 
-def image_shape(config: Config, channels: int) -> tuple:
-  return (config.image_size, config.image_size, channels)
-
-
 def create_train_state(config: Config, channels: int) -> TrainState:
   """The initial state (float32 parameters, whatever --compute_dtype), on the default device.
   `config` must be resolved (Config.resolved())."""
@@ -79,7 +76,7 @@ def create_train_state(config: Config, channels: int) -> TrainState:
   key = jax.random.key(config.seed)
   g_key, d_key = jax.random.split(randomness.purpose_key(key, randomness.INIT))
   g_vars = generator.init(g_key, jnp.zeros((1, config.latent_dim), jnp.float32), train=False)
-  d_vars = discriminator.init(d_key, jnp.zeros((1,) + image_shape(config, channels), jnp.float32),
+  d_vars = discriminator.init(d_key, jnp.zeros((1,) + config.image_shape(channels), jnp.float32),
                               train=False)
 
   def net(variables, lr):
@@ -118,6 +115,165 @@ def ema_decay(decay: float, num_updates: jax.Array, rampup: float = 0.0) -> jax.
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """What a step needs besides its inputs: the settings, the models, the optimizers, how batch means
+  are reduced (invariant.Reductions) and the platform policy. Built once by make_train_step."""
+  config: Config
+  generator: Any  # flax Module (models.build_models, with axis_name=AXIS)
+  discriminator: Any
+  g_tx: optax.GradientTransformation
+  d_tx: optax.GradientTransformation
+  reduce: invariant.Reductions
+  policy: platforms.Policy
+  num_examples: Optional[int]  # in memory: the dataset size; None when the step's batches are streamed
+
+  def g_forward(self, params, batch_stats, z):
+    fake, updates = self.generator.apply({"params": params, "batch_stats": batch_stats}, z, train=True,
+                                         mutable=["batch_stats"])
+    return fake, updates["batch_stats"]
+
+  def d_forward(self, params, batch_stats, images, dropout_keys):
+    logits, updates = self.discriminator.apply({"params": params, "batch_stats": batch_stats}, images,
+                                               train=True, dropout_keys=dropout_keys, mutable=["batch_stats"])
+    return logits, updates.get("batch_stats", {})
+
+  def d_forward_and_input_grads(self, params, batch_stats, images, dropout_keys):
+    """D's logits, updated statistics, and the gradient of its summed logits with respect to its
+    input (batch, H, W, C): the penalties' per-example gradients, differentiable again in params."""
+    logits, vjp, updates = jax.vjp(lambda x: self.d_forward(params, batch_stats, x, dropout_keys), images,
+                                   has_aux=True)
+    (grads,) = vjp(jnp.ones_like(logits))
+    return logits, updates, grads
+
+  def d_output(self, logits):
+    """D's output as a number to log: a probability for the cross-entropy losses, else the raw score."""
+    return jax.nn.sigmoid(logits) if self.config.loss in losses.PROBABILISTIC else logits
+
+
+def d_update(t: Trainer, d: NetState, real, fake, keys: randomness.StepKeys, k: int, r1_weight):
+  """The k-th discriminator update, on a real and a fake batch (fake carries no gradient to G), with
+  the gradient penalty (--gp_weight) and R1 (r1_weight: --r1_weight, times N on lazy updates)."""
+  config, share = t.config, t.reduce.share
+
+  def loss_fn(params):
+    penalties = {}
+    # R1 at the real pass itself: its input gradient, differentiated again below. (r1_weight is a
+    # Python number, or an array when the lazy schedule weights it on CPU: then always computed.)
+    if not isinstance(r1_weight, (int, float)) or r1_weight:
+      real_logits, bs, real_grads = t.d_forward_and_input_grads(params, d.batch_stats, real,
+                                                                keys.dropout_real(k))
+      penalties["r1"] = losses.r1_penalty(real_grads, share)
+    else:
+      real_logits, bs = t.d_forward(params, d.batch_stats, real, keys.dropout_real(k))
+    fake_logits, bs = t.d_forward(params, bs, fake, keys.dropout_fake_d(k))
+    loss = losses.d_loss(real_logits, fake_logits, config.loss, share)
+    if config.gp_weight:
+      eps = randomness.example_uniform(keys.mixing(k))[:, None, None, None]
+      mixed = eps * real + (1.0 - eps) * fake
+      # The interpolates' BatchNorm statistics are discarded: running averages follow real and fake.
+      _, _, mixed_grads = t.d_forward_and_input_grads(params, bs, mixed, keys.dropout_mixed(k))
+      penalties["gp"] = losses.gradient_penalty(mixed_grads, share)
+    loss += config.gp_weight * penalties.get("gp", 0.0) + r1_weight * penalties.get("r1", 0.0)
+    return loss, (bs, real_logits, fake_logits, penalties)
+
+  (_, (bs, real_logits, fake_logits, penalties)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d.params)
+  grads = t.reduce.average(grads)
+  updates, opt_state = t.d_tx.update(grads, d.opt_state, d.params)
+  mean = t.reduce.mean
+  metrics = dict(d_loss=losses.d_loss(real_logits, fake_logits, config.loss, mean),
+                 d_real=mean(t.d_output(real_logits)), d_fake=mean(t.d_output(fake_logits)),
+                 d_grad_norm=optax.tree.norm(grads))
+  metrics.update(penalties)  # this device's share when grouped (no penalties then: config refuses)
+  return NetState(optax.apply_updates(d.params, updates), bs, opt_state), metrics
+
+
+def d_update_lazy_r1(t: Trainer, d: NetState, real, fake, keys: randomness.StepKeys, k: int, number):
+  """--r1_every=N > 1: R1, weighted by N, on D updates number 0, N, 2N, ... only. Where a branch saves
+  work (platforms.Policy.branches_skip_work), a lax.cond skips the double backward on the other updates;
+  on XLA:CPU R1 is computed on every update and weighted 0 off the schedule (the same gradients: the
+  term adds exact zeros). Metrics: r1 is 0 off the schedule."""
+  config = t.config
+  due = number % config.r1_every == 0
+  if not t.policy.branches_skip_work:
+    new, m = d_update(t, d, real, fake, keys, k, config.r1_weight * config.r1_every * due.astype(jnp.float32))
+    return new, dict(m, r1=jnp.where(due, m["r1"], 0.0))
+  with_r1 = lambda: d_update(t, d, real, fake, keys, k, config.r1_weight * config.r1_every)
+  without = lambda: (lambda new, m: (new, dict(m, r1=jnp.zeros((), jnp.float32))))(
+      *d_update(t, d, real, fake, keys, k, 0.0))
+  return lax.cond(due, with_r1, without)
+
+
+def g_update(t: Trainer, g: NetState, g_vjp, g_batch_stats, fake, d: NetState, keys: randomness.StepKeys):
+  """The generator update: backprop the G loss through the updated D, then through G's saved vjp.
+
+  D's BatchNorm statistics from this pass are discarded: D is only ever run in training mode.
+  """
+
+  def loss_fn(fake):
+    logits, _ = t.d_forward(d.params, d.batch_stats, fake, keys.dropout_fake_g())
+    return losses.g_loss(logits, t.config.loss, t.reduce.share), logits
+
+  (_, logits), fake_grad = jax.value_and_grad(loss_fn, has_aux=True)(fake)
+  (grads,) = g_vjp(fake_grad)
+  grads = t.reduce.average(grads)
+  updates, opt_state = t.g_tx.update(grads, g.opt_state, g.params)
+  new_g = NetState(optax.apply_updates(g.params, updates), g_batch_stats, opt_state)
+  return new_g, dict(g_loss=losses.g_loss(logits, t.config.loss, t.reduce.mean),
+                     g_grad_norm=optax.tree.norm(grads))
+
+
+def real_batch(t: Trainer, data, data_key, step, positions, k: int):
+  """float32 (per_device_batch, H, W, C): the step's k-th real batch, gathered from the dataset in
+  memory in the order randomness.example_indices draws, or the streamed batch's k-th part."""
+  if t.num_examples is None:
+    return to_float(data[k])
+  c = t.config
+  idx = randomness.example_indices(data_key, step * c.d_steps + k, positions, c.batch_size, t.num_examples,
+                                   t.policy)
+  return to_float(data[idx])
+
+
+def train_step(t: Trainer, state: TrainState, positions: jax.Array, data: jax.Array):
+  """One step (module docstring): d_steps D updates, then G's, then the metrics and G's EMA."""
+  config = t.config
+  keys = randomness.StepKeys(randomness.purpose_key(state.key, randomness.TRAIN), state.step, positions)
+  data_key = randomness.purpose_key(state.key, randomness.DATA)
+
+  # ---- D updates, each on fakes from the current G (the last one's kept for G's backward pass) ---
+  d, g_bs = state.d, state.g.batch_stats
+  for k in range(config.d_steps):
+    z = randomness.latents(keys.z(k), config.latent_dim)
+    if k < config.d_steps - 1:
+      fake, g_bs = t.g_forward(state.g.params, g_bs, z)
+    else:
+      fake, g_vjp, g_bs = jax.vjp(functools.partial(t.g_forward, batch_stats=g_bs, z=z), state.g.params,
+                                  has_aux=True)
+    real = real_batch(t, data, data_key, state.step, positions, k)
+    if config.r1_weight and config.r1_every > 1:
+      d, d_metrics = d_update_lazy_r1(t, d, real, lax.stop_gradient(fake), keys, k,
+                                      state.step * config.d_steps + k)
+    else:
+      d, d_metrics = d_update(t, d, real, lax.stop_gradient(fake), keys, k, config.r1_weight)
+
+  # ---- G update, through the updated D -----------------------------------------------------------
+  g, g_metrics = g_update(t, state.g, g_vjp, g_bs, fake, d, keys)
+
+  # ---- Metrics and G's EMA -----------------------------------------------------------------------
+  metrics = {**d_metrics, **g_metrics}
+  if not t.reduce.exact:  # (exact: already global means, from gradients that are the same everywhere)
+    metrics = lax.pmean(metrics, AXIS)
+  metrics["g_param_norm"] = optax.tree.norm(g.params)
+  metrics["d_param_norm"] = optax.tree.norm(d.params)
+  finite = [jnp.isfinite(metrics[k]) for k in ("d_loss", "g_loss", "g_param_norm", "d_param_norm")]
+  metrics["finite"] = jnp.all(jnp.stack(finite)).astype(jnp.float32)
+  g_ema = state.g_ema
+  if g_ema is not None:
+    decay = ema_decay(config.g_ema_decay, state.step + 1, config.g_ema_rampup)
+    g_ema = optax.incremental_update(g.params, g_ema, 1.0 - decay)
+  return TrainState(step=state.step + 1, key=state.key, g=g, d=d, g_ema=g_ema), metrics
+
+
 def make_train_step(config: Config, channels: int, num_examples: Optional[int] = None,
                     policy: Optional[platforms.Policy] = None) -> Callable:
   """Returns train_step(state, positions, data) -> (state, metrics), to be pmapped over AXIS.
@@ -128,145 +284,8 @@ def make_train_step(config: Config, channels: int, num_examples: Optional[int] =
   """
   policy = policy or platforms.default()
   generator, discriminator = models.build_models(config, channels, axis_name=AXIS, policy=policy)
-  # --invariant_groups: the layers return gradients already summed over all devices in a fixed order,
-  # of a loss that is each device's share of the global mean (invariant.py); else the usual pmean.
-  grouped = config.invariant_groups > 0
-  if grouped:
-    group_size = config.batch_size // config.invariant_groups
-    share = lambda v: jnp.sum(v) / config.batch_size  # this device's share of the global mean
-    exact_mean = lambda v: invariant.global_mean(v, group_size, AXIS)  # metrics
-    average = lambda grads: grads
-  else:
-    share = exact_mean = jnp.mean
-    average = lambda grads: lax.pmean(grads, AXIS)
-  g_tx = make_optimizer(config, config.learning_rate_g)
-  d_tx = make_optimizer(config, config.learning_rate_d)
-
-  def g_forward(params, batch_stats, z):
-    fake, updates = generator.apply({"params": params, "batch_stats": batch_stats}, z, train=True,
-                                    mutable=["batch_stats"])
-    return fake, updates["batch_stats"]
-
-  def d_forward(params, batch_stats, images, dropout_keys):
-    logits, updates = discriminator.apply({"params": params, "batch_stats": batch_stats}, images,
-                                          train=True, dropout_keys=dropout_keys, mutable=["batch_stats"])
-    return logits, updates.get("batch_stats", {})
-
-  def d_forward_and_input_grads(params, batch_stats, images, dropout_keys):
-    """D's logits, updated statistics, and the gradient of its summed logits with respect to its
-    input (batch, H, W, C): the penalties' per-example gradients, differentiable again in params."""
-    logits, vjp, updates = jax.vjp(lambda x: d_forward(params, batch_stats, x, dropout_keys), images,
-                                   has_aux=True)
-    (grads,) = vjp(jnp.ones_like(logits))
-    return logits, updates, grads
-
-  # D's output as a number to log: a probability for the cross-entropy losses, else the raw score.
-  d_output = jax.nn.sigmoid if config.loss in losses.PROBABILISTIC else (lambda logits: logits)
-
-  def d_update(d: NetState, real, fake, keys: randomness.StepKeys, k: int, r1_weight: float):
-    """The k-th discriminator update, on a real and a fake batch (fake carries no gradient to G), with
-    the gradient penalty (--gp_weight) and R1 (r1_weight: --r1_weight, times N on lazy updates)."""
-
-    def loss_fn(params):
-      penalties = {}
-      # R1 at the real pass itself: its input gradient, differentiated again below. (r1_weight is a
-      # Python number, or an array when the lazy schedule weights it on CPU: then always computed.)
-      if not isinstance(r1_weight, (int, float)) or r1_weight:
-        real_logits, bs, real_grads = d_forward_and_input_grads(params, d.batch_stats, real,
-                                                                keys.dropout_real(k))
-        penalties["r1"] = losses.r1_penalty(real_grads, share)
-      else:
-        real_logits, bs = d_forward(params, d.batch_stats, real, keys.dropout_real(k))
-      fake_logits, bs = d_forward(params, bs, fake, keys.dropout_fake_d(k))
-      loss = losses.d_loss(real_logits, fake_logits, config.loss, share)
-      if config.gp_weight:
-        eps = randomness.example_uniform(keys.mixing(k))[:, None, None, None]
-        mixed = eps * real + (1.0 - eps) * fake
-        # The interpolates' BatchNorm statistics are discarded: running averages follow real and fake.
-        _, _, mixed_grads = d_forward_and_input_grads(params, bs, mixed, keys.dropout_mixed(k))
-        penalties["gp"] = losses.gradient_penalty(mixed_grads, share)
-      loss += config.gp_weight * penalties.get("gp", 0.0) + r1_weight * penalties.get("r1", 0.0)
-      return loss, (bs, real_logits, fake_logits, penalties)
-
-    (_, (bs, real_logits, fake_logits, penalties)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d.params)
-    grads = average(grads)
-    updates, opt_state = d_tx.update(grads, d.opt_state, d.params)
-    metrics = dict(d_loss=losses.d_loss(real_logits, fake_logits, config.loss, exact_mean),
-                   d_real=exact_mean(d_output(real_logits)), d_fake=exact_mean(d_output(fake_logits)),
-                   d_grad_norm=optax.tree.norm(grads))
-    metrics.update(penalties)  # this device's share when grouped (no penalties then: config refuses)
-    return NetState(optax.apply_updates(d.params, updates), bs, opt_state), metrics
-
-
-  def d_update_lazy_r1(d, real, fake, keys, k, number):
-    """--r1_every=N > 1: R1, weighted by N, on D updates number 0, N, 2N, ... only. Where a branch saves
-    work (platforms.Policy.branches_skip_work), a lax.cond skips the double backward on the other updates;
-    on XLA:CPU R1 is computed on every update and weighted 0 off the schedule (the same gradients: the
-    term adds exact zeros). Metrics: r1 is 0 off the schedule."""
-    due = number % config.r1_every == 0
-    if not policy.branches_skip_work:
-      new, m = d_update(d, real, fake, keys, k, config.r1_weight * config.r1_every * due.astype(jnp.float32))
-      return new, dict(m, r1=jnp.where(due, m["r1"], 0.0))
-    with_r1 = lambda: d_update(d, real, fake, keys, k, config.r1_weight * config.r1_every)
-    without = lambda: (lambda new, m: (new, dict(m, r1=jnp.zeros((), jnp.float32))))(
-        *d_update(d, real, fake, keys, k, 0.0))
-    return lax.cond(due, with_r1, without)
-
-  def g_update(g: NetState, g_vjp, g_batch_stats, fake, d: NetState, keys: randomness.StepKeys):
-    """The generator update: backprop the G loss through the updated D, then through G's saved vjp.
-
-    D's BatchNorm statistics from this pass are discarded: D is only ever run in training mode.
-    """
-
-    def loss_fn(fake):
-      logits, _ = d_forward(d.params, d.batch_stats, fake, keys.dropout_fake_g())
-      return losses.g_loss(logits, config.loss, share), logits
-
-    (_, logits), fake_grad = jax.value_and_grad(loss_fn, has_aux=True)(fake)
-    (grads,) = g_vjp(fake_grad)
-    grads = average(grads)
-    updates, opt_state = g_tx.update(grads, g.opt_state, g.params)
-    new_g = NetState(optax.apply_updates(g.params, updates), g_batch_stats, opt_state)
-    return new_g, dict(g_loss=losses.g_loss(logits, config.loss, exact_mean),
-                       g_grad_norm=optax.tree.norm(grads))
-
-  def train_step(state: TrainState, positions: jax.Array, data: jax.Array):
-    keys = randomness.StepKeys(randomness.purpose_key(state.key, randomness.TRAIN), state.step, positions)
-    data_key = randomness.purpose_key(state.key, randomness.DATA)
-
-    def real_batch(k):
-      if num_examples is None:
-        return to_float(data[k])
-      idx = randomness.example_indices(data_key, state.step * config.d_steps + k, positions,
-                                       config.batch_size, num_examples, policy)
-      return to_float(data[idx])
-
-    d, g_bs = state.d, state.g.batch_stats
-    for k in range(config.d_steps):
-      z = randomness.latents(keys.z(k), config.latent_dim)
-      if k < config.d_steps - 1:
-        fake, g_bs = g_forward(state.g.params, g_bs, z)
-      else:  # keep G's backward pass for the G update
-        fake, g_vjp, g_bs = jax.vjp(functools.partial(g_forward, batch_stats=g_bs, z=z), state.g.params,
-                                    has_aux=True)
-      if config.r1_weight and config.r1_every > 1:
-        d, d_metrics = d_update_lazy_r1(d, real_batch(k), lax.stop_gradient(fake), keys, k,
-                                        state.step * config.d_steps + k)
-      else:
-        d, d_metrics = d_update(d, real_batch(k), lax.stop_gradient(fake), keys, k, config.r1_weight)
-    g, g_metrics = g_update(state.g, g_vjp, g_bs, fake, d, keys)
-
-    metrics = {**d_metrics, **g_metrics}
-    if not grouped:  # (grouped: already global means, from gradients that are the same everywhere)
-      metrics = lax.pmean(metrics, AXIS)
-    metrics["g_param_norm"] = optax.tree.norm(g.params)
-    metrics["d_param_norm"] = optax.tree.norm(d.params)
-    finite = [jnp.isfinite(metrics[k]) for k in ("d_loss", "g_loss", "g_param_norm", "d_param_norm")]
-    metrics["finite"] = jnp.all(jnp.stack(finite)).astype(jnp.float32)
-    g_ema = state.g_ema
-    if g_ema is not None:
-      decay = ema_decay(config.g_ema_decay, state.step + 1, config.g_ema_rampup)
-      g_ema = optax.incremental_update(g.params, g_ema, 1.0 - decay)
-    return TrainState(step=state.step + 1, key=state.key, g=g, d=d, g_ema=g_ema), metrics
-
-  return train_step
+  trainer = Trainer(config, generator, discriminator, make_optimizer(config, config.learning_rate_g),
+                    make_optimizer(config, config.learning_rate_d),
+                    invariant.reductions(config.batch_size, config.invariant_groups, AXIS), policy,
+                    num_examples)
+  return functools.partial(train_step, trainer)

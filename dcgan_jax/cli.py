@@ -19,12 +19,47 @@ from absl import flags
 from absl import logging
 
 
-
+# ---- How a tool ends: the library raises, only the tools (and a second signal) exit ----------------
 def exit_with_error(message: str) -> NoReturn:
   """How the command-line tools end on bad input: `error: <message>` on stderr, exit status 2. (The
   library raises ConfigError; only the tools decide to exit.)"""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def end_now(message: str, status: int) -> NoReturn:
+  """`error: <message>` on stderr and exit at once, without Python's or JAX's shutdown (which would
+  wait for library threads, or for a lost process in jax.distributed's shutdown barrier)."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)  # pylint: disable=protected-access
+
+
+def end_run(error: Exception, refusals: tuple, write_errors: tuple, resume_point: Callable[[], str]) -> None:
+  """How a training run ends on `error`, in one line; returns only for an error it does not handle
+  (the caller re-raises it, with its traceback).
+
+  refusals (bad settings, data that cannot be had, a diverging run): exit 2, at once in a
+  multi-process run, where a normal exit would wait in jax.distributed's shutdown barrier for processes
+  that may be waiting for this one in a collective (an error only this process saw).
+  write_errors (a checkpoint that cannot be written): exit 2 at once, before orbax's writer threads add
+  a traceback each while the interpreter shuts down.
+  A failed collective in a multi-process run: another process died (killed, preempted, crashed); one
+  line naming what failed and where the run resumes (resume_point()), exit 3 at once: JAX's own
+  shutdown would wait for the lost process and abort with a stack trace."""
+  import jax  # pylint: disable=g-import-not-at-top
+  multi_process = jax.process_count() > 1
+  if isinstance(error, refusals):
+    if multi_process:
+      end_now(str(error), 2)
+    exit_with_error(str(error))
+  if isinstance(error, write_errors):
+    end_now(str(error), 2)
+  if multi_process and isinstance(error, jax.errors.JaxRuntimeError):
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    end_now(f"process {jax.process_index()} of {jax.process_count()}: lost another process of the run "
+            f"({first[:200]}); start all processes again to resume from {resume_point()}", 3)
+
 
 FLAGFILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flagfiles")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

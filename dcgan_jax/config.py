@@ -197,6 +197,10 @@ class Config:
       "~/.cache/dcgan_jax/inception.", OUTPUT)
 
   # ---------------------------------------------------------------------------------------------
+  def image_shape(self, channels: int) -> tuple:
+    """(H, W, C): the models' image shape for a dataset of `channels` channels (a resolved config)."""
+    return (self.image_size, self.image_size, channels)
+
   def member_seeds(self) -> list:
     """--seeds as a list of ints in the order given ([] when empty). ConfigError for bad syntax,
     negative or repeated seeds."""

@@ -25,7 +25,6 @@ import numpy as np
 
 from dcgan_jax import parallel
 from dcgan_jax.config import Config, ConfigError
-from dcgan_jax.step import image_shape as make_image_shape
 
 
 @dataclasses.dataclass
@@ -52,7 +51,7 @@ def open_training_data(config: Config, mesh, per_device: int) -> TrainingData:
   builder = input_pipeline.get_builder(config)
   spec = input_pipeline.dataset_spec(config, builder)
   channels = input_pipeline.dataset_channels(spec, config.channels)
-  shape = make_image_shape(config, channels)
+  shape = config.image_shape(channels)
   in_memory = input_pipeline.choose_in_memory(config, spec, shape)
   source = None if in_memory else input_pipeline.data_source(builder, config.split)
   if in_memory:

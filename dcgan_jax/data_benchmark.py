@@ -19,7 +19,6 @@ import time
 
 from absl import flags
 import jax
-import numpy as np
 
 from dcgan_jax import cli
 from dcgan_jax import config as config_lib

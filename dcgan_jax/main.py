@@ -17,8 +17,8 @@ from absl import logging
 from dcgan_jax import cli
 from dcgan_jax import config as config_lib
 from dcgan_jax import stopping
-from dcgan_jax.config import ConfigError
 from dcgan_jax.cli import exit_with_error
+from dcgan_jax.config import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -53,45 +53,21 @@ def main(argv):
   from dcgan_jax import train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from dcgan_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from dcgan_jax import members  # pylint: disable=g-import-not-at-top
+  # Where a restart resumes: named by the lines that end a run at once.
+  resume_point = lambda: workdir_lib.resume_point(members.workdirs(config_lib.from_flags(), FLAGS.workdir))
   try:
     config = config_lib.from_flags().resolved()
-    from dcgan_jax import members  # pylint: disable=g-import-not-at-top
-    stopping.install(lambda: workdir_lib.resume_point(members.workdirs(config, FLAGS.workdir)))
+    stopping.install(resume_point)
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.heartbeat_timeout)
     stopping.install(process=f"process {jax.process_index()} of {jax.process_count()}")
     logging.info("Training in %s", FLAGS.workdir)
     train.train_and_evaluate(config, FLAGS.workdir)
-  except (ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError) as e:
-    if jax.process_count() > 1:
-      # At once: a normal exit waits in jax.distributed's shutdown barrier for the other processes,
-      # which may be waiting for this one in a collective (an error only this process saw).
-      _end_now(str(e), 2)
-    exit_with_error(str(e))
-  except checkpoints.CheckpointWriteError as e:
-    # At once: orbax's writer threads would add a traceback each while the interpreter shuts down.
-    _end_now(str(e), 2)
   except Exception as e:  # pylint: disable=broad-except
-    if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
-      raise
-    _lost_a_process(e)
-
-
-def _lost_a_process(error: Exception) -> None:
-  """A collective failed in a multi-process run: another process died (killed, preempted, crashed).
-  One line naming what failed and where the run resumes, then exit 3 at once: JAX's own shutdown would
-  wait for the lost process and abort with a stack trace."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import members  # pylint: disable=g-import-not-at-top
-  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  workdirs = members.workdirs(config_lib.from_flags(), FLAGS.workdir)
-  _end_now(f"process {jax.process_index()} of {jax.process_count()}: lost another process of the run "
-           f"({first[:200]}); start all processes again to resume from "
-           + workdir_lib.resume_point(workdirs), 3)
-
-
-_end_now = stopping.end_now
+    cli.end_run(e, refusals=(ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError),
+                write_errors=(checkpoints.CheckpointWriteError,), resume_point=resume_point)
+    raise
 
 
 if __name__ == "__main__":

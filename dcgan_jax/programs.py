@@ -110,7 +110,7 @@ def build(name: str, num_devices: Optional[int] = None, platform: str = "cuda",
   config = Config(**dict(base, **(settings or {}))).resolved()
   policy = platforms.of_platform(DEVICE_PLATFORM[platform])
   channels = CHANNELS[config.preset]
-  shape = step_lib.image_shape(config, channels)
+  shape = config.image_shape(channels)
   if kind != "train":
     n = _SAMPLES[kind]
     one = NamedSharding(Mesh(np.array(jax.devices()[:1]), (parallel.AXIS,)), P())

@@ -21,12 +21,13 @@ no KeyboardInterrupt can be swallowed inside a library callback (JAX's garbage-c
 """
 
 import contextlib
-import os
 import signal
 import socket
 import sys
 import threading
 from typing import Callable, Optional
+
+from dcgan_jax import cli
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # From dcgan_jax.launch to the other processes of a run when one of them died: a survivor may sit in a
@@ -107,13 +108,7 @@ class _Requests:
     except Exception:  # pylint: disable=broad-except
       return "the newest checkpoint"
 
-  @staticmethod
-  def end_now(message: str, status: int) -> None:
-    """`error: <message>` on stderr and exit at once, without Python's or JAX's shutdown (which would
-    wait for library threads, or for a lost process in jax.distributed's shutdown barrier)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(status)  # pylint: disable=protected-access
+  end_now = staticmethod(cli.end_now)
 
 
 _REQUESTS = _Requests()
@@ -129,8 +124,6 @@ def install(resume_point: Optional[Callable[[], str]] = None, process: Optional[
   if process:
     _REQUESTS.process = process
 
-
-end_now = _Requests.end_now
 
 
 @contextlib.contextmanager

@@ -11,9 +11,7 @@ import pytest
 
 from dcgan_jax import checkpoints
 from dcgan_jax import models
-from dcgan_jax import parallel
 from dcgan_jax import sampling
-from dcgan_jax import step as step_lib
 from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
 from helpers import ROOT, cli_env, read_json, read_jsonl, run_cli

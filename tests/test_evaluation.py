@@ -17,7 +17,6 @@ from dcgan_jax import evaluator
 from dcgan_jax import parallel
 from dcgan_jax import sampling
 from dcgan_jax import step as step_lib
-from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
 from helpers import ROOT, cli_env, read_json, read_jsonl, run_cli
 

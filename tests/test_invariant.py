@@ -8,9 +8,7 @@ import pytest
 from dcgan_jax import invariant
 from dcgan_jax import models
 from dcgan_jax import parallel
-from dcgan_jax import sampling
 from dcgan_jax import step as step_lib
-from dcgan_jax import train
 from dcgan_jax.config import Config, ConfigError
 
 

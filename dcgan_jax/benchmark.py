@@ -78,7 +78,7 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
                                                   channels), np.uint8), mesh)
   positions = parallel.batch_positions(mesh, config.batch_size // n_dev)
   member_runs = members.runs(config, workdir="")  # the members' configs (or the run's own)
-  states = [parallel.replicate(step_lib.create_train_state(c, channels), mesh) for c, _, _ in member_runs]
+  states = [parallel.replicate(step_lib.create_train_state(r.config, channels), mesh) for r in member_runs]
   state_bytes = step_lib.state_bytes(states[0])
   train_step = step_lib.make_train_step(config, channels, num_examples, policy)
   form = policy.members_form(config.members_form) if config.seeds else None

@@ -15,6 +15,7 @@ the single run's compiled program, one member after the other within each call.
 import dataclasses
 import itertools
 import os
+from typing import Optional
 
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import Config, ConfigError
@@ -25,33 +26,45 @@ def member_dir(workdir: str, seed: int, values: tuple = ()) -> str:
   return os.path.join(workdir, "_".join([f"{n}={v!r}" for n, v in values] + [f"seed_{seed}"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of a training program: its own settings (one seed, no --seeds or --sweep), the directory
+  it writes (workdir.py's layout) and its name in log lines ("" for a program of one run)."""
+  config: Config
+  directory: str
+  name: str = ""
+
+
 def runs(config: Config, workdir: str) -> list:
-  """[(config, run directory, name)]: the run itself without --seeds or --sweep (name ""), else one
-  member per combination of swept values (in --sweep's order) and seed."""
+  """[Run]: the run itself without --seeds or --sweep (a group of one, named ""), else one member per
+  combination of swept values (in --sweep's order) and seed."""
   seeds, sweep = config.member_seeds(), config.sweep_values()
   if not seeds and not sweep:
-    return [(config, workdir, "")]
+    return [Run(config, workdir)]
   out = []
   for values in itertools.product(*[[(name, v) for v in vs] for name, vs in sweep]):
     for s in seeds or [config.seed]:
       member = dataclasses.replace(config, seed=s, seeds="", sweep="", **dict(values))
       name = " ".join([f"{n}={v!r}" for n, v in values] + [f"seed {s}"])
-      out.append((member, member_dir(workdir, s, values), name))
+      out.append(Run(member, member_dir(workdir, s, values), name))
   return out
 
 
 def workdirs(config: Config, workdir: str) -> list:
   """The run directories a training run writes: workdir, or its members'."""
-  return [w for _, w, _ in runs(config, workdir)]
+  return [run.directory for run in runs(config, workdir)]
 
 
-def common_step(member_runs: list) -> int:
+def common_step(member_runs: list) -> Optional[int]:
   """The newest step every member has a complete checkpoint of (0: start afresh). A run killed while
   its members were saving one step resumes all of them from the step before, so they stay in step.
+  None for a group of one: its newest readable checkpoint, whichever it is.
 
   ConfigError when some members have checkpoints and another was never started (a seed or a value
   added to a run's command): starting all afresh would overwrite the others' results."""
-  newest = {w: max(workdir_lib.checkpoint_steps(w), default=0) for _, w, _ in member_runs}
+  if len(member_runs) == 1:
+    return None
+  newest = {run.directory: max(workdir_lib.checkpoint_steps(run.directory), default=0) for run in member_runs}
   new = [w for w in newest if not workdir_lib.has_config(w)]
   if new and max(newest.values()) > 0:
     raise ConfigError(f"{new[0]}: a new member of a run whose other members are at step "

@@ -34,15 +34,15 @@ from dcgan_jax.config import Config, ConfigError
 TrainingDivergedError = progress.TrainingDivergedError
 
 
-def train_and_evaluate(config: Config, workdir: str):
+def train_and_evaluate(config: Config, workdir: str) -> list:
   """Trains a DCGAN as configured, writing logs, samples, checkpoints and the config into workdir.
 
   With --seeds (and --sweep), one member per seed (and combination of swept values) trains in this one
   program, each the run of its own settings with its own run directory (members.py's layout): on every
   platform each member's steps run the single run's compiled program, so a member is bitwise the single
-  run of its settings.
+  run of its settings. Without them the program is a group of one run, and nothing else differs.
 
-  Returns the final TrainState (replicated over the devices), or with members the members' list.
+  Returns the runs' final TrainStates (replicated over the devices), in members.runs' order.
   """
   # ---- Settings, devices, checkpoints and data: every refusal before anything is written ---------
   config = config.resolved()
@@ -53,65 +53,50 @@ def train_and_evaluate(config: Config, workdir: str):
   if (config.num_steps * config.d_steps + 1) * config.batch_size >= 2**31:
     raise ConfigError(f"--num_steps={config.num_steps}: more than 2**31 examples would be drawn; "
                       "train for fewer steps (or a smaller batch).")
-  runs = members.runs(config, workdir)  # [(the run's config, its run directory, its name)]
-  has_members = bool(runs[0][2])
+  runs = members.runs(config, workdir)
+  form = policy.members_form(config.members_form) if len(runs) > 1 else "dispatch"
   with contextlib.ExitStack() as closing:
-    # Process 0 holds the run directories (all processes of a run share them); with members also each
-    # member's, which may be continued alone as a single run. Nothing is written until claim().
-    locks = []
-    if jax.process_index() == 0:  # (a members' parent directory is locked, but holds no run.lock)
-      locks.append(closing.enter_context(workdir_lib.RunLock([w for _, w, _ in runs])))
-      if has_members:
-        locks.append(closing.enter_context(workdir_lib.RunLock([workdir], holder_file=None)))
-    common = members.common_step(runs) if has_members else None
-    for c, w, _ in runs:
-      checkpoints.check_resume(w, c)
+    locks = _lock(runs, workdir, closing)  # nothing is written until claim()
+    start = members.common_step(runs)
+    for run in runs:
+      checkpoints.check_resume(run.directory, run.config)
     weights = _inception_weights(config)  # (a missing weights file is refused before the data load)
-    data = data_lib.open_training_data(runs[0][0], mesh, per_device)
-    closing.callback(data.close)
-    # The in-memory dataset is the same for every seed (the order is drawn inside the step); the
-    # streamed paths read in their seed's order, one reader per member.
-    datas = [data] + [data if data.in_memory else data_lib.open_training_data(c, mesh, per_device)
-                      for c, _, _ in runs[1:]]
-    for d in {id(d): d for d in datas[1:] if d is not data}.values():
-      closing.callback(d.close)
-    form = policy.members_form(config.members_form) if has_members else None
-    if has_members:
-      _check_member_memory([c for c, _, _ in runs], data)
-    if form == "vmap" and not data.in_memory:
-      raise ConfigError("--members_form=vmap: the members share one dataset in device memory, and this "
-                        "one is read by index (--in_memory); use --members_form=dispatch")
-    scorer = _make_scorer(config, data.image_shape, weights) if config.eval_every else None
-    return _train(config, workdir, mesh, policy, per_device, runs, datas, form, common, scorer, locks)
+    datas = _open_data(runs, mesh, per_device, closing)
+    _check_members(runs, datas[0], form)
+    scorer = _make_scorer(config, datas[0].image_shape, weights) if config.eval_every else None
+
+    # ---- Outputs and state: fresh, or the newest checkpoint every run has -------------------------
+    for lock in locks:
+      lock.claim()
+    where = dict(devices=jax.local_device_count(), device_kind=jax.local_devices()[0].device_kind,
+                 backend=platforms.backend_name(), git_commit=checkpoints.git_commit())  # config.json's "run"
+    save_alone = jax.process_count() > 1 and len(runs) > 1
+    group = [_Member(run, data, mesh, where, scorer, i if form == "vmap" else None, save_alone)
+             for i, (run, data) in enumerate(zip(runs, datas))]
+    states = [m.restore(start) for m in group]
+    if len({m.step for m in group}) > 1:  # a member's newest common checkpoint was unreadable
+      states = [m.restore(min(m.step for m in group)) for m in group]
+    if form == "vmap":  # one program steps all members, stacked on a leading axis
+      runner = _Stacked(group, states, _Steps(group[0].config, datas[0], mesh, policy, per_device,
+                                              over_members=True))
+    else:
+      runner = _Dispatched(group, states, datas[0], mesh, policy, per_device)
+    del states  # the runner holds the states (stacked ones: not the unstacked copies as well)
+
+    # ---- Train, then finish ---------------------------------------------------------------------
+    step = _train(config, group, runner, mesh)
+    for i, m in enumerate(group):
+      m.finish(runner.state(i), step)
+    if len(group) > 1 and step == config.num_steps and group[0].writer.enabled:
+      logging.info("The members' study table (python -m dcgan_jax.study %s):\n%s", workdir,
+                   members.study_table(workdir))
+    return [runner.state(i) for i in range(len(group))]
 
 
-def _train(config, workdir, mesh, policy, per_device, runs, datas, form, common, scorer, locks):
-  """train_and_evaluate once everything is validated: writes, trains, finishes."""
-  # ---- Outputs and state: fresh, or the newest checkpoint every member has ------------------------
-  for lock in locks:
-    lock.claim()
-  data, has_members = datas[0], bool(runs[0][2])
-  device = jax.local_devices()[0]
-  where = dict(devices=jax.local_device_count(), device_kind=device.device_kind,
-               backend=platforms.backend_name(), git_commit=checkpoints.git_commit())  # config.json's "run"
-  group = [_Member(c, w, name, d, mesh, common, where) for (c, w, name), d in zip(runs, datas)]
-  if len(set(m.step for m in group)) > 1:  # a member's newest common checkpoint was unreadable
-    for m in group:
-      m.restore(min(m.step for m in group))
-
-  # ---- Step programs, sampling, evaluation --------------------------------------------------------
-  if form == "vmap":  # one program steps all members, stacked on a leading axis
-    runner = _Stacked(group, _Steps(group[0].config, data, mesh, policy, per_device, over_members=True))
-  else:
-    runner = _Dispatched(group, data, mesh, policy, per_device)
-  if scorer:
-    for m in group:
-      m.evaluation = _Evaluation(m.config, m.workdir, m.sample, scorer, m.name)
-
-  # ---- Train --------------------------------------------------------------------------------------
+def _train(config, group, runner, mesh) -> int:
+  """The loop: calls of --steps_per_call steps, each followed by every member's logging, samples,
+  evaluation and checkpoint as due, until the last step or an agreed stop. Returns the step reached."""
   step = group[0].step
-  for i, m in enumerate(group):
-    m.progress = progress.Progress(m.config, m.writer, step, m.name, index=i if form == "vmap" else None)
   agree_to_stop = parallel.StopAgreement(mesh)
   with stopping.requests(lambda: workdir_lib.resume_point([m.workdir for m in group])) as requests:
     while step < config.num_steps:
@@ -121,84 +106,100 @@ def _train(config, workdir, mesh, policy, per_device, runs, datas, form, common,
       # A signal to any process stops every process after the same call (never on the local signal
       # alone: the others would wait for it in the next step's collectives).
       stop = agree_to_stop(requests.signal or 0)
-      for m in group:
-        m.after_call(step, k, stop)
+      for i, m in enumerate(group):
+        m.after_call(runner.state(i), step, k, stop)
       if stop:
         logging.warning("Stopped by %s at step %d%s; checkpoint written. Run the same command again to "
                         "resume.", signal.Signals(stop).name, step,
                         " (sent to one or more of the processes)" if jax.process_count() > 1 else "")
         break
-
-  # ---- Finish -------------------------------------------------------------------------------------
   agree_to_stop.finish()
-  for m in group:
-    m.finish(step)
-  if has_members and step == config.num_steps and group[0].writer.enabled:
-    logging.info("The members' study table (python -m dcgan_jax.study %s):\n%s", workdir,
-                 members.study_table(workdir))
-  return [m.state for m in group] if has_members else group[0].state
+  return step
 
 
-def _check_member_memory(member_configs, data):
-  """members.check_memory with the members' largest state (from shapes alone) and the device's limit."""
+def _lock(runs, workdir, closing) -> list:
+  """Process 0 holds the run directories (all processes of a run share them), and with members their
+  parent directory too (it holds no run.lock: each member may be continued alone as a single run)."""
+  if jax.process_index() != 0:
+    return []
+  directories = [run.directory for run in runs]
+  locks = [closing.enter_context(workdir_lib.RunLock(directories))]
+  if workdir not in directories:
+    locks.append(closing.enter_context(workdir_lib.RunLock([workdir], holder_file=None)))
+  return locks
+
+
+def _open_data(runs, mesh, per_device, closing) -> list:
+  """Each run's TrainingData. The in-memory dataset is the same for every seed (the order is drawn
+  inside the step); the streamed paths read in their run's order, one reader per member."""
+  first = data_lib.open_training_data(runs[0].config, mesh, per_device)
+  closing.callback(first.close)
+  datas = [first]
+  for run in runs[1:]:
+    datas.append(first if first.in_memory else data_lib.open_training_data(run.config, mesh, per_device))
+    if datas[-1] is not first:
+      closing.callback(datas[-1].close)
+  return datas
+
+
+def _check_members(runs, data, form) -> None:
+  """ConfigError when the members' states and the dataset would not fit on a device (members.
+  check_memory, from shapes alone), or --members_form=vmap with a dataset read by index."""
   def state_bytes(config):
     return step_lib.state_bytes(jax.eval_shape(lambda: step_lib.create_train_state(config, data.channels)))
-  largest = max(state_bytes(c) for c in {dataclasses.replace(c, seed=0) for c in member_configs})
-  limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-  data_bytes = data.num_examples * int(np.prod(data.image_shape)) if data.in_memory else 0
-  members.check_memory(len(member_configs), largest, limit, data_bytes)
+  if len(runs) > 1:
+    largest = max(state_bytes(c) for c in {dataclasses.replace(r.config, seed=0) for r in runs})
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    data_bytes = data.num_examples * int(np.prod(data.image_shape)) if data.in_memory else 0
+    members.check_memory(len(runs), largest, limit, data_bytes)
+  if form == "vmap" and not data.in_memory:
+    raise ConfigError("--members_form=vmap: the members share one dataset in device memory, and this "
+                      "one is read by index (--in_memory); use --members_form=dispatch")
 
 
 class _Member:
-  """One run in the program: its config (its own seed), run directory, state and outputs."""
+  """One run in the program: its settings (its own seed), run directory, outputs, checkpoints and
+  evaluation. Its state is held by the runner (_Dispatched, _Stacked) and passed in."""
 
-  def __init__(self, config, workdir, name, data, mesh, at_most, where):
-    self.config, self.workdir, self.name, self.data, self.mesh = config, workdir, name, data, mesh
-    self.writer = writers.RunWriter(workdir, enabled=jax.process_index() == 0)
-    self.writer.write_config(config, extra=dict(
+  def __init__(self, run, data, mesh, where, scorer, index, save_alone):
+    self.config, self.workdir, self.name, self.data, self.mesh = run.config, run.directory, run.name, data, mesh
+    self.index = index  # the member's position on a stacked program's metrics (--members_form=vmap)
+    self.writer = writers.RunWriter(self.workdir, enabled=jax.process_index() == 0)
+    self.writer.write_config(self.config, extra=dict(
         where, in_memory=data.in_memory, data_path=data.path, num_examples=data.num_examples,
         channels=data.channels))
-    logging.info("Config%s: %s", f" of {name}" if name else "", json.dumps(dict(config.__dict__)))
-    self.checkpointer = checkpoints.Checkpointer(workdir, config)
+    logging.info("Config%s: %s", f" of {self.name}" if self.name else "", json.dumps(dict(self.config.__dict__)))
+    self.checkpointer = checkpoints.Checkpointer(self.workdir, self.config)
     # Several members save the same step; in a multi-process run orbax's barriers are named by step
     # alone, so each save must finish before the next member's starts.
-    self.save_alone = jax.process_count() > 1 and bool(name)
-    self.restore(at_most)
-    self.sample = sampling.make_sampler(models.build_models(config, data.channels)[0], config.sample_bn)
-    self.grid_z = randomness.eval_latents(jax.random.key(config.seed), config.num_samples, config.latent_dim)
-    self.evaluation, self.progress, self.steps = None, None, None
-
-  @property
-  def state(self):
-    if self._state is None:  # a member of a stacked state
-      self._state = parallel.member_of(self._stacked.state, self._index)
-    return self._state
-
-  @state.setter
-  def state(self, value):
-    self._state = value
-
-  def stacked_at(self, stacked, index):
-    """From now on this member's state is slice `index` of stacked.state."""
-    self._stacked, self._index, self._state = stacked, index, None
+    self.save_alone = save_alone
+    self.sample = sampling.make_sampler(models.build_models(self.config, data.channels)[0],
+                                        self.config.sample_bn)
+    self.grid_z = randomness.eval_latents(jax.random.key(self.config.seed), self.config.num_samples,
+                                          self.config.latent_dim)
+    self.evaluation = (_Evaluation(self.config, self.workdir, self.sample, scorer, self.name)
+                       if scorer else None)
 
   def restore(self, at_most):
-    """The fresh state, or the newest checkpoint (of step <= at_most); drops metrics lines after it."""
-    self.state = parallel.replicate(step_lib.create_train_state(self.config, self.data.channels), self.mesh)
-    restored, restored_step = self.checkpointer.restore_latest(self.state, at_most)
+    """The fresh state, or the newest checkpoint (of step <= at_most); drops metrics lines after it and
+    starts the step metrics from its step."""
+    state = parallel.replicate(step_lib.create_train_state(self.config, self.data.channels), self.mesh)
+    restored, restored_step = self.checkpointer.restore_latest(state, at_most)
     if restored is not None:
-      self.state = restored
+      state = restored
       logging.info("Resuming %sfrom step %d (%s).", f"{self.name} " if self.name else "", restored_step,
                    os.path.join(self.checkpointer.directory, str(restored_step)))
       if not self.data.exact_order:
         logging.warning("tf.data streaming path: the data order after a resume differs from an "
                         "uninterrupted run's.")
-    self.step = int(self.state.step)
+    self.step = int(state.step)
     self.writer.truncate_metrics(self.step)  # lines a killed run logged after its last checkpoint
+    self.progress = progress.Progress(self.config, self.writer, self.step, self.name, self.index)
+    return state
 
-  def after_call(self, step, k, stopping):
+  def after_call(self, state, step, k, stopping):
     """Log, sample, evaluate and checkpoint as due after the call that reached `step`."""
-    config, state, writer = self.config, self.state, self.writer
+    config, writer = self.config, self.writer
     reached = lambda every: step // every > (step - k) // every  # (step - k, step] holds a multiple
     done = step == config.num_steps or stopping
     save = done or reached(config.checkpoint_every)
@@ -223,12 +224,12 @@ class _Member:
     if stopping:
       self.checkpointer.wait()
 
-  def finish(self, step):
+  def finish(self, state, step):
     self.checkpointer.close()
     if self.evaluation:
       self.evaluation.close()
     if step == self.config.num_steps:
-      path = checkpoints.export_generator(self.workdir, self.state, self.config, self.data.channels)
+      path = checkpoints.export_generator(self.workdir, state, self.config, self.data.channels)
       logging.info("Done%s: %d steps. Generator exported to %s.", f" ({self.name})" if self.name else "",
                    step, path)
       gif = self.writer.write_progress_gif()
@@ -241,35 +242,42 @@ class _Dispatched:
   """Each run's (member's) k steps by its own compiled program, one after the other; members that differ
   only in their seed share one program (the seed is in the state, not in the program)."""
 
-  def __init__(self, group, data, mesh, policy, per_device):
-    self.group, programs = group, {}
+  def __init__(self, group, states, data, mesh, policy, per_device):
+    self.group, self.states, programs = group, list(states), {}
     for m in group:
       computation = dataclasses.replace(m.config, seed=0)
       if computation not in programs:
         programs[computation] = _Steps(m.config, data, mesh, policy, per_device)
-      m.steps = programs[computation]
+    self.steps = [programs[dataclasses.replace(m.config, seed=0)] for m in group]
 
   def run(self, step, k):
-    for m in self.group:
-      m.state, metrics = m.steps(m.state, step, k, m.data)
+    for i, m in enumerate(self.group):
+      self.states[i], metrics = self.steps[i](self.states[i], step, k, m.data)
       m.progress.ran(step + k, metrics)
+
+  def state(self, i):
+    return self.states[i]
 
 
 class _Stacked:
   """--members_form=vmap: the members' states stacked on a leading axis, stepped by one program. A
-  member's `state` is its slice, taken when something needs it (a checkpoint, samples, evaluation)."""
+  member's state is its slice, taken when something needs it (a checkpoint, samples, evaluation)."""
 
-  def __init__(self, group, steps):
+  def __init__(self, group, states, steps):
     self.group, self.steps = group, steps
-    self.state = parallel.stack_members([m.state for m in group])
-    for i, m in enumerate(group):
-      m.stacked_at(self, i)
+    self.stacked = parallel.stack_members(states)
+    self._slices = [None] * len(group)  # member i's state, sliced from the stacked one when needed
 
   def run(self, step, k):
-    self.state, metrics = self.steps(self.state, step, k, self.group[0].data)
+    self.stacked, metrics = self.steps(self.stacked, step, k, self.group[0].data)
+    self._slices = [None] * len(self.group)
     for m in self.group:
       m.progress.ran(step + k, metrics)
-      m.state = None  # sliced anew from the stacked state when next needed
+
+  def state(self, i):
+    if self._slices[i] is None:
+      self._slices[i] = parallel.member_of(self.stacked, i)
+    return self._slices[i]
 
 
 class _Steps:

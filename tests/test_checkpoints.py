@@ -81,7 +81,7 @@ def test_provenance_and_generator_export(tiny_data_dir, tmp_path):
   sampler's. Catches an export of the raw generator's or stale weights, and provenance without the versions
   needed to reproduce a run."""
   workdir = str(tmp_path)
-  state = train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), workdir)
+  [state] = train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), workdir)
   prov = read_json(os.path.join(workdir, "checkpoints", "3", "provenance", "metadata"))
   for key in ("jax", "jaxlib", "flax", "optax", "orbax", "numpy", "tensorflow_datasets"):
     assert prov["versions"][key]

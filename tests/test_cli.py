@@ -142,7 +142,7 @@ def test_every_shipped_flagfile_parses_and_trains_one_step_at_its_resolution(nam
   config = dataclasses.replace(config, batch_size=4, num_steps=1, eval_every=0, sample_every=1,
                                num_samples=4)
   with tfds.testing.mock_data(num_examples=8):
-    state = train.train_and_evaluate(config, str(tmp_path))
+    [state] = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 1
   line = read_jsonl(tmp_path / "metrics.jsonl")[0]
   assert line["step"] == 1 and np.isfinite(line["d_loss"]) and np.isfinite(line["g_loss"])

@@ -155,10 +155,12 @@ def test_sweep_parses_the_settings_that_may_vary_and_refuses_the_rest_in_one_lin
   config = Config(sweep="learning_rate_d:1e-4, 2e-4; beta1:0", seeds="3,5")
   assert config.sweep_values() == [("learning_rate_d", [1e-4, 2e-4]), ("beta1", [0.0])]
   found = members.runs(config, "w")
-  assert [(c.learning_rate_d, c.beta1, c.seed, c.seeds, c.sweep) for c, _, _ in found] == [
+  assert [(r.config.learning_rate_d, r.config.beta1, r.config.seed, r.config.seeds, r.config.sweep)
+          for r in found] == [
       (1e-4, 0.0, 3, "", ""), (1e-4, 0.0, 5, "", ""), (2e-4, 0.0, 3, "", ""), (2e-4, 0.0, 5, "", "")]
-  assert found[1][1:] == ("w/learning_rate_d=0.0001_beta1=0.0_seed_5", "learning_rate_d=0.0001 beta1=0.0 seed 5")
-  assert [w for _, w, _ in members.runs(Config(sweep="g_ema_decay:0,0.999", seed=7), "w")] == [
+  assert (found[1].directory, found[1].name) == ("w/learning_rate_d=0.0001_beta1=0.0_seed_5",
+                                                 "learning_rate_d=0.0001 beta1=0.0 seed 5")
+  assert [r.directory for r in members.runs(Config(sweep="g_ema_decay:0,0.999", seed=7), "w")] == [
       "w/g_ema_decay=0.0_seed_7", "w/g_ema_decay=0.999_seed_7"]
   for bad, says in (("batch_size:64,128", "batch_size cannot differ between members"),
                     ("learning_rate:1e-4", "learning_rate is not a setting"),

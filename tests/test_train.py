@@ -128,7 +128,7 @@ def test_streaming_tf_data_path_trains_under_mock_data(tmp_path):
                   batch_size=8, num_steps=2, log_every=1, sample_every=2, checkpoint_every=2,
                   in_memory="false", shuffle_buffer=16)
   with tfds.testing.mock_data(num_examples=32):
-    state = train.train_and_evaluate(config, str(tmp_path))
+    [state] = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
   lines = read_jsonl(tmp_path / "metrics.jsonl")
   assert [l["step"] for l in lines] == [1, 2] and all(np.isfinite(l["d_loss"]) for l in lines)

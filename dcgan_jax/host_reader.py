@@ -4,8 +4,8 @@ in exactly the order the in-memory path gathers on the devices.
     reader = HostReader(read, num_examples, config, positions, put)  # read(indices) -> uint8 (n, H, W, C)
     data = reader.for_call(step, k)  # uint8 (local devices, [k,] d_steps, per_device_batch, H, W, C)
 
-For step t and D update k, real batch number r = t * d_steps + k; the examples at this process's global
-positions are `randomness.example_indices(data_key, r, positions, batch_size, N)`, evaluated here on the
+For step t and D update k, the examples at this process's global positions are
+`randomness.batch_indices(data_key, t, k, d_steps, positions, batch_size, N)`, evaluated here on the
 host CPU (integer arithmetic: the same indices as inside the step on any device). So for one seed the
 in-memory and the random-access path train on the same images in the same order, resuming at step t
 needs only t, and every process reads only its own positions.
@@ -41,18 +41,19 @@ class HostReader:
     self._d_steps, self._prefetch = config.d_steps, prefetch
     cpu = jax.local_devices(backend="cpu")[0]  # this process's own: never another process's device
     key = jax.device_put(jax.random.key(config.seed), cpu)
-    indices = jax.jit(lambda key, number, positions: randomness.example_indices(
-        randomness.purpose_key(key, randomness.DATA), number, positions, config.batch_size, num_examples,
-        platforms.HOST))  # (compiled for this host's CPU, whatever the accelerator)
+    # Compiled for this host's CPU, whatever the accelerator.
+    indices = jax.jit(lambda key, step, k, positions: randomness.batch_indices(
+        randomness.purpose_key(key, randomness.DATA), step, k, config.d_steps, positions, config.batch_size,
+        num_examples, platforms.HOST), static_argnums=2)
     flat = jax.device_put(self._positions.reshape(-1), cpu)
-    self._indices = lambda number: np.asarray(indices(key, jax.device_put(np.int32(number), cpu), flat))
+    self._indices = lambda step, k: np.asarray(indices(key, jax.device_put(np.int32(step), cpu), k, flat))
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                        thread_name_prefix="dcgan_jax_reader")
     self._pending = collections.OrderedDict()  # (step, k) -> Future of that call's data
 
   def indices(self, step: int) -> np.ndarray:
     """int32 (d_steps, local devices * per_device_batch): the dataset indices of step `step`."""
-    return np.stack([self._indices(step * self._d_steps + k) for k in range(self._d_steps)])
+    return np.stack([self._indices(step, k) for k in range(self._d_steps)])
 
   def _load(self, step: int) -> np.ndarray:
     idx = self.indices(step)

@@ -173,6 +173,14 @@ def example_indices(data_key: jax.Array, batch_number: jax.Array, positions: jax
   return permuted_index(epoch_keys, pos % num_examples, num_examples, policy)
 
 
+def batch_indices(data_key: jax.Array, step: jax.Array, k: int, d_steps: int, positions: jax.Array,
+                  batch_size: int, num_examples: int, policy: Optional[platforms.Policy] = None) -> jax.Array:
+  """int32 (b,): the dataset indices of the given positions of step `step`'s k-th real batch (of
+  d_steps), the real batch number step * d_steps + k (example_indices). The one numbering of both data
+  paths: the in-memory step gathers these indices, the random-access reader reads them."""
+  return example_indices(data_key, step * d_steps + k, positions, batch_size, num_examples, policy)
+
+
 def eval_latents(base_key: jax.Array, num: int, latent_dim: int) -> jax.Array:
   """The fixed evaluation noise (num, latent_dim): the same for every step of a run and every topology."""
   return latents(per_example(purpose_key(base_key, EVAL_NOISE), jnp.arange(num)), latent_dim)

@@ -225,12 +225,12 @@ def g_update(t: Trainer, g: NetState, g_vjp, g_batch_stats, fake, d: NetState, k
 
 def real_batch(t: Trainer, data, data_key, step, positions, k: int):
   """float32 (per_device_batch, H, W, C): the step's k-th real batch, gathered from the dataset in
-  memory in the order randomness.example_indices draws, or the streamed batch's k-th part."""
+  memory in the order randomness.batch_indices draws, or the streamed batch's k-th part."""
   if t.num_examples is None:
     return to_float(data[k])
   c = t.config
-  idx = randomness.example_indices(data_key, step * c.d_steps + k, positions, c.batch_size, t.num_examples,
-                                   t.policy)
+  idx = randomness.batch_indices(data_key, step, k, c.d_steps, positions, c.batch_size, t.num_examples,
+                                 t.policy)
   return to_float(data[idx])
 
 

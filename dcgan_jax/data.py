@@ -12,8 +12,8 @@ Three paths, one order:
     examples by index in exactly that order (host_reader.py), so both paths train on the same images
     in the same order, and resume is exact;
   * tf.data streaming (datasets stored as tfrecord only): seeded, but not a function of the step.
-The step is told whether the batch is gathered inside it by `step_num_examples` (the dataset size in
-memory, None otherwise); nothing else branches on the path.
+The step itself takes its real batches; `feeding` puts the in-memory path's gather in front of it, told
+by `step_num_examples` (the dataset size in memory, None otherwise).
 """
 
 import dataclasses
@@ -24,6 +24,7 @@ from absl import logging
 import numpy as np
 
 from dcgan_jax import parallel
+from dcgan_jax import randomness
 from dcgan_jax.config import Config, ConfigError
 
 
@@ -42,6 +43,25 @@ class TrainingData:
   def step_num_examples(self) -> Optional[int]:
     """What step.make_train_step takes: the dataset size in memory, None when streamed."""
     return self.num_examples if self.in_memory else None
+
+
+def feeding(train_step: Callable, config: Config, num_examples: Optional[int], policy=None) -> Callable:
+  """The step as the data path calls it, step(state, positions, data), from train_step(state, positions,
+  batches) whose batches are uint8 (d_steps, per_device_batch, H, W, C). Streamed (num_examples None):
+  `data` is those batches. In memory: `data` is the whole dataset, uint8 (N, H, W, C), the same on every
+  device, and each D update's batch is gathered inside the step in the order randomness.batch_indices
+  draws (a function of the seed, the step and the positions: the random-access reader's order too)."""
+  if num_examples is None:
+    return train_step
+
+  def gathering(state, positions, dataset):
+    data_key = randomness.purpose_key(state.key, randomness.DATA)
+    batches = [dataset[randomness.batch_indices(data_key, state.step, k, config.d_steps, positions,
+                                                config.batch_size, num_examples, policy)]
+               for k in range(config.d_steps)]
+    return train_step(state, positions, batches)
+
+  return gathering
 
 
 def open_training_data(config: Config, mesh, per_device: int) -> TrainingData:

@@ -9,7 +9,8 @@
   the global batch. Noise, dropout masks and the data order are functions of (seed, step, position)
   (randomness.py), not of the device that happens to compute them.
 * `data` is either the whole dataset (uint8 (N, H, W, C), the same on every device; batches gathered
-  inside the step) or this step's streamed examples (uint8 (d_steps, per_device_batch, H, W, C)).
+  inside the step by data.feeding) or this step's streamed examples (uint8 (d_steps, per_device_batch,
+  H, W, C)); the update itself (module-level `train_step`) only ever sees the step's batches.
 
 One step = `d_steps` discriminator updates, then one generator update through the *updated* D
 (pytorch/examples order). G runs forward once per D update; the last one's fakes are reused for the G
@@ -27,6 +28,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
+from dcgan_jax import data as data_lib
 from dcgan_jax import invariant
 from dcgan_jax import losses
 from dcgan_jax import models
@@ -126,7 +128,6 @@ class Trainer:
   d_tx: optax.GradientTransformation
   reduce: invariant.Reductions
   policy: platforms.Policy
-  num_examples: Optional[int]  # in memory: the dataset size; None when the step's batches are streamed
 
   def g_forward(self, params, batch_stats, z):
     fake, updates = self.generator.apply({"params": params, "batch_stats": batch_stats}, z, train=True,
@@ -223,22 +224,11 @@ def g_update(t: Trainer, g: NetState, g_vjp, g_batch_stats, fake, d: NetState, k
                      g_grad_norm=optax.tree.norm(grads))
 
 
-def real_batch(t: Trainer, data, data_key, step, positions, k: int):
-  """float32 (per_device_batch, H, W, C): the step's k-th real batch, gathered from the dataset in
-  memory in the order randomness.batch_indices draws, or the streamed batch's k-th part."""
-  if t.num_examples is None:
-    return to_float(data[k])
-  c = t.config
-  idx = randomness.batch_indices(data_key, step, k, c.d_steps, positions, c.batch_size, t.num_examples,
-                                 t.policy)
-  return to_float(data[idx])
-
-
-def train_step(t: Trainer, state: TrainState, positions: jax.Array, data: jax.Array):
-  """One step (module docstring): d_steps D updates, then G's, then the metrics and G's EMA."""
+def train_step(t: Trainer, state: TrainState, positions: jax.Array, batches):
+  """One step (module docstring): d_steps D updates, then G's, then the metrics and G's EMA.
+  batches: the step's real images, uint8 (d_steps, per_device_batch, H, W, C) (data.feeding)."""
   config = t.config
   keys = randomness.StepKeys(randomness.purpose_key(state.key, randomness.TRAIN), state.step, positions)
-  data_key = randomness.purpose_key(state.key, randomness.DATA)
 
   # ---- D updates, each on fakes from the current G (the last one's kept for G's backward pass) ---
   d, g_bs = state.d, state.g.batch_stats
@@ -249,7 +239,7 @@ def train_step(t: Trainer, state: TrainState, positions: jax.Array, data: jax.Ar
     else:
       fake, g_vjp, g_bs = jax.vjp(functools.partial(t.g_forward, batch_stats=g_bs, z=z), state.g.params,
                                   has_aux=True)
-    real = real_batch(t, data, data_key, state.step, positions, k)
+    real = to_float(batches[k])
     if config.r1_weight and config.r1_every > 1:
       d, d_metrics = d_update_lazy_r1(t, d, real, lax.stop_gradient(fake), keys, k,
                                       state.step * config.d_steps + k)
@@ -286,6 +276,6 @@ def make_train_step(config: Config, channels: int, num_examples: Optional[int] =
   generator, discriminator = models.build_models(config, channels, axis_name=AXIS, policy=policy)
   trainer = Trainer(config, generator, discriminator, make_optimizer(config, config.learning_rate_g),
                     make_optimizer(config, config.learning_rate_d),
-                    invariant.reductions(config.batch_size, config.invariant_groups, AXIS), policy,
-                    num_examples)
-  return functools.partial(train_step, trainer)
+                    invariant.reductions(config.batch_size, config.invariant_groups, AXIS), policy)
+  # The data path decides how `data` becomes the step's batches (gathered in memory, or streamed).
+  return data_lib.feeding(functools.partial(train_step, trainer), config, num_examples, policy)

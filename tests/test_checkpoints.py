@@ -65,13 +65,16 @@ def test_stop_and_resume_equals_one_run_and_damaged_newest_is_skipped(tiny_data_
 
 def test_checkpoint_of_other_settings_is_refused(tiny_data_dir, tmp_path):
   """Resuming with a setting that changes the computation (latent_dim) is one ConfigError naming the
-  difference, and the checkpoint stays. Catches a resume that loads weights into another model or overwrites
-  the run."""
+  difference, and the checkpoint stays; the refusal comes before the dataset is opened (here from a
+  data_dir that does not exist: its error would come first otherwise). Catches a resume that loads
+  weights into another model or overwrites the run, and one refused only after the data load."""
   workdir = str(tmp_path)
   train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), workdir)
   with pytest.raises(ConfigError, match=r"latent_dim: 32 -> 16.*another --workdir") as e:
     train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=6, latent_dim=16)), workdir)
   assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match=r"latent_dim: 32 -> 16"):
+    train.train_and_evaluate(Config(**settings(str(tmp_path / "no_data"), num_steps=6, latent_dim=16)), workdir)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))  # untouched
 
 

@@ -165,7 +165,7 @@ def run(main: Callable, xla_cpu_convolutions: Optional[Callable[[], str]] = None
 
   def setup_then_main(argv):
     if uses_jax:
-      from dcgan_jax import convolutions  # pylint: disable=g-import-not-at-top
+      from dcgan_jax.ops import convolutions  # pylint: disable=g-import-not-at-top
       convolutions.configure_xla_cpu(xla_cpu_convolutions() if xla_cpu_convolutions else "eigen")
       convolutions.configure_xla_gpu(bool(deterministic and deterministic()))
     configure_console()

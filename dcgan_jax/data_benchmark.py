@@ -22,8 +22,8 @@ import jax
 
 from dcgan_jax import cli
 from dcgan_jax import config as config_lib
-from dcgan_jax import data as data_lib
-from dcgan_jax import host_reader
+from dcgan_jax.datasets import data as data_lib
+from dcgan_jax.datasets import host_reader
 from dcgan_jax import parallel
 from dcgan_jax import platforms
 from dcgan_jax import step as step_lib

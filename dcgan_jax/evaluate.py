@@ -144,7 +144,7 @@ def evaluate(workdir=None, data_dir=None, dataset=None, num_samples=None, step=N
              reference=True) -> dict:
   """The evaluator's JSON report (see the module docstring). Raises ConfigError for bad input."""
   num_samples = num_samples or 10000
-  from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from dcgan_jax import sampling  # pylint: disable=g-import-not-at-top
   report = {}
   run_config = None
@@ -188,9 +188,9 @@ def evaluate_inception(workdir=None, data_dir=None, dataset=None, num_samples=No
                        inception_weights=None, inception_dir=None) -> dict:
   """The --features=inception JSON report (see the module docstring). ConfigError for bad input, raised
   before any image is embedded."""
-  from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import inception_metrics  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import metrics  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.evaluation import inception_metrics  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   from dcgan_jax import sampling  # pylint: disable=g-import-not-at-top
   report, run_config = {}, None
   if samples is None:
@@ -285,7 +285,7 @@ def record(workdir: str, report: dict) -> None:
 
 def main(argv):
   del argv
-  from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.datasets import input_pipeline  # pylint: disable=g-import-not-at-top
   common = (FLAGS.workdir, FLAGS.data_dir, FLAGS.dataset, FLAGS.num_samples, FLAGS.step, FLAGS.best,
             FLAGS.use_ema, FLAGS.sample_bn, FLAGS.seed, FLAGS.samples, FLAGS.samples_key)
   try:

@@ -48,7 +48,7 @@ def main(argv):
                     "run's) for the run's outputs")
   # Imported here so that --help is fast and JAX starts after cli.run's setup.
   from dcgan_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.datasets import input_pipeline  # pylint: disable=g-import-not-at-top
   from dcgan_jax import parallel  # pylint: disable=g-import-not-at-top
   from dcgan_jax import train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top

@@ -76,7 +76,7 @@ def common_step(member_runs: list) -> Optional[int]:
 def study_table(workdir: str) -> str:
   """The markdown table of `python -m dcgan_jax.study WORKDIR` over the members (mean ± std per
   configuration)."""
-  from dcgan_jax import study_table as table  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.studies import study_table as table  # pylint: disable=g-import-not-at-top
   found = [table.load_run(w) for w in table.find_workdirs([workdir])]
   metrics = table.choose_metrics(found, None)
   return table.format_markdown(table.table_rows(found, metrics), metrics)

@@ -28,8 +28,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from dcgan_jax import invariant
-from dcgan_jax import convolutions
+from dcgan_jax.ops import invariant
+from dcgan_jax.ops import convolutions
 from dcgan_jax import platforms
 from dcgan_jax import randomness
 from dcgan_jax.config import Config

@@ -145,7 +145,7 @@ def prepare_stacked(dataset: str, idx_dir: str, data_dir: str, seed: int = 0):
   """stacked.py's 1,000-mode dataset from the source's IDX files (validated as for `prepare`), written
   as array_record with a content fingerprint (import_report.json) that keys its evaluator. Returns (its
   directory, {split: count})."""
-  from dcgan_jax import stacked  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.datasets import stacked  # pylint: disable=g-import-not-at-top
   arrays = {}
   for split in SPLIT_FILES:
     images, labels = read_split(idx_dir, split)
@@ -156,8 +156,8 @@ def prepare_stacked(dataset: str, idx_dir: str, data_dir: str, seed: int = 0):
 
 def _write_stacked(dataset, data_dir, seed, arrays):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import image_folder  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import stacked  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.datasets import image_folder  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.datasets import stacked  # pylint: disable=g-import-not-at-top
   features = tfds.features.FeaturesDict({
       "image": tfds.features.Tensor(shape=(28, 28, 3), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES),
       "label": tfds.features.ClassLabel(num_classes=stacked.NUM_MODES)})
@@ -179,7 +179,7 @@ def importing(data_dir: str, name: str):
   """While tfds writes dataset `name` into data_dir: the dataset's folder locked against a second
   import, and what killed imports left there removed first. ConfigError (one line) when data_dir cannot
   be written or another import holds the folder; checked before anything is read or written."""
-  from dcgan_jax import image_folder  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.datasets import image_folder  # pylint: disable=g-import-not-at-top
   workdir_lib.check_writable(data_dir, "--data_dir")
   with workdir_lib.RunLock([os.path.join(data_dir, name)], "--dataset", "another import", None).claim():
     image_folder.remove_interrupted(os.path.join(data_dir, name))
@@ -223,7 +223,7 @@ def main(argv):
     for name in ("dataset", "data_dir"):
       if not flags.FLAGS[name].value:
         exit_with_error(f"--{name} is required with --image_dir; see --helpfull")
-    from dcgan_jax import image_folder  # pylint: disable=g-import-not-at-top
+    from dcgan_jax.datasets import image_folder  # pylint: disable=g-import-not-at-top
     channels = flags.FLAGS.channels and int(flags.FLAGS.channels)
     try:
       summary = image_folder.import_folder(flags.FLAGS.image_dir, flags.FLAGS.dataset, flags.FLAGS.data_dir,

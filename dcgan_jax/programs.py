@@ -40,8 +40,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from dcgan_jax import evaluator
-from dcgan_jax import inception
+from dcgan_jax.evaluation import evaluator
+from dcgan_jax.evaluation import inception
 from dcgan_jax import models
 from dcgan_jax import parallel
 from dcgan_jax import platforms

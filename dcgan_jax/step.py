@@ -28,8 +28,8 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
-from dcgan_jax import data as data_lib
-from dcgan_jax import invariant
+from dcgan_jax.datasets import data as data_lib
+from dcgan_jax.ops import invariant
 from dcgan_jax import losses
 from dcgan_jax import models
 from dcgan_jax import parallel

@@ -41,7 +41,7 @@ import sys
 from absl import flags
 
 from dcgan_jax import cli
-from dcgan_jax import study_table
+from dcgan_jax.studies import study_table
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.cli import exit_with_error
 from dcgan_jax.config import ConfigError
@@ -99,10 +99,10 @@ def main(argv):
   else:
     print(study_table.format_markdown(rows, metrics, flags.FLAGS.per_run))
     if not flags.FLAGS.per_run:
-      from dcgan_jax import study_report  # pylint: disable=g-import-not-at-top
+      from dcgan_jax.studies import study_report  # pylint: disable=g-import-not-at-top
       print("\n" + study_report.format_statistics(rows, metrics, study_table.comparisons(rows, metrics)))
   if flags.FLAGS.report:
-    from dcgan_jax import study_report  # pylint: disable=g-import-not-at-top  (matplotlib)
+    from dcgan_jax.studies import study_report  # pylint: disable=g-import-not-at-top  (matplotlib)
     page = study_report.write(flags.FLAGS.report, rows, metrics, {run.workdir: run for run in runs},
                               study_table.comparisons(rows, metrics),
                               study_table.format_markdown(rows, metrics))

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from dcgan_jax import checkpoints
-from dcgan_jax import data as data_lib
+from dcgan_jax.datasets import data as data_lib
 from dcgan_jax import members
 from dcgan_jax import models
 from dcgan_jax import parallel
@@ -306,7 +306,7 @@ def _inception_weights(config):
   the others from the cache); None otherwise."""
   if not (config.eval_every and config.eval_features == "inception"):
     return None
-  from dcgan_jax import inception_metrics  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.evaluation import inception_metrics  # pylint: disable=g-import-not-at-top
   return parallel.process_0_first(lambda: inception_metrics.load_weights(
       config.inception_weights, config.inception_dir), "the Inception weights")
 
@@ -315,10 +315,10 @@ def _make_scorer(config, image_shape, inception_weights=None):
   """The evaluator (trained and cached by process 0 first, then loaded by the others) and its scorer,
   shared by all members; or, with --eval_features=inception, the Inception network's."""
   if inception_weights is not None:
-    from dcgan_jax import inception_metrics  # pylint: disable=g-import-not-at-top
+    from dcgan_jax.evaluation import inception_metrics  # pylint: disable=g-import-not-at-top
     return inception_metrics.GeneratorScorer(inception_weights, config.dataset, config.data_dir,
                                              image_shape, config.inception_dir)
-  from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   ev = parallel.process_0_first(lambda: evaluator.load_or_train(
       config.dataset, config.data_dir, image_shape, config.evaluator_dir), "the evaluator")
   logging.info("Evaluator %s: test accuracy %.4f.", ev.path, ev.test_accuracy)

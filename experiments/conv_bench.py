@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcgan_jax import convolutions
-from dcgan_jax import cpu_kernels as ops
-from dcgan_jax import dft
+from dcgan_jax.ops import convolutions
+from dcgan_jax.ops import cpu_kernels as ops
+from dcgan_jax.ops import dft
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=128)

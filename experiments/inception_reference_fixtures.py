@@ -16,7 +16,7 @@ function is replaced to hand it the random state dict) with:
     that the recorded features vary across images.
 It writes, under tests/fixtures/:
   * inception_random_bn.pth: every BatchNorm tensor, `torch.save` (zip format, as pytorch-fid's weights)
-    -- the test reads it with dcgan_jax.torch_file;
+    -- the test reads it with dcgan_jax.evaluation.torch_file;
   * inception_legacy.pth: a few of the same tensors in the legacy (pre-1.6) torch.save format;
   * inception_reference.npz: the seed, every tensor's name and shape, the grey images, and pytorch-fid's
     pool3 features (`get_activations` on PNG files, its own reading path) and fc logits for three groups:

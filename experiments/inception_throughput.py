@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcgan_jax import convolutions  # noqa: E402
+from dcgan_jax.ops import convolutions  # noqa: E402
 
 convolutions.configure_xla_cpu()  # XLA:CPU's convolution library, as every dcgan_jax tool sets it
 
@@ -23,7 +23,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dcgan_jax import inception, inception_metrics  # noqa: E402
+from dcgan_jax.evaluation import inception  # noqa: E402
+
+from dcgan_jax.evaluation import inception_metrics  # noqa: E402
 
 
 def main():

@@ -19,7 +19,7 @@ import re
 import tempfile
 import time
 
-from dcgan_jax import convolutions
+from dcgan_jax.ops import convolutions
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=128)

@@ -16,7 +16,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dcgan_jax_cache_")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The XLA:CPU configuration of dcgan_jax's programs (Eigen convolutions), so tests run what users run.
-from dcgan_jax import convolutions  # noqa: E402
+from dcgan_jax.ops import convolutions  # noqa: E402
 assert convolutions.configure_xla_cpu() or "ynn" in os.environ["XLA_FLAGS"], "conftest runs before JAX starts"
 
 import pytest  # noqa: E402

@@ -8,7 +8,11 @@ import os
 import flax
 import numpy as np
 
-from dcgan_jax import inception, inception_metrics, torch_file
+from dcgan_jax.evaluation import inception
+
+from dcgan_jax.evaluation import inception_metrics
+
+from dcgan_jax.evaluation import torch_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -32,7 +36,7 @@ def reference():
 
 def random_state_dict() -> dict:
   """The recorded network's state dict: BatchNorm tensors read from inception_random_bn.pth (torch's
-  zip format, by dcgan_jax.torch_file), every other weight from the recorder's seeded numpy rule."""
+  zip format, by dcgan_jax.evaluation.torch_file), every other weight from the recorder's seeded numpy rule."""
   state = torch_file.load_state_dict(os.path.join(FIXTURES, "inception_random_bn.pth"))
   ref = reference()
   for name, shape in zip(ref["names"], ref["shapes"]):

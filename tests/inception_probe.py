@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dcgan_jax import convolutions  # noqa: E402
+from dcgan_jax.ops import convolutions  # noqa: E402
 
 convolutions.configure_xla_cpu()  # the XLA:CPU flags every dcgan_jax program (and the tests) runs with
 
@@ -19,7 +19,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dcgan_jax import inception_metrics, parallel  # noqa: E402
+from dcgan_jax.evaluation import inception_metrics  # noqa: E402
+
+from dcgan_jax import parallel  # noqa: E402
 from inception_fixture import random_variables, recorder  # noqa: E402
 
 PROBE_IMAGES = 7  # odd: the processes' shares differ in size, and the devices' chunks are padded

@@ -79,7 +79,7 @@ def test_download_failure_names_the_offline_command(monkeypatch):
   """A dataset that cannot be downloaded is one DataUnavailableError line naming the prepare_data command
   that imports it offline. Catches tfds's own multi-line exception reaching the user."""
   import tensorflow_datasets as tfds
-  from dcgan_jax import input_pipeline
+  from dcgan_jax.datasets import input_pipeline
   from dcgan_jax.config import Config
 
   def offline(*args, **kwargs):
@@ -130,7 +130,9 @@ def test_every_shipped_flagfile_parses_and_trains_one_step_at_its_resolution(nam
   build or train at the flagfile's size."""
   import tensorflow_datasets as tfds
   from absl import flags
-  from dcgan_jax import cli, config as config_lib, train
+  from dcgan_jax import cli
+  from dcgan_jax import config as config_lib
+  from dcgan_jax import train
   values = flags.FlagValues()
   config_lib.define_flags(flag_values=values)
   flags.DEFINE_string("workdir", None, "", flag_values=values)
@@ -160,7 +162,8 @@ def test_diverging_run_exits_with_one_line_and_no_checkpoint_of_the_bad_state(tm
   assert len(errors) == 1 and errors[0].startswith("error: training diverged at step "), r.stderr[-2000:]
   bad_step = int(errors[0].split("at step ")[1].split(":")[0])
   assert "Traceback" not in r.stderr
-  from dcgan_jax import checkpoints, workdir
+  from dcgan_jax import checkpoints
+  from dcgan_jax import workdir
   saved = workdir.checkpoint_steps(str(tmp_path))
   assert all(s < bad_step for s in saved), (saved, bad_step)
   for s in saved:
@@ -188,7 +191,7 @@ def test_offline_download_fails_within_seconds(tmp_path, monkeypatch):
   backoff. Catches a download attempted with tfds' full retries while offline."""
   import socket
   import time
-  from dcgan_jax import input_pipeline
+  from dcgan_jax.datasets import input_pipeline
   from dcgan_jax.config import Config
 
   def no_network(*args, **kwargs):

@@ -50,7 +50,7 @@ def test_study_groups_on_everything_but_the_seed_and_the_output_settings():
   assert config_lib.STUDY_IGNORED == {"seed", "seeds", "sweep", "data_dir", "log_every", "sample_every", "num_samples",
                                       "checkpoint_every", "keep_checkpoints", "eval_every", "evaluator_dir",
                                       "inception_weights", "inception_dir"}
-  from dcgan_jax import study_table
+  from dcgan_jax.studies import study_table
   assert set(study_table.IGNORED_FIELDS) == config_lib.STUDY_IGNORED
 
 
@@ -116,7 +116,7 @@ def test_experiment_flagfiles_parse_after_the_dataset_flagfile_into_valid_config
 
 
 @pytest.mark.parametrize("module,absent", [
-    ("dcgan_jax.sample", ("dcgan_jax.train", "dcgan_jax.data", "tensorflow", "tensorflow_datasets")),
+    ("dcgan_jax.sample", ("dcgan_jax.train", "dcgan_jax.datasets.data", "tensorflow", "tensorflow_datasets")),
     ("dcgan_jax.study", ("jax", "tensorflow")),
     pytest.param("dcgan_jax.benchmark", ("dcgan_jax.train", "tensorflow", "tensorflow_datasets"),
                  marks=pytest.mark.slow),

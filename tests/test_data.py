@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dcgan_jax import checkpoints
-from dcgan_jax import input_pipeline
+from dcgan_jax.datasets import input_pipeline
 from dcgan_jax import parallel
 from dcgan_jax import platforms
 from dcgan_jax import step as step_lib
@@ -26,7 +26,7 @@ def test_random_access_batches_are_the_in_memory_steps_batches(tiny_data_dir, mo
   """For several steps with --d_steps=2, the uint8 batches the host reader hands each device are those
   the in-memory step gathers on it. Catches a reader that follows another order (another key, batch
   number or position) or that hands one process's or device's examples to another."""
-  from dcgan_jax import host_reader
+  from dcgan_jax.datasets import host_reader
   config = settings(tiny_data_dir).resolved()
   builder = input_pipeline.get_builder(config)
   images = input_pipeline.load_in_memory(config, (28, 28, 1), builder)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dcgan_jax import checkpoints
-from dcgan_jax import evaluator
+from dcgan_jax.evaluation import evaluator
 from dcgan_jax import parallel
 from dcgan_jax import sampling
 from dcgan_jax import step as step_lib
@@ -45,7 +45,7 @@ def test_evaluator_is_trained_once_then_loaded_from_its_cache(scorer, tiny_data_
   feature scale; features are 128-d and probabilities sum to 1. Catches a cache that retrains (or loads
   other weights) and an accuracy recorded from another split or network."""
   ev = scorer.evaluator
-  from dcgan_jax import input_pipeline
+  from dcgan_jax.datasets import input_pipeline
   test_x, test_y, _ = input_pipeline.load_images("fashion_mnist", ev.real_split, tiny_data_dir, (28, 28, 1))
   assert ev.test_accuracy == pytest.approx(float(np.mean(ev.embed(test_x)[1].argmax(1) == test_y)))
   assert ev.feature_scale > 0
@@ -73,7 +73,7 @@ def test_evaluator_learns_a_dataset_it_can_learn(tmp_path_factory):
   ev = evaluator.load_or_train("fashion_mnist", str(data_dir), (28, 28, 1),
                                str(tmp_path_factory.mktemp("learnable_evaluators")))
   assert ev.test_accuracy >= 0.95, ev.test_accuracy
-  from dcgan_jax import input_pipeline
+  from dcgan_jax.datasets import input_pipeline
   test_x, test_y, _ = input_pipeline.load_images("fashion_mnist", "test", str(data_dir), (28, 28, 1))
   _, probs = ev.embed(test_x)
   assert float(np.mean(probs.argmax(1) == test_y)) == pytest.approx(ev.test_accuracy)
@@ -83,7 +83,7 @@ def test_scores_of_real_and_collapsed_samples(scorer, tiny_data_dir):
   """The test split scored against itself has FID 0 and precision = recall = 1; one image repeated 8 times
   covers one class, has FID > 0.1 and recall <= 0.25; the report has every key. Catches a scorer that
   compares against the wrong split, and a recall blind to collapse."""
-  from dcgan_jax import input_pipeline
+  from dcgan_jax.datasets import input_pipeline
   test_x, _, _ = input_pipeline.load_images("fashion_mnist", "test", tiny_data_dir, (28, 28, 1))
   same = scorer.score(test_x)  # the test split against itself
   assert same["fid"] == pytest.approx(0.0, abs=1e-6)
@@ -205,7 +205,8 @@ def test_sample_cli(tiny_run, tmp_path):
   np.testing.assert_allclose(generate(sampling.latents(config, 5)), images, atol=1e-6)
   # Step 0: the untrained generator, rebuilt from the run's seed.
   generate, config, step, _ = sampling.load(tiny_run, step=0)
-  from dcgan_jax import models, randomness
+  from dcgan_jax import models
+  from dcgan_jax import randomness
   state = step_lib.create_train_state(config, 1)
   expected = models.build_models(config, 1)[0].apply(
       {"params": state.g.params, "batch_stats": state.g.batch_stats},
@@ -247,7 +248,7 @@ def test_evaluate_cli(tiny_run, tiny_data_dir, evaluator_dir, tmp_path):
                                         rel=1e-4)
   # The report is also recorded in the workdir, where dcgan_jax.study reads it.
   assert read_jsonl(os.path.join(tiny_run, "evaluations.jsonl")) == [report]
-  from dcgan_jax import study_table
+  from dcgan_jax.studies import study_table
   assert study_table.evaluations_at(study_table.load_run(tiny_run), ["fid", "reference_fid"]) == [(
       6, dict(fid=report["fid"], reference_fid=report["reference"]["fid"]),
       dict(num_samples=16, ema=True, sample_bn="running", features="evaluator",

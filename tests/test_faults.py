@@ -113,7 +113,7 @@ def test_a_restart_survives_every_file_cut_short(tiny_data_dir, finished_run, tm
   json-parses every line (one torn line made every restart fail), a GIF that opens every grid, a
   cache loaded without a check, appends glued onto a torn line."""
   from dcgan_jax import evaluate as evaluate_lib
-  from dcgan_jax import evaluator
+  from dcgan_jax.evaluation import evaluator
   straight, workdir = str(tmp_path / "straight"), str(tmp_path / "run")
   shutil.copytree(finished_run, workdir)
   config = Config(**settings(tiny_data_dir, num_steps=6, **EVALUATED))

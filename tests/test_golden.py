@@ -109,7 +109,7 @@ if __name__ == "__main__":
     sys.exit("usage: python tests/test_golden.py --update | --calibrate")
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from dcgan_jax import convolutions
+  from dcgan_jax.ops import convolutions
   convolutions.configure_xla_cpu()  # the XLA:CPU setup of the library's programs, as in the tests
   if sys.argv[1] == "--calibrate":
     print(json.dumps(calibrate(), indent=1))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcgan_jax import image_folder
-from dcgan_jax import input_pipeline
+from dcgan_jax.datasets import image_folder
+from dcgan_jax.datasets import input_pipeline
 from dcgan_jax.config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,7 +208,9 @@ def test_an_imported_folder_trains_and_evaluates_by_name(tmp_path):
   KID, precision, recall and no class metrics. Importing another folder under the same name gives a new
   evaluator. Catches a dataset the trainer cannot open by name, an evaluator that fails (or invents
   classes) without labels, and an evaluator cache keyed by name and size only (a stale evaluator)."""
-  from dcgan_jax import evaluate, evaluator, train
+  from dcgan_jax import evaluate
+  from dcgan_jax.evaluation import evaluator
+  from dcgan_jax import train
   data_dir, cache = str(tmp_path / "tfds"), str(tmp_path / "evaluators")
   shapes_folder(str(tmp_path / "one"), 64)
   image_folder.import_folder(str(tmp_path / "one"), "shapes", data_dir, 28)

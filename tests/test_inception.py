@@ -9,7 +9,13 @@ import zipfile
 import numpy as np
 import pytest
 
-from dcgan_jax import inception, inception_metrics, metrics, torch_file
+from dcgan_jax.evaluation import inception
+
+from dcgan_jax.evaluation import inception_metrics
+
+from dcgan_jax.evaluation import metrics
+
+from dcgan_jax.evaluation import torch_file
 from inception_fixture import FIXTURES, random_state_dict, random_variables, recorder, reference
 
 
@@ -45,7 +51,7 @@ def test_features_logits_and_fid_equal_pytorch_fids():
 
 
 def test_torch_file_reads_both_torch_save_formats_and_runs_no_code(tmp_path):
-  """dcgan_jax.torch_file reads torch.save's zip format (inception_random_bn.pth, written as pytorch-fid's
+  """dcgan_jax.evaluation.torch_file reads torch.save's zip format (inception_random_bn.pth, written as pytorch-fid's
   weights file is) and its legacy format (inception_legacy.pth) to the same tensors: the BatchNorm
   tensors agree between the two files, the legacy file's conv kernel equals the seeded rule that made
   it (so strides and layout are read right), num_batches_tracked is an int64 scalar. A pickle naming

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcgan_jax import inception_metrics, metrics
+from dcgan_jax.evaluation import inception_metrics
+
+from dcgan_jax.evaluation import metrics
 from dcgan_jax.config import ConfigError
 from helpers import ROOT, cli_env, read_jsonl, run_cli
 from inception_fixture import random_variables, stand_in_weights

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dcgan_jax import invariant
+from dcgan_jax.ops import invariant
 from dcgan_jax import models
 from dcgan_jax import parallel
 from dcgan_jax import step as step_lib

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from dcgan_jax import metrics
+from dcgan_jax.evaluation import metrics
 
 
 def random_spd(rng, d):

@@ -135,7 +135,8 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
   (the gradient penalties differentiate the input gradient in the parameters). Catches any error in
   the sub-pixel and DFT rewrites (phases, padding, flipped kernels, transforms), and a custom VJP whose
   backward pass is not differentiable or differentiates wrongly (a penalty's gradient would be off)."""
-  from dcgan_jax import cpu_kernels, dft
+  from dcgan_jax.ops import cpu_kernels
+  from dcgan_jax.ops import dft
   assert not cpu_kernels.use_subpixel_forward((2, 2), "SAME", 1)  # 1-channel layers keep XLA's ops ...
   monkeypatch.setattr(cpu_kernels, "MIN_CHANNELS", 1)  # ... here every layer takes the rewrites
   monkeypatch.setattr(dft, "DFT_MAX_COST_RATIO", 1e9)  # (the DFT form pays only for large layers)
@@ -173,7 +174,7 @@ def test_dft_form_is_used_where_it_saves_multiplications():
   sizes in float32 in the "cpu" form, and nothing else does: not at batch 1 (the kernel's transform
   would dominate), not a 3x3 kernel (0.54 of the direct multiplications), not bfloat16, not the "lax"
   form of GPUs and TPUs."""
-  from dcgan_jax import dft
+  from dcgan_jax.ops import dft
   seed_layer = models.ConvTranspose(128, (5, 5), (1, 1), "SAME", form="cpu")
   geometry = dft.correlation_geometry((7, 7), (5, 5), ((2, 2), (2, 2)))
   x, w = jnp.zeros((128, 7, 7, 256)), jnp.zeros((5, 5, 256, 128))
@@ -191,7 +192,7 @@ def test_dft_form_is_used_where_it_saves_multiplications():
 def test_subpixel_form_takes_both_branches():
   """One convolution for all phases when it wastes little (5x5, stride 2), one per phase otherwise (4x4);
   both equal lax.conv_transpose. Catches a wrong phase layout in either branch of the sub-pixel form."""
-  from dcgan_jax import cpu_kernels
+  from dcgan_jax.ops import cpu_kernels
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
   for k in (5, 4):
     w = jax.random.normal(jax.random.key(1), (k, k, 3, 2))
@@ -259,7 +260,7 @@ def test_configure_xla_cpu_respects_the_user_an_accelerator_run_and_a_started_ba
   """The XLA:CPU flag is set before JAX starts and only then, never over the user's own choice, and not
   for a run whose JAX_PLATFORMS names no CPU.
   Catches a flag that overrides the user's XLA_FLAGS or is set too late to take effect."""
-  from dcgan_jax import convolutions
+  from dcgan_jax.ops import convolutions
   assert convolutions.EIGEN_CONVOLUTIONS in os.environ["XLA_FLAGS"]  # set by conftest.py
   jax.devices()  # the backend is up: too late to change XLA_FLAGS
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -282,7 +283,7 @@ def test_configure_xla_gpu_sets_deterministic_mode_for_groups_only_and_never_ove
   """--invariant_groups asks for XLA:GPU's deterministic mode (XLA_FLAGS, before JAX starts); nothing
   without groups, nothing over the user's own setting, nothing once a backend is up. Catches the flag
   set for every run, over the user's choice, or too late to take effect."""
-  from dcgan_jax import convolutions
+  from dcgan_jax.ops import convolutions
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
   assert not convolutions.configure_xla_gpu(True)  # the backend is up (conftest): too late
   monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: False)

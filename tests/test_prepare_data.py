@@ -18,7 +18,7 @@ def test_round_trip_through_tfds_and_the_trainers_loader(tmp_path):
   array_record data source and the trainer's in-memory loader, with the right counts. Catches images or
   labels shuffled against each other, a format the trainer cannot read, and lost examples."""
   import tensorflow_datasets as tfds
-  from dcgan_jax import input_pipeline
+  from dcgan_jax.datasets import input_pipeline
   from dcgan_jax.config import Config
   idx_dir, data_dir = tmp_path / "idx", tmp_path / "tfds"
   idx_dir.mkdir()
@@ -44,7 +44,7 @@ def test_load_resizes_and_converts_channels():
   """preprocess: gray 28x28 -> RGB 32x32 keeps the value (within rounding), and CelebA's 218x178 faces are
   centre-cropped to 108x108 before resizing. Catches a channel conversion that changes values, a crop
   off-centre or of another size."""
-  from dcgan_jax import input_pipeline
+  from dcgan_jax.datasets import input_pipeline
   images = np.full((3, 28, 28, 1), 200, np.uint8)
   out = input_pipeline.preprocess(images, "mnist", (32, 32, 3))
   assert out.shape == (3, 32, 32, 3) and out.dtype == np.uint8

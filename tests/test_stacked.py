@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from dcgan_jax import stacked
+from dcgan_jax.datasets import stacked
 from helpers import make_idx_dir, read_jsonl
 
 
@@ -43,7 +43,7 @@ def test_stacked_dataset_trains_and_its_modes_are_counted_by_the_channel_classif
   repeated counts 1. A 2-step dcgan run at 32x32 on it logs modes and modes_kl with its evaluation.
   Catches channels classified in the wrong order or at the wrong size, modes counted from the 1,000-class
   stacked evaluator instead, and the in-training evaluation dropping the modes."""
-  from dcgan_jax import evaluator
+  from dcgan_jax.evaluation import evaluator
   from dcgan_jax import prepare_data
   from dcgan_jax import train
   from dcgan_jax.config import Config
@@ -70,7 +70,7 @@ def test_stacked_dataset_trains_and_its_modes_are_counted_by_the_channel_classif
   assert stacked.mode_report(evaluator.stacked_modes(channel, np.repeat(every[417:418], 50, 0))) == dict(
       modes=1, modes_kl=pytest.approx(np.log(1000)))
   # At the dcgan preset's 32x32: resized back to 28x28 per channel before classifying.
-  from dcgan_jax import input_pipeline
+  from dcgan_jax.datasets import input_pipeline
   np.testing.assert_array_equal(
       evaluator.stacked_modes(channel, input_pipeline.preprocess(every, "", (32, 32, 3))), np.arange(1000))
 

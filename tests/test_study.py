@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from dcgan_jax import study_table
+from dcgan_jax.studies import study_table
 from dcgan_jax import writers
 from dcgan_jax.config import Config, ConfigError
 from helpers import ROOT
@@ -205,8 +205,8 @@ def test_command_line_folders_json_and_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Statistics over seeds (study_stats.py), each against a computation written out here
 # ---------------------------------------------------------------------------------------------------
-from dcgan_jax import study_report  # noqa: E402
-from dcgan_jax import study_stats  # noqa: E402
+from dcgan_jax.studies import study_report  # noqa: E402
+from dcgan_jax.studies import study_stats  # noqa: E402
 
 
 def test_permutation_p_is_the_exact_share_of_relabelings_and_holm_steps_down():

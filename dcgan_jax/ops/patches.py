@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dcgan_jax.cpu_kernels import transpose_padding
+from dcgan_jax.ops.cpu_kernels import transpose_padding
 
 def _patches(x, kernel_hw, strides, pads, lhs_dilation, channels_first=False):
   """The windows of x that a convolution multiplies with its kernel: (B, oh, ow, cin*kh*kw), features in

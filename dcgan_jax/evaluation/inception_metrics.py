@@ -26,10 +26,10 @@ import jax
 import numpy as np
 import scipy.special
 
-from dcgan_jax import inception
-from dcgan_jax import metrics
+from dcgan_jax.evaluation import inception
+from dcgan_jax.evaluation import metrics
 from dcgan_jax import parallel
-from dcgan_jax import torch_file
+from dcgan_jax.evaluation import torch_file
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import ConfigError
 
@@ -200,8 +200,8 @@ def reference_features(features: Features, dataset: str, split: str, data_dir: O
   """pool3 features of a dataset split at `image_shape` (all of it, or a seeded subset of `count`),
   cached as pytorch-fid's statistics (mu, sigma) plus the features themselves (KID and precision/recall
   need them), keyed by dataset, its contents, split, shape, count and the weights' hash."""
-  from dcgan_jax import evaluator  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.datasets import input_pipeline  # pylint: disable=g-import-not-at-top
   from dcgan_jax.config import Config  # pylint: disable=g-import-not-at-top
   builder = input_pipeline.get_builder(Config(dataset=dataset, data_dir=data_dir))
   splits = builder.info.splits

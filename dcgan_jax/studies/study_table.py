@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from dcgan_jax import study_stats
+from dcgan_jax.studies import study_stats
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import STUDY_IGNORED, ConfigError
 

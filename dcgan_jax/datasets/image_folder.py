@@ -45,7 +45,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from dcgan_jax import input_pipeline
+from dcgan_jax.datasets import input_pipeline
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import ConfigError
 

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcgan_jax import metrics
-from dcgan_jax import stacked
+from dcgan_jax.evaluation import metrics
+from dcgan_jax.datasets import stacked
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import ConfigError
 
@@ -172,7 +172,7 @@ def content_fingerprint(builder) -> str:
   record), else a hash of the stored version and split sizes (for tfds's own datasets, whose contents a
   version pins)."""
   import hashlib  # pylint: disable=g-import-not-at-top
-  from dcgan_jax import image_folder  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.datasets import image_folder  # pylint: disable=g-import-not-at-top
   imported = image_folder.fingerprint(str(builder.data_dir))
   if imported:
     return imported
@@ -196,7 +196,7 @@ def real_split(builder) -> str:
 def load_or_train(dataset: str, data_dir: Optional[str], image_shape: tuple,
                   cache_dir: Optional[str] = None) -> Evaluator:
   """The cached evaluator for (dataset contents, image shape), trained and cached first if absent."""
-  from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.datasets import input_pipeline  # pylint: disable=g-import-not-at-top
   from dcgan_jax.config import Config  # pylint: disable=g-import-not-at-top
   cache_dir = cache_dir or DEFAULT_DIR
   config = Config(dataset=dataset, data_dir=data_dir)
@@ -328,7 +328,7 @@ def as_uint8_images(samples: np.ndarray, image_shape: tuple) -> np.ndarray:
 def stacked_modes(channel_evaluator: Evaluator, images: np.ndarray) -> np.ndarray:
   """uint8 (n, H, W, 3) -> int32 (n,) modes: each channel resized to the channel evaluator's 28x28 and
   classified by it (stacked.py's protocol)."""
-  from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.datasets import input_pipeline  # pylint: disable=g-import-not-at-top
   channels = input_pipeline.preprocess(stacked.channel_images(images), "", channel_evaluator.image_shape)
   _, probs = channel_evaluator.embed(channels)
   return stacked.mode_of(np.argmax(probs, axis=-1).reshape(len(images), 3)).astype(np.int32)
@@ -338,7 +338,7 @@ class Scorer:
   """Scores sample sets against the real split of the evaluator's dataset."""
 
   def __init__(self, evaluator: Evaluator, data_dir: Optional[str], kid_subsets: int = 100):
-    from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from dcgan_jax.datasets import input_pipeline  # pylint: disable=g-import-not-at-top
     self.evaluator, self.data_dir, self.kid_subsets = evaluator, data_dir, kid_subsets
     real_x, _, _ = input_pipeline.load_images(evaluator.dataset, evaluator.real_split, data_dir,
                                               evaluator.image_shape)
@@ -383,7 +383,8 @@ class Scorer:
   def score_generator(self, sample, g, z) -> dict:
     """The in-training metrics (FID, KID, class coverage and KL, stacked modes) of the images
     sample(g, z): each process generates and embeds its share of z, the embeddings are gathered."""
-    from dcgan_jax import parallel, sampling  # pylint: disable=g-import-not-at-top
+    from dcgan_jax import parallel  # pylint: disable=g-import-not-at-top
+    from dcgan_jax import sampling  # pylint: disable=g-import-not-at-top
     images = as_uint8_images(sampling.sample_images(sample, g, parallel.process_share(z)),
                              self.evaluator.image_shape)
     feats, probs = self.evaluator.embed(images)
@@ -407,7 +408,7 @@ class Scorer:
       pass
     except (OSError, ValueError) as e:  # damaged on disk: computed and written again
       logging.warning("%s is unreadable (%s); computing it again.", path, type(e).__name__)
-    from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from dcgan_jax.datasets import input_pipeline  # pylint: disable=g-import-not-at-top
     train_x, _, _ = input_pipeline.load_images(self.evaluator.dataset, "train", self.data_dir,
                                                self.evaluator.image_shape)
     pick = np.random.default_rng(TRAIN["seed"]).permutation(len(train_x))[:num]

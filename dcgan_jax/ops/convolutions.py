@@ -20,8 +20,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dcgan_jax import cpu_kernels
-from dcgan_jax import patches
+from dcgan_jax.ops import cpu_kernels
+from dcgan_jax.ops import patches
 
 FORMS = ("lax", "cpu", "exact")
 _DN = ("NHWC", "HWIO", "NHWC")

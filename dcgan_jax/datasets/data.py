@@ -67,7 +67,7 @@ def feeding(train_step: Callable, config: Config, num_examples: Optional[int], p
 def open_training_data(config: Config, mesh, per_device: int) -> TrainingData:
   """Finds the dataset (downloading it if tfds can), decides in memory or streaming, and loads or opens
   it. Raises input_pipeline.DataUnavailableError or ConfigError with one line saying what to do."""
-  from dcgan_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (tfds, lazily)
+  from dcgan_jax.datasets import input_pipeline  # pylint: disable=g-import-not-at-top  (tfds, lazily)
   builder = input_pipeline.get_builder(config)
   spec = input_pipeline.dataset_spec(config, builder)
   channels = input_pipeline.dataset_channels(spec, config.channels)
@@ -82,7 +82,7 @@ def open_training_data(config: Config, mesh, per_device: int) -> TrainingData:
                  on_device.shape, time.time() - t0)
     data = TrainingData(True, len(images), channels, shape, lambda step, k: on_device)
   elif source is not None:
-    from dcgan_jax import host_reader  # pylint: disable=g-import-not-at-top
+    from dcgan_jax.datasets import host_reader  # pylint: disable=g-import-not-at-top
     def read(indices):
       with input_pipeline.damaged_data(builder, config.split):  # on the reader's threads
         return input_pipeline.read_examples(source, indices, config.dataset, shape)

@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from dcgan_jax import study_stats
+from dcgan_jax.studies import study_stats
 from dcgan_jax import workdir as workdir_lib
 
 # Okabe & Ito's colour-blind-safe palette (black last).

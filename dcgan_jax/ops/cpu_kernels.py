@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcgan_jax import dft
+from dcgan_jax.ops import dft
 
 _DN = ("NHWC", "HWIO", "NHWC")
 

@@ -145,6 +145,7 @@ def evaluate(workdir=None, data_dir=None, dataset=None, num_samples=None, step=N
   """The evaluator's JSON report (see the module docstring). Raises ConfigError for bad input."""
   num_samples = num_samples or 10000
   from dcgan_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   from dcgan_jax import sampling  # pylint: disable=g-import-not-at-top
   report = {}
   run_config = None
@@ -172,7 +173,7 @@ def evaluate(workdir=None, data_dir=None, dataset=None, num_samples=None, step=N
   images = evaluator.as_uint8_images(images, ev.image_shape)
   if samples is not None and num_samples < len(images):
     images = images[:num_samples]
-  scorer = evaluator.Scorer(ev, data_dir)
+  scorer = scoring.Scorer(ev, data_dir)
   report = {**scorer.score(images), **report, "dataset": dataset, "evaluator": ev.describe()}
   if reference:
     ref = scorer.reference(len(images))

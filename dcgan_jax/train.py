@@ -319,10 +319,11 @@ def _make_scorer(config, image_shape, inception_weights=None):
     return inception_metrics.GeneratorScorer(inception_weights, config.dataset, config.data_dir,
                                              image_shape, config.inception_dir)
   from dcgan_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  from dcgan_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   ev = parallel.process_0_first(lambda: evaluator.load_or_train(
       config.dataset, config.data_dir, image_shape, config.evaluator_dir), "the evaluator")
   logging.info("Evaluator %s: test accuracy %.4f.", ev.path, ev.test_accuracy)
-  return evaluator.Scorer(ev, config.data_dir, kid_subsets=20)
+  return scoring.Scorer(ev, config.data_dir, kid_subsets=20)
 
 
 class _Evaluation:

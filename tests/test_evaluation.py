@@ -14,6 +14,7 @@ import pytest
 
 from dcgan_jax import checkpoints
 from dcgan_jax.evaluation import evaluator
+from dcgan_jax.evaluation import scoring
 from dcgan_jax import parallel
 from dcgan_jax import sampling
 from dcgan_jax import step as step_lib
@@ -36,7 +37,7 @@ def evaluator_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scorer(tiny_data_dir, evaluator_dir):
   ev = evaluator.load_or_train("fashion_mnist", tiny_data_dir, (28, 28, 1), evaluator_dir)
-  return evaluator.Scorer(ev, tiny_data_dir, kid_subsets=5)
+  return scoring.Scorer(ev, tiny_data_dir, kid_subsets=5)
 
 
 def test_evaluator_is_trained_once_then_loaded_from_its_cache(scorer, tiny_data_dir, evaluator_dir):

@@ -114,6 +114,7 @@ def test_a_restart_survives_every_file_cut_short(tiny_data_dir, finished_run, tm
   cache loaded without a check, appends glued onto a torn line."""
   from dcgan_jax import evaluate as evaluate_lib
   from dcgan_jax.evaluation import evaluator
+  from dcgan_jax.evaluation import scoring
   straight, workdir = str(tmp_path / "straight"), str(tmp_path / "run")
   shutil.copytree(finished_run, workdir)
   config = Config(**settings(tiny_data_dir, num_steps=6, **EVALUATED))
@@ -155,7 +156,7 @@ def test_a_restart_survives_every_file_cut_short(tiny_data_dir, finished_run, tm
 
   # The reference statistics and evaluations.jsonl, through `evaluate`'s own functions.
   ev = evaluator.load_or_train("fashion_mnist", tiny_data_dir, (32, 32, 1))
-  scorer = evaluator.Scorer(ev, tiny_data_dir, kid_subsets=2)
+  scorer = scoring.Scorer(ev, tiny_data_dir, kid_subsets=2)
   floor = scorer.reference(16)
   cut(os.path.join(ev.path, "reference_n16.json"))
   caplog.clear()

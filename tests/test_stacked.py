@@ -44,6 +44,7 @@ def test_stacked_dataset_trains_and_its_modes_are_counted_by_the_channel_classif
   Catches channels classified in the wrong order or at the wrong size, modes counted from the 1,000-class
   stacked evaluator instead, and the in-training evaluation dropping the modes."""
   from dcgan_jax.evaluation import evaluator
+  from dcgan_jax.evaluation import scoring
   from dcgan_jax import prepare_data
   from dcgan_jax import train
   from dcgan_jax.config import Config
@@ -64,15 +65,15 @@ def test_stacked_dataset_trains_and_its_modes_are_counted_by_the_channel_classif
   by_class = [images[labels == c][0] for c in range(10)]
   every = np.array([np.stack([by_class[m // 100], by_class[m // 10 % 10], by_class[m % 10]], -1)
                     for m in range(1000)])
-  modes = evaluator.stacked_modes(channel, every)
+  modes = scoring.stacked_modes(channel, every)
   np.testing.assert_array_equal(modes, np.arange(1000))
   assert stacked.mode_report(modes)["modes"] == 1000
-  assert stacked.mode_report(evaluator.stacked_modes(channel, np.repeat(every[417:418], 50, 0))) == dict(
+  assert stacked.mode_report(scoring.stacked_modes(channel, np.repeat(every[417:418], 50, 0))) == dict(
       modes=1, modes_kl=pytest.approx(np.log(1000)))
   # At the dcgan preset's 32x32: resized back to 28x28 per channel before classifying.
   from dcgan_jax.datasets import input_pipeline
   np.testing.assert_array_equal(
-      evaluator.stacked_modes(channel, input_pipeline.preprocess(every, "", (32, 32, 3))), np.arange(1000))
+      scoring.stacked_modes(channel, input_pipeline.preprocess(every, "", (32, 32, 3))), np.arange(1000))
 
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(Config(dataset="stacked_fashion_mnist", data_dir=data_dir, preset="dcgan",
@@ -83,6 +84,6 @@ def test_stacked_dataset_trains_and_its_modes_are_counted_by_the_channel_classif
   from dcgan_jax import sampling
   generate, run_config, _, _ = sampling.load(workdir)
   images = evaluator.as_uint8_images(generate(sampling.latents(run_config, 64)), (32, 32, 3))
-  expected = stacked.mode_report(evaluator.stacked_modes(channel, images))
+  expected = stacked.mode_report(scoring.stacked_modes(channel, images))
   assert len(scored) == 1 and scored[0]["modes"] == expected["modes"]
   assert scored[0]["modes_kl"] == pytest.approx(expected["modes_kl"], rel=1e-5)

@@ -92,17 +92,22 @@ class Checkpointer:
   """Saves and restores TrainStates under <workdir>/checkpoints."""
 
   def __init__(self, workdir: str, config: Config, subdir: str = "checkpoints",
-               max_to_keep: Optional[int] = None):
-    """subdir "checkpoints": the rolling checkpoints; "best": the best one by FID (max_to_keep=1)."""
+               max_to_keep: Optional[int] = None, asynchronous: bool = True):
+    """subdir "checkpoints": the rolling checkpoints; "best": the best one by FID (max_to_keep=1).
+    asynchronous=False: save() returns once the checkpoint is complete, for managers that save the same
+    step as another one in a multi-process run (orbax 0.12's barriers are then device collectives, which
+    two managers' writer threads could enter in different orders on different processes)."""
     self.config = config
     self.directory = os.path.abspath(os.path.join(workdir, subdir))
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or config.keep_checkpoints, create=True,
-                                           cleanup_tmp_directories=True, enable_async_checkpointing=True)
+                                           cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=asynchronous)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "config", "provenance", "score"))
 
   def save(self, state, step: int, score: Optional[dict] = None) -> None:
-    """Starts an asynchronous save of `state` as checkpoint `step` (returns once arrays are off device).
+    """Saves `state` as checkpoint `step`: asynchronously, returning once the arrays are off the devices
+    (or, asynchronous=False, once it is complete).
     `score`: evaluation results stored beside it (JSON), e.g. {"fid": ...} for the best checkpoint.
     CheckpointWriteError when this or the previous save found the disk full."""
     if step in self.manager.all_steps():

@@ -70,9 +70,9 @@ def train_and_evaluate(config: Config, workdir: str) -> list:
       lock.claim()
     where = dict(devices=jax.local_device_count(), device_kind=jax.local_devices()[0].device_kind,
                  backend=platforms.backend_name(), git_commit=checkpoints.git_commit())  # config.json's "run"
-    save_alone = jax.process_count() > 1 and len(runs) > 1
-    group = [_Member(run, data, mesh, where, scorer, i if form == "vmap" else None, save_alone)
-             for i, (run, data) in enumerate(zip(runs, datas))]
+    synchronous_saves = jax.process_count() > 1 and len(runs) > 1  # (members save the same steps)
+    group = [_Member(run, data, mesh, where, sample, scorer, i if form == "vmap" else None, synchronous_saves)
+             for i, (run, data, sample) in enumerate(zip(runs, datas, _samplers(runs, datas[0].channels)))]
     states = [m.restore(start) for m in group]
     if len({m.step for m in group}) > 1:  # a member's newest common checkpoint was unreadable
       states = [m.restore(min(m.step for m in group)) for m in group]
@@ -142,6 +142,18 @@ def _open_data(runs, mesh, per_device, closing) -> list:
   return datas
 
 
+def _samplers(runs, channels) -> list:
+  """Each run's jitted sampler (sampling.make_sampler), built once per computation: members that differ
+  only in their seed share one, and its compilations."""
+  built = {}
+  for run in runs:
+    computation = dataclasses.replace(run.config, seed=0)
+    if computation not in built:
+      built[computation] = sampling.make_sampler(models.build_models(run.config, channels)[0],
+                                                 run.config.sample_bn)
+  return [built[dataclasses.replace(run.config, seed=0)] for run in runs]
+
+
 def _check_members(runs, data, form) -> None:
   """ConfigError when the members' states and the dataset would not fit on a device (members.
   check_memory, from shapes alone), or --members_form=vmap with a dataset read by index."""
@@ -161,20 +173,20 @@ class _Member:
   """One run in the program: its settings (its own seed), run directory, outputs, checkpoints and
   evaluation. Its state is held by the runner (_Dispatched, _Stacked) and passed in."""
 
-  def __init__(self, run, data, mesh, where, scorer, index, save_alone):
-    self.config, self.workdir, self.name, self.data, self.mesh = run.config, run.directory, run.name, data, mesh
+  def __init__(self, run, data, mesh, where, sample, scorer, index, synchronous_saves):
+    self.config, self.workdir, self.name = run.config, run.directory, run.name
+    self.data, self.mesh, self.sample = data, mesh, sample  # sample: the run's jitted sampler (_samplers)
     self.index = index  # the member's position on a stacked program's metrics (--members_form=vmap)
     self.writer = writers.RunWriter(self.workdir, enabled=jax.process_index() == 0)
     self.writer.write_config(self.config, extra=dict(
         where, in_memory=data.in_memory, data_path=data.path, num_examples=data.num_examples,
         channels=data.channels))
-    logging.info("Config%s: %s", f" of {self.name}" if self.name else "", json.dumps(dict(self.config.__dict__)))
-    self.checkpointer = checkpoints.Checkpointer(self.workdir, self.config)
-    # Several members save the same step; in a multi-process run orbax's barriers are named by step
-    # alone, so each save must finish before the next member's starts.
-    self.save_alone = save_alone
-    self.sample = sampling.make_sampler(models.build_models(self.config, data.channels)[0],
-                                        self.config.sample_bn)
+    logging.info("Config%s: %s", f" of {self.name}" if self.name else "",
+                 json.dumps(dict(self.config.__dict__)))
+    # Several members save the same step: in a multi-process run each save completes before the next
+    # member's starts (Checkpointer's asynchronous=False).
+    self.checkpointer = checkpoints.Checkpointer(self.workdir, self.config,
+                                                 asynchronous=not synchronous_saves)
     self.grid_z = randomness.eval_latents(jax.random.key(self.config.seed), self.config.num_samples,
                                           self.config.latent_dim)
     self.evaluation = (_Evaluation(self.config, self.workdir, self.sample, scorer, self.name)
@@ -218,9 +230,7 @@ class _Member:
     if self.evaluation and (step == config.num_steps or reached(config.eval_every)):
       self.evaluation.run(state, step, writer)
     if save:
-      self.checkpointer.save(state, step)  # asynchronous: returns once the arrays are off the devices
-      if self.save_alone:
-        self.checkpointer.wait()
+      self.checkpointer.save(state, step)  # (asynchronous: returns once the arrays are off the devices)
     if stopping:
       self.checkpointer.wait()
 
@@ -339,7 +349,9 @@ class _Evaluation:
     self.sample, self.scorer, self.prefix = sample, scorer, f"{name} | " if name else ""
     # After the evaluator's data are read (_make_scorer): orbax's background clean-up of a new checkpoint
     # directory must not overlap tfds's file access (tfds.testing.mock_data patches the file system).
-    self.checkpointer = checkpoints.Checkpointer(workdir, config, subdir="best", max_to_keep=1)
+    # Synchronous: complete before the rolling checkpoint of the same step starts (Checkpointer).
+    self.checkpointer = checkpoints.Checkpointer(workdir, config, subdir="best", max_to_keep=1,
+                                                 asynchronous=False)
     best = self.checkpointer.latest_score() or {}
     self.features = config.eval_features
     # A best/ chosen in other features holds an FID on another scale: the first evaluation replaces it.
@@ -366,9 +378,6 @@ class _Evaluation:
     if fid < self.best:
       self.best = fid
       self.checkpointer.save(state, step, score=dict(fid=fid, step=step, ema=ema, features=self.features))
-      # Finished before the rolling checkpoint of the same step starts: orbax names its multi-process
-      # barriers by step alone, and two saves of one step in flight at once collide (a deadlock).
-      self.checkpointer.wait()
       logging.info("%sNew best FID %.4g at step %d: checkpoint in %s.", self.prefix, fid, step,
                    self.checkpointer.directory)
 

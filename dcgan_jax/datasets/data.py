@@ -7,7 +7,7 @@
 Three paths, one order:
   * in memory (`--in_memory=true`, or auto when the decoded split fits --max_in_memory_mb): the whole
     split as uint8 on every device, placed once; the step gathers each batch in an order that is a pure
-    function of (seed, step, position) (randomness.example_indices);
+    function of (seed, step, position) (randomness.batch_indices);
   * random access (otherwise, for datasets stored as array_record): host threads read this process's
     examples by index in exactly that order (host_reader.py), so both paths train on the same images
     in the same order, and resume is exact;

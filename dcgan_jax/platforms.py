@@ -10,7 +10,7 @@
 Every choice is the same mathematics computed another way; none changes what a run means. Each is made
 for the platform a program is *compiled for*, which is not always JAX's default backend: the host
 reader compiles its data order for the CPU on a GPU host (HOST), and programs.py builds GPU and TPU
-programs on a CPU-only machine (of_platform). `default()` and `backend_name()` are the only places that
+programs on a CPU-only machine (Policy("gpu")). `default()` and `backend_name()` are the only places that
 ask JAX for its default backend.
 """
 
@@ -65,10 +65,6 @@ class Policy:
 
 
 HOST = Policy("cpu")  # programs on this host's CPU (the random-access reader's data order)
-
-
-def of_platform(platform: str) -> Policy:
-  return Policy(platform)
 
 
 def of_mesh(mesh) -> Policy:

@@ -108,7 +108,7 @@ def build(name: str, num_devices: Optional[int] = None, platform: str = "cuda",
   `num_devices` devices (default: all), as the trainer builds it for `platform` (jax.export's name)."""
   kind, base = CONFIGURATIONS[name]
   config = Config(**dict(base, **(settings or {}))).resolved()
-  policy = platforms.of_platform(DEVICE_PLATFORM[platform])
+  policy = platforms.Policy(DEVICE_PLATFORM[platform])
   channels = CHANNELS[config.preset]
   shape = config.image_shape(channels)
   if kind != "train":

@@ -142,16 +142,21 @@ def _open_data(runs, mesh, per_device, closing) -> list:
   return datas
 
 
+def _per_computation(configs, make) -> list:
+  """[make(config)] for each config, made once per computation: configs that differ only in their seed
+  (the seed is in the state, not in the program) share one result, and its compilations."""
+  made = {}
+  for config in configs:
+    computation = dataclasses.replace(config, seed=0)
+    if computation not in made:
+      made[computation] = make(config)
+  return [made[dataclasses.replace(config, seed=0)] for config in configs]
+
+
 def _samplers(runs, channels) -> list:
-  """Each run's jitted sampler (sampling.make_sampler), built once per computation: members that differ
-  only in their seed share one, and its compilations."""
-  built = {}
-  for run in runs:
-    computation = dataclasses.replace(run.config, seed=0)
-    if computation not in built:
-      built[computation] = sampling.make_sampler(models.build_models(run.config, channels)[0],
-                                                 run.config.sample_bn)
-  return [built[dataclasses.replace(run.config, seed=0)] for run in runs]
+  """Each run's jitted sampler (sampling.make_sampler), one per computation."""
+  return _per_computation([run.config for run in runs], lambda config: sampling.make_sampler(
+      models.build_models(config, channels)[0], config.sample_bn))
 
 
 def _check_members(runs, data, form) -> None:
@@ -253,12 +258,9 @@ class _Dispatched:
   only in their seed share one program (the seed is in the state, not in the program)."""
 
   def __init__(self, group, states, data, mesh, policy, per_device):
-    self.group, self.states, programs = group, list(states), {}
-    for m in group:
-      computation = dataclasses.replace(m.config, seed=0)
-      if computation not in programs:
-        programs[computation] = _Steps(m.config, data, mesh, policy, per_device)
-    self.steps = [programs[dataclasses.replace(m.config, seed=0)] for m in group]
+    self.group, self.states = group, list(states)
+    self.steps = _per_computation([m.config for m in group],
+                                  lambda config: _Steps(config, data, mesh, policy, per_device))
 
   def run(self, step, k):
     for i, m in enumerate(self.group):

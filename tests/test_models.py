@@ -211,10 +211,10 @@ def test_accelerator_models_are_plain_lax_and_match_the_cpu_forms(preset, size):
   reaching an accelerator's graph, and a form choice made from the host's default backend."""
   config = Config(preset=preset, image_size=size, base_width=8, latent_dim=16).resolved()
   for accelerator in ("gpu", "tpu"):
-    g, d = models.build_models(config, 1, policy=platforms.of_platform(accelerator))
+    g, d = models.build_models(config, 1, policy=platforms.Policy(accelerator))
     assert g.form == d.form == "lax"
-  g, d = models.build_models(config, 1, policy=platforms.of_platform("gpu"))
-  g_cpu, d_cpu = models.build_models(config, 1, policy=platforms.of_platform("cpu"))
+  g, d = models.build_models(config, 1, policy=platforms.Policy("gpu"))
+  g_cpu, d_cpu = models.build_models(config, 1, policy=platforms.Policy("cpu"))
   assert g_cpu.form == "cpu"
   z = jax.random.normal(jax.random.key(0), (16, 16))
   g_vars = g.init(jax.random.key(1), z, train=False)

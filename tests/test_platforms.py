@@ -13,7 +13,7 @@ def test_each_choice_follows_the_platform_it_is_made_for():
   loops), GPU and TPU the accelerators' (lax convolutions, lax.cond, one scan, written-out loops), and
   --invariant_groups the exact form everywhere. Catches a choice inverted for one platform, and an
   exact form that depends on the platform."""
-  cpu, gpu, tpu = (platforms.of_platform(p) for p in ("cpu", "gpu", "tpu"))
+  cpu, gpu, tpu = (platforms.Policy(p) for p in ("cpu", "gpu", "tpu"))
   assert (cpu.conv_form(), gpu.conv_form(), tpu.conv_form()) == ("cpu", "lax", "lax")
   assert {p.conv_form(exact=True) for p in (cpu, gpu, tpu)} == {"exact"}
   for policy, accelerator in ((cpu, False), (gpu, True), (tpu, True)):

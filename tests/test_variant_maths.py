@@ -43,7 +43,7 @@ def trainer_step(monkeypatch, config, state, platform=None):
   configured optimizer. Returns (new state, metrics, the step's z, the step's interpolation weights)."""
   if (config, platform) not in _STEPS:
     monkeypatch.setattr(step_lib, "make_optimizer", lambda config, learning_rate: optax.sgd(learning_rate))
-    policy = platforms.of_platform(platform) if platform else None
+    policy = platforms.Policy(platform) if platform else None
     _STEPS[config, platform] = jax.pmap(step_lib.make_train_step(config, 1, None, policy),
                                         axis_name=parallel.AXIS, in_axes=(None, 0, 0), out_axes=(None, None),
                                         devices=jax.devices()[:1])

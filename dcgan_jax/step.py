@@ -73,7 +73,7 @@ def create_train_state(config: Config, channels: int) -> TrainState:
   """The initial state (float32 parameters, whatever --compute_dtype), on the default device.
   `config` must be resolved (Config.resolved())."""
   # Every convolution form has the same parameters, and init runs the models once only for shapes: the
-  # plain lax form, whose first pass is quick (the XLA:CPU form compiles its kernels: ~7 s).
+  # plain lax form, whose first pass is quick (the XLA:CPU form compiles its kernels: seconds).
   generator, discriminator = models.build_models(config, channels, form="lax")
   key = jax.random.key(config.seed)
   g_key, d_key = jax.random.split(randomness.purpose_key(key, randomness.INIT))

@@ -23,6 +23,15 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
+def logged_so_far(path):
+  """The complete records of a JSON-lines file that a running process is appending to: [] before it
+  exists, and without a last line still being written (a read can land in the middle of a write)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.endswith("\n")]
+
+
 def write_idx(path, array, magic, compress=True):
   header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
   data = header + array.astype(np.uint8).tobytes()
@@ -76,9 +85,11 @@ def launch(args, log, num_processes=2, devices=2):
 
 
 def launched_output(launcher, timeout):
-  """Waits for a launch() to end; its output."""
+  """Waits for a launch() to end; its output. Called from a `finally:` while the test's own error is
+  on its way out, it kills the launcher at once, so that error is the one reported (not this wait's)."""
   try:
-    launcher.wait(timeout=timeout)
+    if sys.exc_info()[0] is None:
+      launcher.wait(timeout=timeout)
   finally:
     launcher.kill()
   with open(launcher.log) as f:

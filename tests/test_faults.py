@@ -17,7 +17,7 @@ from dcgan_jax import checkpoints
 from dcgan_jax import train
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import FIELDS, Config
-from helpers import ROOT, cli_env, read_jsonl, run_cli
+from helpers import ROOT, cli_env, logged_so_far, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow  # subprocesses and end-to-end runs
 
@@ -249,7 +249,7 @@ def test_signals_at_start_up_and_twice_are_clean(tiny_data_dir, tmp_path):
     metrics = os.path.join(workdir, "metrics.jsonl")
     newest = workdir_lib.checkpoint_steps(workdir)[-1]
     _wait_for_line(proc, f"Resuming from step {newest}")  # (metrics.jsonl holds the last run's lines)
-    while max([r["step"] for r in read_jsonl(metrics)] or [0]) < newest + 7:  # a newer checkpoint exists
+    while max([r["step"] for r in logged_so_far(metrics)] or [0]) < newest + 7:  # a newer checkpoint exists
       assert proc.poll() is None, _read(proc.log)
       time.sleep(0.05)
     proc.send_signal(sig)

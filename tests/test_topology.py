@@ -9,7 +9,7 @@ import pytest
 
 from dcgan_jax import checkpoints
 from dcgan_jax import workdir as workdir_lib
-from helpers import child_pid, launch, launched_output, process_output, read_jsonl, run_cli
+from helpers import child_pid, launch, launched_output, logged_so_far, process_output, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow  # end-to-end and multi-device runs: not in the fast tier
 
@@ -102,7 +102,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_on_other_topol
   launcher = launch(run(workdir, 100_000), tmp_path / "stopped.log")
   try:
     metrics, t0 = os.path.join(workdir, "metrics.jsonl"), time.time()
-    while not (os.path.exists(metrics) and len(read_jsonl(metrics)) >= 3):
+    while len(logged_so_far(metrics)) < 3:
       assert launcher.poll() is None and time.time() - t0 < 300, "run did not start"
       time.sleep(0.05)
     os.kill(child_pid(launcher, 1), signal.SIGTERM)
@@ -147,7 +147,7 @@ def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tin
   launcher = launch(run, tmp_path / "killed.log")
   try:
     # Between saves, so that the newest complete checkpoint is known (50).
-    wait_for(launcher, lambda: os.path.exists(metrics) and len(read_jsonl(metrics)) >= 53
+    wait_for(launcher, lambda: len(logged_so_far(metrics)) >= 53
              and os.path.exists(os.path.join(workdir, "checkpoints", "50")))
     os.kill(child_pid(launcher, 1), signal.SIGKILL)
   finally:
@@ -163,7 +163,7 @@ def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tin
                                          "ended; run the same command again to resume from step 50 "), out[-3000:]
   launcher = launch(run, tmp_path / "resumed.log")
   try:
-    wait_for(launcher, lambda: max(l["step"] for l in read_jsonl(metrics)) > 53)
+    wait_for(launcher, lambda: max([l["step"] for l in logged_so_far(metrics)] or [0]) > 53)
     launcher.send_signal(signal.SIGTERM)
   finally:
     out = launched_output(launcher, timeout=120)

@@ -87,8 +87,8 @@ def run(config: Config, channels: int, steps: int, warmup: int, num_examples: in
   k = config.steps_per_call
   if scan is None:
     scan = policy.scan_steps
-  call = (parallel.pmap_step(train_step, in_memory=True) if k == 1 else
-          parallel.make_multi_step(train_step, k, in_memory=True, scan=scan))
+  call = (parallel.pmap_step(train_step, replicated_data=True) if k == 1 else
+          parallel.make_multi_step(train_step, k, replicated_data=True, scan=scan))
   calls = -(-steps // k)  # the timed steps, rounded up to whole calls
   steps = calls * k
   agree = parallel.StopAgreement(mesh) if stop_agreement else lambda request: 0

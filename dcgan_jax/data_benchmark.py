@@ -67,7 +67,7 @@ def time_training(config: Config, steps: int, warmup: int) -> float:
   try:
     train_step = step_lib.make_train_step(config, data.channels, data.step_num_examples,
                                           platforms.of_mesh(mesh))
-    p_step = parallel.pmap_step(train_step, data.in_memory)
+    p_step = parallel.pmap_step(train_step, data.replicated)
     positions = parallel.batch_positions(mesh, per_device)
     state = parallel.replicate(step_lib.create_train_state(config, data.channels), mesh)
     for step in range(warmup):

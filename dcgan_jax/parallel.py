@@ -139,19 +139,21 @@ def put_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), batch)
 
 
-def pmap_step(train_step: Callable, in_memory: bool) -> Callable:
-  """pmaps a step: state and metrics replicated (in/out_axes None), positions mapped, data replicated
-  (in-memory) or mapped (streaming). The input state's buffers are donated."""
-  return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, 0, None if in_memory else 0),
+def pmap_step(train_step: Callable, replicated_data: bool) -> Callable:
+  """pmaps a step: state and metrics replicated (in/out_axes None), positions mapped, and the step's
+  `data` replicated (replicated_data: the same array on every device, e.g. the whole dataset) or
+  mapped (one block of batches per device). datasets/data.py decides which (TrainingData.replicated).
+  The input state's buffers are donated."""
+  return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, 0, None if replicated_data else 0),
                   out_axes=(None, None), donate_argnums=(0,))
 
 
-def step_program(train_step: Callable, in_memory: bool, mesh: Mesh) -> Callable:
-  """The program pmap_step(train_step, in_memory) compiles, written as pmap is built since JAX 0.10:
+def step_program(train_step: Callable, replicated_data: bool, mesh: Mesh) -> Callable:
+  """The program pmap_step(train_step, replicated_data) compiles, written as pmap is built since JAX 0.10:
   jax.jit over jax.shard_map on `mesh`, each mapped argument's leading axis squeezed. jax.export and
   lowering for another platform take a jitted function (a pmapped one has no .trace): programs.py
   exports this one; tests/test_programs.py checks that it lowers to the pmapped step's operations."""
-  mapped = (False, True, not in_memory)  # (state, positions, data), as pmap_step's in_axes
+  mapped = (False, True, not replicated_data)  # (state, positions, data), as pmap_step's in_axes
 
   def per_device(*args):
     return train_step(*(jax.tree.map(lambda x: jax.lax.squeeze(x, [0]), a) if m else a
@@ -163,24 +165,24 @@ def step_program(train_step: Callable, in_memory: bool, mesh: Mesh) -> Callable:
                  out_shardings=NamedSharding(mesh, P()), donate_argnums=(0,))
 
 
-def scanned_steps(train_step: Callable, num_steps: int, in_memory: bool) -> Callable:
+def scanned_steps(train_step: Callable, num_steps: int, replicated_data: bool) -> Callable:
   """`num_steps` steps as one lax.scan (the accelerators' --steps_per_call), to be pmapped like the step.
-  Streaming data has a step axis first (in the per-device view)."""
+  Mapped data has a step axis first (in the per-device view); replicated data serves every step."""
   def scanned(state, positions, data):
-    if in_memory:
+    if replicated_data:
       return jax.lax.scan(lambda s, _: train_step(s, positions, data), state, None, length=num_steps)
     return jax.lax.scan(lambda s, batch: train_step(s, positions, batch), state, data)
 
   return scanned
 
 
-def make_multi_step(train_step: Callable, num_steps: int, in_memory: bool, scan: bool,
+def make_multi_step(train_step: Callable, num_steps: int, replicated_data: bool, scan: bool,
                     p_step: Optional[Callable] = None) -> Callable:
   """`num_steps` training steps per call, one host round trip: what --steps_per_call runs.
 
   Returns call(state, positions, data) -> (state, metrics with a leading (num_steps,) axis, on device).
-  `data` as for the step (in-memory), or with a step axis after the device axis (streaming:
-  (devices, num_steps, d_steps, per_device_batch, H, W, C)).
+  `data` as for the step when replicated, or with a step axis after the device axis when mapped
+  ((devices, num_steps, d_steps, per_device_batch, H, W, C)).
 
   scan (platforms.Policy.scan_steps: accelerators): the steps are one pmapped `lax.scan`, so a fast
   accelerator is not kept waiting by the host between steps. The loop body is compiled apart from the
@@ -195,14 +197,14 @@ def make_multi_step(train_step: Callable, num_steps: int, in_memory: bool, scan:
   microseconds against a CPU step's tens of milliseconds.
   """
   if scan:
-    return pmap_step(scanned_steps(train_step, num_steps, in_memory), in_memory)
-  p_step = p_step or pmap_step(train_step, in_memory)
+    return pmap_step(scanned_steps(train_step, num_steps, replicated_data), replicated_data)
+  p_step = p_step or pmap_step(train_step, replicated_data)
   stack = jax.jit(lambda history: jax.tree.map(lambda *x: jnp.stack(x), *history))
 
   def call(state, positions, data):
     history = []
     for i in range(num_steps):
-      state, metrics = p_step(state, positions, data if in_memory else data[:, i])
+      state, metrics = p_step(state, positions, data if replicated_data else data[:, i])
       history.append(metrics)
     return state, stack(history)
 

@@ -143,7 +143,7 @@ def build(name: str, num_devices: Optional[int] = None, platform: str = "cuda",
   k = config.steps_per_call
   if k > 1:
     assert policy.scan_steps, "accelerators scan their steps"
-    train_step = parallel.scanned_steps(train_step, k, in_memory)
+    train_step = parallel.scanned_steps(train_step, k, replicated_data=in_memory)
   state = jax.eval_shape(lambda: step_lib.create_train_state(config, channels))
   state = _abstract(state, replicated, (members,) if members > 1 else ())
   positions = jax.ShapeDtypeStruct((num_devices, per_device), jnp.int32, sharding=mapped)

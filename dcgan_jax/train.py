@@ -303,12 +303,12 @@ class _Steps:
     if over_members:
       self._train_step = parallel.over_members(self._train_step)
     self._scan = policy.scan_steps
-    self._calls = {1: parallel.pmap_step(self._train_step, data.in_memory)}
+    self._calls = {1: parallel.pmap_step(self._train_step, data.replicated)}
 
   def __call__(self, state, step, k, data):
     """data: the run's TrainingData (the members' readers differ; their programs do not)."""
     if k not in self._calls:
-      self._calls[k] = parallel.make_multi_step(self._train_step, k, self._data.in_memory, self._scan,
+      self._calls[k] = parallel.make_multi_step(self._train_step, k, self._data.replicated, self._scan,
                                                 p_step=self._calls[1])
     return self._calls[k](state, self._positions, data.for_call(step, k))
 

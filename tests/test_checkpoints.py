@@ -191,8 +191,8 @@ def test_spectral_vectors_are_checkpointed_and_resume_bitwise_with_the_penalties
 def _main_job_args(data_dir, workdir, evaluators):
   """The main job's setup, small: the mnist preset (dropout), EMA, evaluation with best/."""
   return ["--dataset=fashion_mnist", f"--data_dir={data_dir}", f"--workdir={workdir}", "--preset=mnist",
-          "--batch_size=8", "--latent_dim=16", "--g_ema_decay=0.99", "--num_steps=100",
-          "--checkpoint_every=25", "--log_every=25", "--sample_every=1000", "--eval_every=25",
+          "--batch_size=8", "--latent_dim=16", "--g_ema_decay=0.99", "--num_steps=60",
+          "--checkpoint_every=15", "--log_every=15", "--sample_every=1000", "--eval_every=15",
           "--eval_samples=16", f"--evaluator_dir={evaluators}"]
 
 
@@ -208,22 +208,22 @@ def test_main_job_setup_resumes_exactly_after_sigterm_and_sigkill(tiny_data_dir,
   assert r.returncode == 0, r.stderr[-3000:]
   for name, sig in (("stopped", signal.SIGTERM), ("killed", signal.SIGKILL)):
     proc = start(_main_job_args(tiny_data_dir, runs[name], evaluators))
-    wait_for(os.path.join(runs[name], "checkpoints", "50"), proc)
+    wait_for(os.path.join(runs[name], "checkpoints", "30"), proc)
     proc.send_signal(sig)
     out = proc.communicate()[0]
     if sig == signal.SIGTERM:
       assert proc.returncode == 0 and "Stopped by SIGTERM at step" in out, out[-3000:]
-      assert int(out.split("Stopped by SIGTERM at step ")[1].split()[0].rstrip(";")) < 100, "too late to test"
+      assert int(out.split("Stopped by SIGTERM at step ")[1].split()[0].rstrip(";")) < 60, "too late to test"
     r = run_cli(_main_job_args(tiny_data_dir, runs[name], evaluators))
     assert r.returncode == 0 and "Resuming from step" in r.stderr, r.stderr[-3000:]
   evaluations = {name: [l for l in read_jsonl(os.path.join(w, "metrics.jsonl")) if "fid" in l]
                  for name, w in runs.items()}
-  assert [l["step"] for l in evaluations["straight"]] == [25, 50, 75, 100]
+  assert [l["step"] for l in evaluations["straight"]] == [15, 30, 45, 60]
   best = {name: os.listdir(os.path.join(w, "best")) for name, w in runs.items()}
   for name in ("stopped", "killed"):
     assert evaluations[name] == evaluations["straight"], name
     assert best[name] == best["straight"], name
-    assert_bitwise_equal(saved_state(runs["straight"], 100), saved_state(runs[name], 100))
+    assert_bitwise_equal(saved_state(runs["straight"], 60), saved_state(runs[name], 60))
 
 
 def test_a_full_disk_is_one_line_and_the_workdir_resumes(tiny_data_dir, tmp_path):

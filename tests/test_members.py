@@ -124,17 +124,19 @@ def test_swept_members_are_the_single_runs_of_their_values_and_a_new_member_is_r
 
 
 def test_members_on_two_processes_are_bitwise_the_single_runs_with_invariant_groups(tiny_data_dir, tmp_path):
-  """`--seeds=0,1 --invariant_groups=8` on 2 processes x 2 devices (the launcher, gloo) against single
-  runs of seeds 0 and 1 on 1 device: each member bitwise its single run (state, metrics lines).
-  Catches members that save on one process only, members' saves of one step colliding in orbax's
-  multi-process barriers (a hang, then an error), a member program that depends on the topology, and
-  (each member being the single run's code) --invariant_groups not bitwise between 1 device and 2
-  processes, or logs written by both processes. (2 and 4 devices of one process: test_invariant.py.)
-  (Evaluation on 2 processes: test_topology.py; per member it is the single run's code.)"""
+  """`--seeds=0,1 --invariant_groups=8 --in_memory=false` on 2 processes x 2 devices (the launcher,
+  gloo) against single runs of seeds 0 and 1 on 1 device: each member bitwise its single run (state,
+  metrics lines). Catches members that save on one process only, members' saves of one step colliding
+  in orbax's multi-process barriers (a hang, then an error), a member program that depends on the
+  topology, and (each member being the single run's code) --invariant_groups not bitwise between 1
+  device and 2 processes, a process or device reading another's positions by index, a data order that
+  depends on the device or process count, or logs written by both processes. (In memory on 2 processes
+  against 1 device: test_topology.py's SIGTERM test; 2 and 4 devices of one process:
+  test_invariant.py; evaluation on 2 processes: test_topology.py.)"""
   def cli(workdir, seeds):
     return ["--dataset=fashion_mnist", f"--data_dir={tiny_data_dir}", f"--workdir={workdir}", seeds,
             "--batch_size=8", "--latent_dim=16", "--invariant_groups=8", "--num_steps=6",
-            "--checkpoint_every=2", "--log_every=1", "--sample_every=1000"]
+            "--checkpoint_every=2", "--log_every=1", "--sample_every=1000", "--in_memory=false"]
   for seed in (0, 1):
     r = run_cli(cli(str(tmp_path / f"single_{seed}"), f"--seed={seed}"), devices=1)
     assert r.returncode == 0, r.stderr[-3000:]

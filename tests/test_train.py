@@ -48,7 +48,7 @@ def test_pmapped_in_memory_steps(preset, d_steps):
   config = Config(preset=preset, image_size=None if preset == "mnist" else 32, base_width=8,
                   batch_size=8, d_steps=d_steps, latent_dim=16)
   config, mesh, data, state, slots = setup(config)
-  step = parallel.pmap_step(step_lib.make_train_step(config, 1, num_examples=len(data)), in_memory=True)
+  step = parallel.pmap_step(step_lib.make_train_step(config, 1, num_examples=len(data)), replicated_data=True)
   data = jax.device_put(data, NamedSharding(mesh, P()))
   g0 = jax.device_get(state.g.params)
   history = []
@@ -331,7 +331,7 @@ def test_the_penalties_train_finite_steps_on_4_devices_through_dropout():
   def two_steps(**overrides):
     config = Config(**dict(dict(batch_size=8, latent_dim=16, base_width=8), **overrides))
     config, mesh, data, state, slots = setup(config)
-    step = parallel.pmap_step(step_lib.make_train_step(config, 1, len(data)), in_memory=True)
+    step = parallel.pmap_step(step_lib.make_train_step(config, 1, len(data)), replicated_data=True)
     data = jax.device_put(data, NamedSharding(mesh, P()))
     before = jax.device_get((state.g.params, state.d.params))
     history = []

@@ -40,6 +40,13 @@ class TrainingData:
   close: Callable[[], None] = lambda: None
 
   @property
+  def replicated(self) -> bool:
+    """How the step's `data` lies on the devices (parallel.pmap_step's replicated_data): the whole
+    dataset, the same on every device and for every step of a call (in memory), or one block of
+    batches per device and per step (read by index or streamed)."""
+    return self.in_memory
+
+  @property
   def step_num_examples(self) -> Optional[int]:
     """What step.make_train_step takes: the dataset size in memory, None when streamed."""
     return self.num_examples if self.in_memory else None

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # same HLO), compiled in about 60% of the time, most of a test's time on tiny models. Rounding moves
 # (by 7e-5 relative in the golden trajectory, inside its band); every run a test compares with another
 # (in process or CLI) is compiled the same way, so the bitwise tests compare like with like.
-TEST_XLA_FLAGS = os.environ.get("TMP_FLAGS", "--xla_backend_optimization_level=0")
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def read_json(path):

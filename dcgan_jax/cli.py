@@ -27,21 +27,28 @@ def exit_with_error(message: str) -> NoReturn:
   sys.exit(2)
 
 
-def end_now(message: str, status: int) -> NoReturn:
+def end_now(message: str, status: int, wait: Callable[[], None] = lambda: None) -> NoReturn:
   """`error: <message>` on stderr and exit at once, without Python's or JAX's shutdown (which would
-  wait for library threads, or for a lost process in jax.distributed's shutdown barrier)."""
+  wait for library threads, or for a lost process in jax.distributed's shutdown barrier). wait(): run
+  between the line and the exit."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.stdout.flush()
+  wait()
   os._exit(status)  # pylint: disable=protected-access
 
 
-def end_run(error: Exception, refusals: tuple, write_errors: tuple, resume_point: Callable[[], str]) -> None:
+def end_run(error: Exception, refusals: tuple, write_errors: tuple, resume_point: Callable[[], str],
+            shared: tuple = ()) -> None:
   """How a training run ends on `error`, in one line; returns only for an error it does not handle
   (the caller re-raises it, with its traceback).
 
   refusals (bad settings, data that cannot be had, a diverging run): exit 2, at once in a
   multi-process run, where a normal exit would wait in jax.distributed's shutdown barrier for processes
   that may be waiting for this one in a collective (an error only this process saw).
+  shared (among the refusals: errors every process raises at the same step, e.g. a divergence, read from
+  metrics they share): in a multi-process run each process says its line, then they leave together
+  (parallel.leave_together). A process that left first would take the coordination service (process
+  0's) with it, and the launcher would end the others, before they said theirs.
   write_errors (a checkpoint that cannot be written): exit 2 at once, before orbax's writer threads add
   a traceback each while the interpreter shuts down.
   A failed collective in a multi-process run: another process died (killed, preempted, crashed); one
@@ -50,6 +57,10 @@ def end_run(error: Exception, refusals: tuple, write_errors: tuple, resume_point
   import jax  # pylint: disable=g-import-not-at-top
   multi_process = jax.process_count() > 1
   if isinstance(error, refusals):
+    if multi_process and isinstance(error, shared):
+      from dcgan_jax import parallel, stopping  # pylint: disable=g-import-not-at-top
+      stopping.ending()  # this line is the process's last: the launcher's lost-process word adds none
+      end_now(str(error), 2, wait=parallel.leave_together)
     if multi_process:
       end_now(str(error), 2)
     exit_with_error(str(error))

@@ -66,7 +66,8 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
   except Exception as e:  # pylint: disable=broad-except
     cli.end_run(e, refusals=(ConfigError, input_pipeline.DataUnavailableError, train.TrainingDivergedError),
-                write_errors=(checkpoints.CheckpointWriteError,), resume_point=resume_point)
+                write_errors=(checkpoints.CheckpointWriteError,), resume_point=resume_point,
+                shared=(train.TrainingDivergedError,))
     raise
 
 

@@ -268,6 +268,21 @@ def process_0_first(make: Callable, what: str):
   return result
 
 
+def leave_together(timeout_s: int = 60) -> None:
+  """Returns once every process of the run has called it (the coordination service's barrier; at once
+  for one process), or after timeout_s: for an error every process raises at the same step (cli.end_run),
+  so that no process exits, and with process 0 the coordination service, before the others have said
+  their line. Late or lost processes are not waited for beyond timeout_s."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.global_state.client.wait_at_barrier("dcgan_jax_leave_together",
+                                                    timeout_in_ms=timeout_s * 1000)
+  except jax.errors.JaxRuntimeError:  # a process that never came: leave anyway
+    pass
+
+
 def over_local_devices(program: Callable, per_device: int) -> Callable:
   """call(shared, rows) -> numpy outputs: `program(shared, chunk)` (a function of rows that treats each
   row on its own, e.g. an inference network) on chunks of `per_device` rows per local device, each chunk

@@ -42,6 +42,7 @@ class _Requests:
     self.signal: Optional[signal.Signals] = None
     self.resume_point: Callable[[], str] = lambda: "the newest checkpoint"
     self.process = ""  # "process i of n" in a multi-process run
+    self.ending = False  # the process has said its last line: signals add none
     self._old, self._socket = {}, None
 
   def install(self) -> bool:
@@ -91,6 +92,8 @@ class _Requests:
           self._received(signal.Signals(number))
 
   def _received(self, sig: signal.Signals) -> None:
+    if self.ending:
+      return
     if sig == LOST_A_PROCESS:
       self.end_now(f"{self.process}: lost another process of the run (its launcher saw it end); start "
                    f"all processes again to resume from {self._where()}", 3)
@@ -124,6 +127,12 @@ def install(resume_point: Optional[Callable[[], str]] = None, process: Optional[
   if process:
     _REQUESTS.process = process
 
+
+
+def ending() -> None:
+  """The process is ending with a line already decided (cli.end_run): from now on a signal, the
+  launcher's lost-process word included, adds no line of its own and does not end it first."""
+  _REQUESTS.ending = True
 
 
 @contextlib.contextmanager

@@ -40,7 +40,8 @@ def test_random_access_batches_are_the_in_memory_steps_batches(tiny_data_dir, mo
   to_float = step_lib.to_float
 
   def spy(batch):
-    jax.debug.callback(lambda x: seen.append(np.asarray(x)), batch)
+    # ordered: the D updates' batches arrive in k's order (unordered callbacks may run concurrently)
+    jax.debug.callback(lambda x: seen.append(np.asarray(x)), batch, ordered=True)
     return to_float(batch)
 
   monkeypatch.setattr(step_lib, "to_float", spy)
@@ -51,6 +52,7 @@ def test_random_access_batches_are_the_in_memory_steps_batches(tiny_data_dir, mo
     batch = reader.batch(step)
     assert batch.shape == (4, 2, 2, 28, 28, 1) and batch.dtype == np.uint8
     for device in range(4):  # the in-memory step, run for this device's positions
+      jax.effects_barrier()  # the previous call's callbacks have all arrived: none lands after clear()
       seen.clear()
       one(state, positions[device:device + 1], images)
       jax.effects_barrier()

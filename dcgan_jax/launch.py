@@ -151,6 +151,13 @@ def _signal_all(procs: list, sig: int) -> None:
         pass
 
 
+def forward_stop_signals(procs: list) -> None:
+  """SIGTERM (preemption) or Ctrl-C to this process goes on to every process of the run: they agree on
+  one step to stop after and checkpoint it together (stopping.py)."""
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: _signal_all(procs, signum))
+
+
 def main(argv):
   main_args = argv[1:]
   if FLAGS.num_processes < 1:
@@ -160,8 +167,7 @@ def main(argv):
                     "launcher's to set; pass --num_processes before `--`")
   procs = start(main_args, FLAGS.num_processes, FLAGS.gpus_per_process)
   threads = [_forward_output(i, p) for i, p in enumerate(procs)]
-  for sig in (signal.SIGTERM, signal.SIGINT):  # preemption or Ctrl-C: every process stops together
-    signal.signal(sig, lambda signum, frame: _signal_all(procs, signum))
+  forward_stop_signals(procs)
   workdir = next((a.split("=", 1)[1] for a in reversed(main_args) if a.startswith("--workdir=")), None)
   status = supervise(procs, FLAGS.grace_seconds, workdir)
   for t in threads:

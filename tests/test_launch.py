@@ -50,3 +50,29 @@ def test_the_process_that_failed_is_named_not_the_one_that_followed(capsys):
   assert launch.supervise(procs, grace_seconds=1) == 2
   assert "error: process 1 of 2 exited with status 2" in capsys.readouterr().err
   assert launch.supervise(start("pass", "pass"), grace_seconds=1) == 0
+
+
+def test_a_sigterm_or_ctrl_c_to_the_launcher_reaches_every_process():
+  """With forward_stop_signals() in place, SIGTERM and then SIGINT to the launcher's own process reach
+  each of the run's processes (stand-ins that print the signal they got and exit 0). Catches a launcher that dies on the signal itself (its processes are left to
+  PR_SET_PDEATHSIG's SIGTERM, and a Ctrl-C is turned into a SIGTERM) or passes it to one process only."""
+  waiter = ("import signal, sys\n"
+            "def stop(signum, frame):\n"
+            "  print(signal.Signals(signum).name, flush=True); sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop); signal.signal(signal.SIGINT, stop)\n"
+            "print('up', flush=True); signal.pause()")
+  previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      procs = start(waiter, waiter)
+      launch.forward_stop_signals(procs)
+      os.kill(os.getpid(), sig)
+      try:
+        got = [p.communicate(timeout=10)[0] for p in procs]
+      finally:
+        for p in procs:
+          p.kill()
+      assert got == [f"{sig.name}\n"] * 2 and [p.returncode for p in procs] == [0, 0]
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)

@@ -2,8 +2,6 @@
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -15,7 +13,7 @@ from dcgan_jax import members
 from dcgan_jax import train
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import Config, ConfigError
-from helpers import ROOT, cli_env, launch, launched_output, read_json, read_jsonl, run_cli
+from helpers import child_pid, launch, launched_output, read_json, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast tier
 
@@ -68,35 +66,6 @@ def test_members_are_the_single_runs_of_their_seeds_and_resume_from_the_step_all
                     checkpoints.read_state_numpy(str(tmp_path / "single_5"), 10)[0], "seed_5 continued alone")
 
 
-def test_a_killed_multi_member_run_restarts_to_the_single_runs_by_index(tiny_data_dir, tmp_path):
-  """`python -m dcgan_jax.main --seeds=0,1 --in_memory=false` (a reader per member) SIGKILLed once seed_1
-  has its first checkpoint, then run again: each member ends bitwise equal to the single run of its
-  seed, with the same metrics lines. Catches members sharing one reader (another data order), a restart
-  that loses or repeats a member's steps, and metrics lines a killed run wrote after its checkpoint."""
-  def cli(workdir, steps, seeds):
-    return ["--dataset=fashion_mnist", f"--data_dir={tiny_data_dir}", f"--workdir={workdir}",
-            "--batch_size=8", "--latent_dim=16", "--g_ema_decay=0.9", seeds, "--in_memory=false",
-            f"--num_steps={steps}", "--checkpoint_every=3", "--log_every=1", "--sample_every=1000"]
-  killed = str(tmp_path / "killed")
-  proc = subprocess.Popen([sys.executable, "-m", "dcgan_jax.main"] + cli(killed, 100_000, "--seeds=0,1"),
-                          cwd=ROOT, env=cli_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  t0 = time.time()
-  while not os.path.exists(os.path.join(killed, "seed_1", "checkpoints", "3")):
-    assert proc.poll() is None and time.time() - t0 < 300
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  r = run_cli(cli(killed, 9, "--seeds=0,1"))
-  assert r.returncode == 0 and "Resuming seed 0 from step" in r.stderr, r.stderr[-3000:]
-  for seed in (0, 1):
-    single, member = str(tmp_path / f"single_{seed}"), os.path.join(killed, f"seed_{seed}")
-    r = run_cli(cli(single, 9, f"--seed={seed}"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_state(checkpoints.read_state_numpy(single, 9)[0], checkpoints.read_state_numpy(member, 9)[0],
-                      seed)
-    assert without_speed(single) == without_speed(member)
-
-
 def test_swept_members_are_the_single_runs_of_their_values_and_a_new_member_is_refused(tiny_data_dir, tmp_path):
   """--sweep=learning_rate_d:1e-4,3e-3 with --seeds=3 for 3 steps: each member ends bitwise equal to the
   single run with that learning rate (its own compiled program), and the study table has one row per
@@ -123,30 +92,44 @@ def test_swept_members_are_the_single_runs_of_their_values_and_a_new_member_is_r
     assert workdir_lib.checkpoint_steps(os.path.join(multi, f"learning_rate_d={lr!r}_seed_3")) == [3]
 
 
-def test_members_on_two_processes_are_bitwise_the_single_runs_with_invariant_groups(tiny_data_dir, tmp_path):
-  """`--seeds=0,1 --invariant_groups=8 --in_memory=false` on 2 processes x 2 devices (the launcher,
-  gloo) against single runs of seeds 0 and 1 on 1 device: each member bitwise its single run (state,
-  metrics lines). Catches members that save on one process only, members' saves of one step colliding
-  in orbax's multi-process barriers (a hang, then an error), a member program that depends on the
-  topology, and (each member being the single run's code) --invariant_groups not bitwise between 1
-  device and 2 processes, a process or device reading another's positions by index, a data order that
-  depends on the device or process count, or logs written by both processes. (In memory on 2 processes
-  against 1 device: test_topology.py's SIGTERM test; 2 and 4 devices of one process:
-  test_invariant.py; evaluation on 2 processes: test_topology.py.)"""
-  def cli(workdir, seeds):
+def test_a_killed_two_process_multi_member_run_restarts_to_the_single_runs_with_invariant_groups(
+    tiny_data_dir, tmp_path):
+  """`--seeds=0,1 --invariant_groups=8 --in_memory=false` (a reader per member) on 2 processes x 2
+  devices (the launcher, gloo), process 1 SIGKILLed once seed_1 has its first checkpoint, then launched
+  again: each member ends bitwise equal (state, metrics lines) to the single run of its seed on 1
+  device. Catches members sharing one reader (another data order), a restart that loses or repeats a
+  member's steps, metrics lines a killed run wrote after its checkpoint, members that save on one
+  process only, members' saves of one step colliding in orbax's multi-process barriers (a hang, then an
+  error), a member program that depends on the topology, and (each member being the single run's code)
+  --invariant_groups not bitwise between 1 device and 2 processes, a process or device reading
+  another's positions by index, a data order that depends on the device or process count, or logs
+  written by both processes. (In memory on 2 processes against 1 device: test_topology.py's SIGTERM
+  test; 2 and 4 devices of one process: test_invariant.py; evaluation on 2 processes:
+  test_topology.py.)"""
+  def cli(workdir, steps, seeds):
     return ["--dataset=fashion_mnist", f"--data_dir={tiny_data_dir}", f"--workdir={workdir}", seeds,
-            "--batch_size=8", "--latent_dim=16", "--invariant_groups=8", "--num_steps=6",
-            "--checkpoint_every=2", "--log_every=1", "--sample_every=1000", "--in_memory=false"]
-  for seed in (0, 1):
-    r = run_cli(cli(str(tmp_path / f"single_{seed}"), f"--seed={seed}"), devices=1)
-    assert r.returncode == 0, r.stderr[-3000:]
+            "--batch_size=8", "--latent_dim=16", "--g_ema_decay=0.9", "--invariant_groups=8",
+            f"--num_steps={steps}", "--checkpoint_every=3", "--log_every=1", "--sample_every=1000",
+            "--in_memory=false"]
   multi = str(tmp_path / "multi")
-  launcher = launch(cli(multi, "--seeds=0,1"), tmp_path / "multi.log")
+  launcher = launch(cli(multi, 100_000, "--seeds=0,1"), tmp_path / "killed.log")
+  try:
+    t0 = time.time()
+    while not os.path.exists(os.path.join(multi, "seed_1", "checkpoints", "3")):
+      assert launcher.poll() is None and time.time() - t0 < 300, "run did not start"
+      time.sleep(0.05)
+    os.kill(child_pid(launcher, 1), signal.SIGKILL)
+  finally:
+    out = launched_output(launcher, timeout=45)
+  assert launcher.returncode == 128 + signal.SIGKILL, out[-3000:]
+  launcher = launch(cli(multi, 8, "--seeds=0,1"), tmp_path / "restarted.log")
   out = launched_output(launcher, timeout=600)
-  assert launcher.returncode == 0, out[-3000:]
+  assert launcher.returncode == 0 and "Resuming seed 0 from step" in out, out[-3000:]
   for seed in (0, 1):
     single, member = str(tmp_path / f"single_{seed}"), os.path.join(multi, f"seed_{seed}")
-    assert_same_state(checkpoints.read_state_numpy(single, 6)[0], checkpoints.read_state_numpy(member, 6)[0],
+    r = run_cli(cli(single, 8, f"--seed={seed}"), devices=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_state(checkpoints.read_state_numpy(single, 8)[0], checkpoints.read_state_numpy(member, 8)[0],
                       seed)
     assert without_speed(single) == without_speed(member), seed
 

@@ -70,51 +70,23 @@ def test_without_groups_topologies_differ_by_amplified_rounding(tiny_data_dir, t
   assert 0 < gap <= 5e-3, gap
 
 
-def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_on_other_topologies(tiny_data_dir, tmp_path):
-  """2 processes x 2 devices, SIGTERM to process 1 only: both processes stop after the same step, write
-  one checkpoint together and exit 0; the run then continues on 1 process x 1 device and ends bitwise
-  equal to an uninterrupted 1-device run (--invariant_groups=8). Catches a process that
-  stops on its own signal alone (the other waits forever in a collective, or they checkpoint different
-  steps), and a resume that cannot change topology."""
-  workdir = str(tmp_path / "stopped")
-  run = lambda w, steps: args(tiny_data_dir, w, batch_size=8, invariant_groups=8, num_steps=steps)
-  launcher = launch(run(workdir, 100_000), tmp_path / "stopped.log")
-  try:
-    metrics, t0 = os.path.join(workdir, "metrics.jsonl"), time.time()
-    while len(logged_so_far(metrics)) < 3:
-      assert launcher.poll() is None and time.time() - t0 < 300, "run did not start"
-      time.sleep(0.05)
-    os.kill(child_pid(launcher, 1), signal.SIGTERM)
-  finally:
-    out = launched_output(launcher, timeout=120)
-  assert launcher.returncode == 0, out[-3000:]
-  stopped = [int(process_output(out, i).split("Stopped by SIGTERM at step ")[1].split()[0]) for i in (0, 1)]
-  assert stopped[0] == stopped[1], stopped
-  step = stopped[0]
-  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
-  total = step + 4
-  r = run_cli(run(workdir, total), devices=1)  # the same run, continued on 1 process x 1 device
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert f"Resuming from step {step}" in r.stderr
-  assert "Topology changed: the checkpoint of step" in r.stderr and "by 2 process(es) with 4" in r.stderr
-  straight = str(tmp_path / "straight")
-  r = run_cli(run(straight, total), devices=1)
-  assert r.returncode == 0, r.stderr[-3000:]
-  a, b = checkpoints.read_state_numpy(workdir)[0], checkpoints.read_state_numpy(straight)[0]
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(x, y)
-
-
-def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tiny_data_dir, tmp_path):
-  """dcgan_jax.launch with 2 processes x 2 devices, SIGKILL to process 1: the launcher ends process 0,
-  which prints its own one line naming the step to resume from, well before JAX's heartbeat timeout
-  would abort it (a survivor with no line, or one that waits for the grace's SIGKILL, fails), and
-  exits 137 with one line naming process 1 and the step to resume from (no hang, no stack trace). Launched again, both resume from that
-  checkpoint, and a SIGTERM to the launcher stops both after the same step with exit 0. Catches
-  survivors that wait forever, an abort with a C++ stack trace, a half-written checkpoint that blocks
-  the resume, and a launcher that does not pass a signal on to every process."""
+def test_a_process_that_dies_ends_the_others_and_a_sigterm_to_one_stops_all_then_any_topology_resumes(
+    tiny_data_dir, tmp_path):
+  """2 processes x 2 devices (dcgan_jax.launch, --invariant_groups=8):
+  1. SIGKILL to process 1: the launcher ends process 0, which prints its own one line naming the step
+     to resume from, well before JAX's heartbeat timeout would abort it (a survivor with no line, or one
+     that waits for the grace's SIGKILL, fails), and exits 137 with one line naming process 1 and the
+     step to resume from (no hang, no stack trace);
+  2. launched again, both resume from that checkpoint; SIGTERM to process 1 only: both stop after the
+     same step, write one checkpoint together and exit 0;
+  3. the run continued on 1 process x 1 device ends bitwise equal to an uninterrupted 1-device run.
+  Catches survivors that wait forever, an abort with a C++ stack trace, a half-written checkpoint that
+  blocks the resume, a process that stops on its own signal alone (the other waits forever in a
+  collective, or they checkpoint different steps), and a resume that cannot change topology. (The
+  launcher passing its own SIGTERM on to every process: test_launch.py.)"""
   workdir = str(tmp_path / "run")
-  run = args(tiny_data_dir, workdir, num_steps=100_000) + ["--checkpoint_every=50", "--heartbeat_timeout=90"]
+  run = lambda steps: args(tiny_data_dir, workdir, invariant_groups=8, num_steps=steps) + [
+      "--checkpoint_every=10", "--heartbeat_timeout=90"]
   metrics = os.path.join(workdir, "metrics.jsonl")
 
   def wait_for(launcher, condition):
@@ -123,11 +95,11 @@ def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tin
       assert launcher.poll() is None and time.time() - t0 < 300, "run did not start"
       time.sleep(0.05)
 
-  launcher = launch(run, tmp_path / "killed.log")
+  launcher = launch(run(100_000), tmp_path / "killed.log")
   try:
-    # Between saves, so that the newest complete checkpoint is known (50).
-    wait_for(launcher, lambda: len(logged_so_far(metrics)) >= 53
-             and os.path.exists(os.path.join(workdir, "checkpoints", "50")))
+    # Between saves, so that the newest complete checkpoint is known (10): a step takes ~0.5 s here.
+    wait_for(launcher, lambda: len(logged_so_far(metrics)) >= 12
+             and os.path.exists(os.path.join(workdir, "checkpoints", "10")))
     os.kill(child_pid(launcher, 1), signal.SIGKILL)
   finally:
     out = launched_output(launcher, timeout=45)  # the launcher's grace: 10 s; JAX's heartbeat: 90 s
@@ -137,19 +109,36 @@ def test_a_process_that_dies_ends_the_others_in_one_line_and_the_run_resumes(tin
   # does not always notice a dead peer): either way its one line names the step to resume from.
   errors = [l for l in process_output(out, 0).splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and "process 0 of 2: lost another process" in errors[0] and \
-      "resume from step 50 " in errors[0], out[-3000:]
+      "resume from step 10 " in errors[0], out[-3000:]
   assert out.splitlines()[-1].startswith("error: process 1 of 2 was killed by SIGKILL; the others were "
-                                         "ended; run the same command again to resume from step 50 "), out[-3000:]
-  launcher = launch(run, tmp_path / "resumed.log")
+                                         "ended; run the same command again to resume from step 10 "), out[-3000:]
+
+  launcher = launch(run(100_000), tmp_path / "stopped.log")
   try:
-    wait_for(launcher, lambda: max([l["step"] for l in logged_so_far(metrics)] or [0]) > 53)
-    launcher.send_signal(signal.SIGTERM)
+    wait_for(launcher, lambda: max([l["step"] for l in logged_so_far(metrics)] or [0]) > 12)
+    os.kill(child_pid(launcher, 1), signal.SIGTERM)
   finally:
     out = launched_output(launcher, timeout=120)
   assert launcher.returncode == 0, out[-3000:]
-  assert all("Resuming from step 50" in process_output(out, i) for i in (0, 1))
-  stopped = [int(process_output(out, i).split("Stopped by SIGTERM at step ")[1].split()[0]) for i in (0, 1)]
-  assert stopped[0] == stopped[1] > 53, stopped
+  assert all("Resuming from step 10" in process_output(out, i) for i in (0, 1))
+  stopped = [int(process_output(out, i).split("Stopped by SIGTERM at step ")[1].split()[0].rstrip(";"))
+             for i in (0, 1)]
+  assert stopped[0] == stopped[1] > 12, stopped
+  step = stopped[0]
+  assert workdir_lib.checkpoint_steps(workdir)[-1] == step
+
+  total = step + 4
+  r = run_cli(run(total), devices=1)  # the same run, continued on 1 process x 1 device
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"Resuming from step {step}" in r.stderr
+  assert "Topology changed: the checkpoint of step" in r.stderr and "by 2 process(es) with 4" in r.stderr
+  straight = str(tmp_path / "straight")
+  r = run_cli(args(tiny_data_dir, straight, invariant_groups=8, num_steps=total), devices=1)
+  assert r.returncode == 0, r.stderr[-3000:]
+  a, b = checkpoints.read_state_numpy(workdir)[0], checkpoints.read_state_numpy(straight)[0]
+  assert int(a["step"]) == total
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_evaluation_split_over_2_processes_gives_the_1_process_numbers(tiny_data_dir, tmp_path):

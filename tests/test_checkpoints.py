@@ -34,35 +34,6 @@ def assert_bitwise_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_stop_and_resume_equals_one_run_and_damaged_newest_is_skipped(tiny_data_dir, tmp_path, caplog):
-  """3 steps, then resumed to 6, equals 6 steps straight, bit for bit, with one metrics line per logged
-  step; a newest checkpoint whose files are emptied is moved aside with a warning and the run resumes from
-  the one before, ending bitwise the same. Catches a resume that repeats or skips steps, metrics lines
-  duplicated by the resume, and a damaged checkpoint that ends the run."""
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=6)), straight)
-  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=3)), resumed)
-  with caplog.at_level("INFO"):
-    train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=6)), resumed)
-  assert "Resuming from step 3" in caplog.text
-  final = saved_state(straight, 6)
-  assert int(final["step"]) == 6
-  assert_bitwise_equal(final, saved_state(resumed, 6))
-  assert [l["step"] for l in read_jsonl(os.path.join(resumed, "metrics.jsonl"))] == [2, 3, 4, 6]
-
-  # Damage the newest checkpoint: it is moved aside with a warning, training resumes from step 3.
-  state_dir = os.path.join(resumed, "checkpoints", "6", "state")
-  for root, _, files in os.walk(state_dir):
-    for name in files:
-      open(os.path.join(root, name), "wb").close()
-  caplog.clear()
-  with caplog.at_level("INFO"):
-    train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=6)), resumed)
-  assert "checkpoints/6 is unreadable" in caplog.text and "Resuming from step 3" in caplog.text
-  assert os.path.isdir(os.path.join(resumed, "checkpoints", "6.unreadable"))
-  assert_bitwise_equal(final, saved_state(resumed, 6))
-
-
 def test_checkpoint_of_other_settings_is_refused(tiny_data_dir, tmp_path):
   """Resuming with a setting that changes the computation (latent_dim) is one ConfigError naming the
   difference, and the checkpoint stays; the refusal comes before the dataset is opened (here from a
@@ -119,73 +90,57 @@ def _cli_args(data_dir, workdir, num_steps=12):
           "--sample_every=1000"]
 
 
-@pytest.mark.parametrize("in_memory", ["false"])  # (in memory: the main job's test below)
-def test_sigkill_at_any_moment_then_restart_is_bitwise_exact(tiny_data_dir, tmp_path, in_memory):
-  """SIGKILL after a checkpoint, twice, then a restart: bitwise the uninterrupted run, on the
-  random-access path (--in_memory=false: the host reader resumes at the step; the in-memory path is
-  the main job's test, and experiments/kill_check.py kills at 20 moments). Catches a resume that
-  loses or repeats steps, state or data order."""
-  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  cli_args = lambda data_dir, workdir: _cli_args(data_dir, workdir) + [f"--in_memory={in_memory}"]
-  r = run_cli(cli_args(tiny_data_dir, straight))
-  assert r.returncode == 0, r.stderr[-3000:]
-  # Kill right after the first checkpoint is complete (the next one is being trained or written)...
-  proc = start(cli_args(tiny_data_dir, killed))
-  wait_for(os.path.join(killed, "checkpoints", "2"), proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()  # reaps it and closes its pipe
-  # ...and once more shortly after the restart's first new checkpoint, then let it finish.
-  proc = start(cli_args(tiny_data_dir, killed))
-  wait_for(os.path.join(killed, "checkpoints", "4"), proc)
-  time.sleep(0.3)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()  # reaps it and closes its pipe
-  r = run_cli(cli_args(tiny_data_dir, killed))
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "Resuming from step" in r.stderr
-  assert_bitwise_equal(saved_state(straight, 12), saved_state(killed, 12))
-
-
-def test_bfloat16_training_writes_float32_checkpoints_and_resumes_exactly(tiny_data_dir, tmp_path):
-  """--compute_dtype=bfloat16 computes in bfloat16 but keeps parameters, optimizer states and BatchNorm
-  statistics float32: its checkpoints hold only float32 arrays (the same tree as a float32 run's), and
-  stop/resume is bitwise the uninterrupted run. Catches a state cast to the compute dtype (smaller
-  checkpoints that a float32 run could not resume, and lost precision in the updates)."""
-  bf16 = dict(compute_dtype="bfloat16", checkpoint_every=2)
+def test_stop_and_resume_is_bitwise_with_every_stateful_variant_and_a_damaged_newest_is_skipped(
+    tiny_data_dir, tmp_path, caplog):
+  """Every piece of state a step carries at once: --compute_dtype=bfloat16, --d_norm=spectral with the
+  wasserstein loss, the gradient penalty (its interpolation weights drawn per step and example) and lazy
+  R1 every 3 steps. Stopped at step 2 and resumed to 4, the run is bitwise the uninterrupted one, with one
+  metrics line per logged step; its checkpoints hold only float32 arrays (the tree of a float32 run's);
+  every D layer's power-iteration vector `spectral_u` is in D's batch_stats and moves from step to step.
+  A newest checkpoint whose files are emptied is moved aside with a warning and the run resumes from the
+  one before, ending bitwise the same. Catches a resume that repeats or skips steps, metrics lines
+  duplicated by the resume, a state cast to the compute dtype (smaller checkpoints that a float32 run
+  could not resume, lost precision in the updates), spectral vectors left out of the state (a resume
+  would restart them) or never advanced, interpolation weights drawn from a state a resume does not
+  restore, the lazy R1's schedule counted from the resume instead of the step (2 is not a multiple of
+  3), and a damaged checkpoint that ends the run."""
+  variant = dict(compute_dtype="bfloat16", d_norm="spectral", loss="wasserstein", gp_weight=10.0,
+                 r1_weight=1.0, r1_every=3, checkpoint_every=2, log_every=2)
   straight, resumed, f32 = str(tmp_path / "straight"), str(tmp_path / "resumed"), str(tmp_path / "f32")
-  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **bf16)), straight)
-  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=2, **bf16)), resumed)
-  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **bf16)), resumed)
-  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=2, checkpoint_every=2)), f32)
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **variant)), straight)
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=2, **variant)), resumed)
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **variant)), resumed)
+  assert "Resuming from step 2" in caplog.text
   final = saved_state(straight, 4)
+  assert int(final["step"]) == 4
+  assert_bitwise_equal(final, saved_state(resumed, 4))
+  assert [l["step"] for l in read_jsonl(os.path.join(resumed, "metrics.jsonl"))] == [2, 4]
+
+  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=2, **dict(variant, compute_dtype="float32"))),
+                           f32)
   dtypes = {str(np.asarray(x).dtype) for x in jax.tree.leaves(final)}
   assert dtypes == {"float32", "int32", "uint32"}, dtypes  # (step and Adam's count; the key's data)
   assert jax.tree.structure(final) == jax.tree.structure(saved_state(f32, 2))
-  assert_bitwise_equal(final, saved_state(resumed, 4))
   assert not np.array_equal(saved_state(f32, 2)["g"]["params"]["Dense_0"]["kernel"],
                             saved_state(straight, 2)["g"]["params"]["Dense_0"]["kernel"])  # it was bf16
 
-
-def test_spectral_vectors_are_checkpointed_and_resume_bitwise_with_the_penalties(tiny_data_dir, tmp_path):
-  """--d_norm=spectral with the wasserstein loss and the gradient penalty (its interpolation weights
-  drawn per step and example), plus lazy R1: stopped at step 2 and resumed to 4, bitwise the
-  uninterrupted run; every D layer's power-iteration vector `spectral_u` is in the checkpoint's D
-  batch_stats and moves from step to step. Catches the vectors left out of the state (a resume would
-  restart them) or never advanced, interpolation weights drawn from a state a resume does not restore,
-  and the lazy R1's schedule counted from the resume instead of the step."""
-  variant = dict(d_norm="spectral", loss="wasserstein", gp_weight=10.0, r1_weight=1.0, r1_every=3,
-                 checkpoint_every=2)
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **variant)), straight)
-  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=2, **variant)), resumed)
-  train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **variant)), resumed)
-  final = saved_state(straight, 4)
-  assert_bitwise_equal(final, saved_state(resumed, 4))
   vectors = {name: v["spectral_u"] for name, v in final["d"]["batch_stats"].items() if "spectral_u" in v}
   assert sorted(vectors) == [f"Conv_{i}" for i in range(4)], final["d"]["batch_stats"].keys()
   first = saved_state(straight, 2)["d"]["batch_stats"]
   # (Conv_3 has one output feature: its vector is +-1, a fixed point.)
   assert all(not np.array_equal(first[name]["spectral_u"], u) for name, u in vectors.items() if u.size > 1)
+
+  # Damage the newest checkpoint: it is moved aside with a warning, training resumes from step 2.
+  for root, _, files in os.walk(os.path.join(resumed, "checkpoints", "4", "state")):
+    for name in files:
+      open(os.path.join(root, name), "wb").close()
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(Config(**settings(tiny_data_dir, num_steps=4, **variant)), resumed)
+  assert "checkpoints/4 is unreadable" in caplog.text and "Resuming from step 2" in caplog.text
+  assert os.path.isdir(os.path.join(resumed, "checkpoints", "4.unreadable"))
+  assert_bitwise_equal(final, saved_state(resumed, 4))
 
 
 def _main_job_args(data_dir, workdir, evaluators):

@@ -97,13 +97,13 @@ def test_a_killed_two_process_multi_member_run_restarts_to_the_single_runs_with_
   """`--seeds=0,1 --invariant_groups=8 --in_memory=false` (a reader per member) on 2 processes x 2
   devices (the launcher, gloo), process 1 SIGKILLed once seed_1 has its first checkpoint, then launched
   again: each member ends bitwise equal (state, metrics lines) to the single run of its seed on 1
-  device. Catches members sharing one reader (another data order), a restart that loses or repeats a
-  member's steps, metrics lines a killed run wrote after its checkpoint, members that save on one
+  device. Catches members sharing one reader (another data order), a host reader that does not resume
+  at the step, a restart that loses or repeats a member's steps, metrics lines a killed run wrote after its checkpoint, members that save on one
   process only, members' saves of one step colliding in orbax's multi-process barriers (a hang, then an
   error), a member program that depends on the topology, and (each member being the single run's code)
   --invariant_groups not bitwise between 1 device and 2 processes, a process or device reading
   another's positions by index, a data order that depends on the device or process count, or logs
-  written by both processes. (In memory on 2 processes against 1 device: test_topology.py's SIGTERM
+  written by both processes. (In memory on 2 processes against 1 device: test_topology.py's killed-process
   test; 2 and 4 devices of one process: test_invariant.py; evaluation on 2 processes:
   test_topology.py.)"""
   def cli(workdir, steps, seeds):

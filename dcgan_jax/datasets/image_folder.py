@@ -173,15 +173,19 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
   """Imports `image_dir` as the tfds dataset `name` (split "train") in `data_dir`; returns the summary
   that prepare_data prints as JSON. An existing dataset of that name is replaced only once the new one
   is complete."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core import example_serializer, naming  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   if crop not in ("center", "none"):
     raise ImportError_(f"--crop={crop}: use center (keep the central square) or none (squeeze the whole "
                        "image square)")
   if image_size < MIN_SIDE:
     raise ImportError_(f"--image_size={image_size}: too small; use at least {MIN_SIDE} (e.g. 32 or 64)")
+  try:  # before TensorFlow's seconds of import: a destination that cannot be written is refused at once
+    workdir_lib.check_writable(data_dir, "--data_dir")
+  except ConfigError as e:
+    raise ImportError_(str(e)) from None
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core import example_serializer, naming  # pylint: disable=g-import-not-at-top
   if name in tfds.list_builders():
     raise ImportError_(f"--dataset={name}: the name of a registered tfds dataset; pick another name for "
                        "your images (e.g. my_{name})")
@@ -192,7 +196,6 @@ def import_folder(image_dir: str, name: str, data_dir: str, image_size: int = 64
     new_dirs.append(folder)
     folder = os.path.dirname(folder)
   try:
-    workdir_lib.check_writable(data_dir, "--data_dir")
     lock = workdir_lib.RunLock([dataset_dir], "--dataset", "another import", None).claim()
   except ConfigError as e:
     raise ImportError_(str(e)) from None

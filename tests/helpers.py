@@ -63,17 +63,20 @@ def make_idx_dir(root, n_train=24, n_test=8, compress=True, learnable=False):
   return arrays
 
 
-def cli_env(devices=2):
+def cli_env(devices=2, fast_compile=True):
   """Environment of a CLI subprocess: `devices` virtual CPU devices, and the test session's persistent
-  XLA compilation cache (set in conftest.py), so repeated runs of one configuration compile once."""
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}",
-              TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+  XLA compilation cache (set in conftest.py), so repeated runs of one configuration compile once.
+  fast_compile=False: XLA's default optimisation level instead of TEST_XLA_FLAGS' 0, for programs whose
+  running costs more than their compiling (the Inception network on 299x299 images runs ~2x slower at
+  level 0); only compare such a process's numbers bitwise with another such process's."""
+  flags = f"--xla_force_host_platform_device_count={devices}" + (f" {TEST_XLA_FLAGS}" if fast_compile else "")
+  return dict(os.environ, XLA_FLAGS=flags, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
 
 
-def run_cli(args, mocked_examples=None, timeout=600, devices=2):
+def run_cli(args, mocked_examples=None, timeout=600, devices=2, fast_compile=True):
   cmd = [sys.executable] + (["tests/mocked_main.py", str(mocked_examples)] if mocked_examples
                             else ["-m", "dcgan_jax.main"]) + args
-  return subprocess.run(cmd, cwd=ROOT, env=cli_env(devices), capture_output=True, text=True,
+  return subprocess.run(cmd, cwd=ROOT, env=cli_env(devices, fast_compile), capture_output=True, text=True,
                         timeout=timeout)
 
 

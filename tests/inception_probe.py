@@ -50,11 +50,13 @@ def main():
   images, z, g = probe_inputs()
   pool3, logits = features.embed(images)
   gen_pool3, gen_logits = features.embed_generated(stand_in_sample, g, z)
+  rounded = np.round((np.asarray(stand_in_sample(g, z)) + 1) * 127.5).astype(np.uint8)
+  gen_rounded_pool3, _ = features.embed(rounded)  # generating first, then embedding the uint8 images
   reference = inception_metrics.reference_features(features, "fashion_mnist", "train", data_dir, (28, 28, 1),
                                                    os.path.join(cache, f"p{jax.process_index()}"))
   if jax.process_index() == 0:
     np.savez(out, pool3=pool3, logits=logits, gen_pool3=gen_pool3, gen_logits=gen_logits,
-             reference=reference.features)
+             gen_rounded_pool3=gen_rounded_pool3, reference=reference.features)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.slow  # each command compiles the Inception network
 
 def evaluate(args, env=None):
   result = subprocess.run([sys.executable, "-m", "dcgan_jax.evaluate", "--features=inception"] + args,
-                          cwd=ROOT, env=env or cli_env(2), capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env or cli_env(2, fast_compile=False), capture_output=True, text=True,
+                          timeout=600)  # (~10% faster at XLA's default level here)
   return result
 
 
@@ -71,10 +73,12 @@ def test_evaluate_on_arrays_folders_and_a_dataset_split(weights, tiny_data_dir, 
   features = inception_metrics.Features(inception_metrics.Weights(path, "x", random_variables()))
   pool3, logits = features.embed(a_uint8)
   real, _ = features.embed(b)
-  assert arrays["fid"] == pytest.approx(metrics.fid(pool3, real), rel=1e-6)
-  assert arrays["kid"] == pytest.approx(metrics.kid(pool3, real)[0], rel=1e-5, abs=1e-9)
+  # (The commands compile at XLA's default optimisation level, this process at level 0 (helpers.py):
+  # the features differ in their last bits: the FID by ~1e-6 relative, the KID (~2e-4 here) by ~2e-8.)
+  assert arrays["fid"] == pytest.approx(metrics.fid(pool3, real), rel=1e-5)
+  assert arrays["kid"] == pytest.approx(metrics.kid(pool3, real)[0], rel=1e-5, abs=1e-6)
   assert (arrays["precision"], arrays["recall"]) == pytest.approx(metrics.precision_recall(real, pool3, 3))
-  assert arrays["inception_score"] == pytest.approx(inception_metrics.inception_score(logits)[0], rel=1e-6)
+  assert arrays["inception_score"] == pytest.approx(inception_metrics.inception_score(logits)[0], rel=1e-5)
   assert arrays["num_samples"] == 12 and arrays["reference"]["count"] == 11
   assert arrays["weights"]["sha256"] == inception_metrics._sha256(path)  # pylint: disable=protected-access
   assert arrays["features"] == "inception" and "align_corners=False" in arrays["preprocessing"]
@@ -84,7 +88,7 @@ def test_evaluate_on_arrays_folders_and_a_dataset_split(weights, tiny_data_dir, 
   from dcgan_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   stats = evaluate_lib.evaluate_inception(samples=str(tmp_path / "a.npy"), inception_weights=path,
                                           inception_dir=cache, reference_samples=str(tmp_path / "stats.npz"))
-  assert stats["fid"] == pytest.approx(arrays["fid"], rel=1e-6) and "kid" not in stats
+  assert stats["fid"] == pytest.approx(arrays["fid"], rel=1e-5) and "kid" not in stats
   assert stats["reference"] == dict(statistics=str(tmp_path / "stats.npz"))
 
   for name, images in (("A", a_uint8[..., 0]), ("B", b[..., 0])):
@@ -103,10 +107,10 @@ def test_evaluate_on_arrays_folders_and_a_dataset_split(weights, tiny_data_dir, 
   with np.load(cached) as f:
     stored = dict(f)
   np.testing.assert_allclose(stored["mu"], stored["features"].mean(0), rtol=1e-6)
-  assert first["fid"] == pytest.approx(metrics.fid(pool3, stored["features"]), rel=1e-6)
+  assert first["fid"] == pytest.approx(metrics.fid(pool3, stored["features"]), rel=1e-5)
   np.savez(cached, mu=stored["mu"], sigma=stored["sigma"], features=stored["features"] * 2)
   assert report_of(evaluate(common + split))["fid"] == pytest.approx(
-      metrics.fid(pool3, stored["features"] * 2), rel=1e-6)
+      metrics.fid(pool3, stored["features"] * 2), rel=1e-5)
 
   offline = evaluate([f"--inception_dir={tmp_path / 'empty'}", f"--samples={tmp_path / 'a.npy'}",
                       f"--reference_samples={tmp_path / 'b.npz'}"],
@@ -127,7 +131,7 @@ def test_training_evaluates_in_inception_features_and_evaluate_agrees(weights, t
   result = run_cli([f"--workdir={workdir}", "--dataset=fashion_mnist", f"--data_dir={tiny_data_dir}",
                     "--num_steps=4", "--batch_size=8", "--latent_dim=16", "--log_every=2", "--eval_every=2",
                     "--eval_samples=12", "--eval_features=inception", f"--inception_weights={path}",
-                    f"--inception_dir={cache}"])
+                    f"--inception_dir={cache}"], fast_compile=False)  # as evaluate's, below
   assert result.returncode == 0, result.stderr[-3000:]
   evals = [l for l in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "fid" in l]
   assert [l["step"] for l in evals] == [2, 4]
@@ -144,27 +148,23 @@ def test_training_evaluates_in_inception_features_and_evaluate_agrees(weights, t
 def test_features_are_the_same_on_one_process_and_on_two(tiny_data_dir, tmp_path):
   """Features.embed and embed_generated (images generated, rounded and embedded in one program) give the
   same numbers, bit for bit, on 1 process of 4 devices and on 2 processes of 1 device (shares of 4 and 3
-  images, gathered in order); so do a dataset split's reference features when only one of the two
-  processes has them cached (the processes then compute them together, and the other one caches them
-  too). Catches shares gathered out of order, padding rows left in, a generator program that differs
-  from generating first and embedding the uint8 images, and a process that reads its cache while the
-  other waits for it in a collective (a hang, ended by the timeout)."""
-  import inception_probe  # pylint: disable=g-import-not-at-top
-  here = inception_metrics.Features(inception_metrics.Weights("random", "0" * 64, random_variables()),
-                                    per_device=2)
-  images, z, g = inception_probe.probe_inputs()
-  pool3, logits = here.embed(images)
-  generated = np.round((np.tanh(g * z.reshape(-1, 16, 16, 3)) + 1) * 127.5).astype(np.uint8)
-  gen_pool3, _ = here.embed(generated)
-  # Process 0's cache holds the reference features (computed here); process 1's stays empty.
-  reference = inception_metrics.reference_features(here, "fashion_mnist", "train", tiny_data_dir, (28, 28, 1),
-                                                   str(tmp_path / "cache" / "p0")).features
+  images, gathered in order), and embed_generated equals embedding the rounded uint8 images; so do a
+  dataset split's reference features when only one of the two processes has them cached (the processes
+  then compute them together, and the other one caches them too). Catches shares gathered out of order,
+  padding rows left in, a generator program that differs from generating first and embedding the uint8
+  images, and a process that reads its cache while the other waits for it in a collective (a hang, ended
+  by the timeout)."""
   script = os.path.join(ROOT, "tests", "inception_probe.py")
+  env = lambda devices: cli_env(devices, fast_compile=False)
+  one = subprocess.run([sys.executable, script, str(tmp_path / "one.npz"), tiny_data_dir, str(tmp_path / "c1")],
+                       cwd=ROOT, env=env(4), capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  shutil.copytree(tmp_path / "c1" / "p0", tmp_path / "c2" / "p0")  # process 1's cache stays empty
   from dcgan_jax import launch  # pylint: disable=g-import-not-at-top
   port = launch.free_port()
   procs = [subprocess.Popen([sys.executable, script, str(tmp_path / "two.npz"), tiny_data_dir,
-                             str(tmp_path / "cache"), str(i), "2", str(port)],
-                            cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             str(tmp_path / "c2"), str(i), "2", str(port)],
+                            cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
   try:
     for p in procs:
@@ -173,12 +173,16 @@ def test_features_are_the_same_on_one_process_and_on_two(tiny_data_dir, tmp_path
   finally:
     for p in procs:
       p.kill()
-  with np.load(tmp_path / "two.npz") as got:
-    np.testing.assert_array_equal(got["pool3"], pool3)
-    np.testing.assert_array_equal(got["logits"], logits)
-    np.testing.assert_array_equal(got["gen_pool3"], gen_pool3)
-    np.testing.assert_array_equal(got["reference"], reference)
-  assert len(reference) == 64 and os.listdir(tmp_path / "cache" / "p1" / "reference")
+  with np.load(tmp_path / "one.npz") as f:
+    one = dict(f)
+  with np.load(tmp_path / "two.npz") as f:
+    two = dict(f)
+  assert sorted(one) == sorted(two) == ["gen_logits", "gen_pool3", "gen_rounded_pool3", "logits", "pool3",
+                                        "reference"]
+  for key in one:
+    np.testing.assert_array_equal(two[key], one[key], err_msg=key)
+  np.testing.assert_array_equal(one["gen_pool3"], one["gen_rounded_pool3"])
+  assert len(one["reference"]) == 64 and os.listdir(tmp_path / "c2" / "p1" / "reference")
 
 
 def test_weights_are_downloaded_once_and_checked(tmp_path, monkeypatch):

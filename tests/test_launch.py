@@ -54,8 +54,9 @@ def test_the_process_that_failed_is_named_not_the_one_that_followed(capsys):
 
 def test_a_sigterm_or_ctrl_c_to_the_launcher_reaches_every_process():
   """With forward_stop_signals() in place, SIGTERM and then SIGINT to the launcher's own process reach
-  each of the run's processes (stand-ins that print the signal they got and exit 0). Catches a launcher that dies on the signal itself (its processes are left to
-  PR_SET_PDEATHSIG's SIGTERM, and a Ctrl-C is turned into a SIGTERM) or passes it to one process only."""
+  each of the run's processes (stand-ins that print the signal they got and exit 0). Catches a
+  launcher that dies on the signal itself (its processes are left to PR_SET_PDEATHSIG's SIGTERM, and a
+  Ctrl-C is turned into a SIGTERM) or passes it to one process only."""
   waiter = ("import signal, sys\n"
             "def stop(signum, frame):\n"
             "  print(signal.Signals(signum).name, flush=True); sys.exit(0)\n"

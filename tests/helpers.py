@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -90,6 +91,15 @@ def launch(args, log, num_processes=2, devices=2):
                                 env=cli_env(devices), stdout=out, stderr=subprocess.STDOUT, text=True)
   launcher.log = log
   return launcher
+
+
+def wait_until(proc, condition, timeout=300):
+  """Polls condition() every 50 ms while `proc` (a run or its launcher) is alive; fails the test if the
+  process ends first or `timeout` seconds pass."""
+  t0 = time.time()
+  while not condition():
+    assert proc.poll() is None and time.time() - t0 < timeout, "the run ended or did not get there"
+    time.sleep(0.05)
 
 
 def launched_output(launcher, timeout):

@@ -19,6 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dcgan_jax.evaluation import evaluator  # noqa: E402
 from dcgan_jax.evaluation import inception_metrics  # noqa: E402
 
 from dcgan_jax import parallel  # noqa: E402
@@ -50,7 +51,7 @@ def main():
   images, z, g = probe_inputs()
   pool3, logits = features.embed(images)
   gen_pool3, gen_logits = features.embed_generated(stand_in_sample, g, z)
-  rounded = np.round((np.asarray(stand_in_sample(g, z)) + 1) * 127.5).astype(np.uint8)
+  rounded = evaluator.as_uint8_images(stand_in_sample(g, z), (16, 16, 3))
   gen_rounded_pool3, _ = features.embed(rounded)  # generating first, then embedding the uint8 images
   reference = inception_metrics.reference_features(features, "fashion_mnist", "train", data_dir, (28, 28, 1),
                                                    os.path.join(cache, f"p{jax.process_index()}"))

@@ -2,7 +2,6 @@
 import os
 import shutil
 import signal
-import time
 
 import jax
 import numpy as np
@@ -13,7 +12,7 @@ from dcgan_jax import members
 from dcgan_jax import train
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.config import Config, ConfigError
-from helpers import child_pid, launch, launched_output, read_json, read_jsonl, run_cli
+from helpers import child_pid, launch, launched_output, read_json, read_jsonl, run_cli, wait_until
 
 pytestmark = pytest.mark.slow  # end-to-end runs: not in the fast tier
 
@@ -98,14 +97,14 @@ def test_a_killed_two_process_multi_member_run_restarts_to_the_single_runs_with_
   devices (the launcher, gloo), process 1 SIGKILLed once seed_1 has its first checkpoint, then launched
   again: each member ends bitwise equal (state, metrics lines) to the single run of its seed on 1
   device. Catches members sharing one reader (another data order), a host reader that does not resume
-  at the step, a restart that loses or repeats a member's steps, metrics lines a killed run wrote after its checkpoint, members that save on one
-  process only, members' saves of one step colliding in orbax's multi-process barriers (a hang, then an
-  error), a member program that depends on the topology, and (each member being the single run's code)
-  --invariant_groups not bitwise between 1 device and 2 processes, a process or device reading
-  another's positions by index, a data order that depends on the device or process count, or logs
-  written by both processes. (In memory on 2 processes against 1 device: test_topology.py's killed-process
-  test; 2 and 4 devices of one process: test_invariant.py; evaluation on 2 processes:
-  test_topology.py.)"""
+  at the step, a restart that loses or repeats a member's steps, metrics lines a killed run wrote after
+  its checkpoint, members that save on one process only, members' saves of one step colliding in
+  orbax's multi-process barriers (a hang, then an error), a member program that depends on the
+  topology, and (each member being the single run's code) --invariant_groups not bitwise between 1
+  device and 2 processes, a process or device reading another's positions by index, a data order that
+  depends on the device or process count, or logs written by both processes. (In memory on 2 processes
+  against 1 device: test_topology.py's killed-process test; 2 and 4 devices of one process:
+  test_invariant.py; evaluation on 2 processes: test_topology.py.)"""
   def cli(workdir, steps, seeds):
     return ["--dataset=fashion_mnist", f"--data_dir={tiny_data_dir}", f"--workdir={workdir}", seeds,
             "--batch_size=8", "--latent_dim=16", "--g_ema_decay=0.9", "--invariant_groups=8",
@@ -114,10 +113,7 @@ def test_a_killed_two_process_multi_member_run_restarts_to_the_single_runs_with_
   multi = str(tmp_path / "multi")
   launcher = launch(cli(multi, 100_000, "--seeds=0,1"), tmp_path / "killed.log")
   try:
-    t0 = time.time()
-    while not os.path.exists(os.path.join(multi, "seed_1", "checkpoints", "3")):
-      assert launcher.poll() is None and time.time() - t0 < 300, "run did not start"
-      time.sleep(0.05)
+    wait_until(launcher, lambda: os.path.exists(os.path.join(multi, "seed_1", "checkpoints", "3")))
     os.kill(child_pid(launcher, 1), signal.SIGKILL)
   finally:
     out = launched_output(launcher, timeout=45)

@@ -1,7 +1,6 @@
 """Results depend on (seed, global batch), not on the number of devices or processes."""
 import os
 import signal
-import time
 
 import jax
 import numpy as np
@@ -9,7 +8,8 @@ import pytest
 
 from dcgan_jax import checkpoints
 from dcgan_jax import workdir as workdir_lib
-from helpers import child_pid, launch, launched_output, logged_so_far, process_output, read_jsonl, run_cli
+from helpers import (child_pid, launch, launched_output, logged_so_far, process_output, read_jsonl, run_cli,
+                     wait_until)
 
 pytestmark = pytest.mark.slow  # end-to-end and multi-device runs: not in the fast tier
 
@@ -89,16 +89,10 @@ def test_a_process_that_dies_ends_the_others_and_a_sigterm_to_one_stops_all_then
       "--checkpoint_every=10", "--heartbeat_timeout=90"]
   metrics = os.path.join(workdir, "metrics.jsonl")
 
-  def wait_for(launcher, condition):
-    t0 = time.time()
-    while not condition():
-      assert launcher.poll() is None and time.time() - t0 < 300, "run did not start"
-      time.sleep(0.05)
-
   launcher = launch(run(100_000), tmp_path / "killed.log")
   try:
     # Between saves, so that the newest complete checkpoint is known (10): a step takes ~0.5 s here.
-    wait_for(launcher, lambda: len(logged_so_far(metrics)) >= 12
+    wait_until(launcher, lambda: len(logged_so_far(metrics)) >= 12
              and os.path.exists(os.path.join(workdir, "checkpoints", "10")))
     os.kill(child_pid(launcher, 1), signal.SIGKILL)
   finally:
@@ -115,7 +109,7 @@ def test_a_process_that_dies_ends_the_others_and_a_sigterm_to_one_stops_all_then
 
   launcher = launch(run(100_000), tmp_path / "stopped.log")
   try:
-    wait_for(launcher, lambda: max([l["step"] for l in logged_so_far(metrics)] or [0]) > 12)
+    wait_until(launcher, lambda: max([l["step"] for l in logged_so_far(metrics)] or [0]) > 12)
     os.kill(child_pid(launcher, 1), signal.SIGTERM)
   finally:
     out = launched_output(launcher, timeout=120)

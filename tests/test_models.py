@@ -129,12 +129,13 @@ def test_dropout_mask_depends_only_on_the_examples_key():
 @pytest.mark.parametrize("layer", ["ConvTranspose", "Conv"])
 def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features, kernel, strides, padding,
                                                          monkeypatch):
-  """models.ConvTranspose / models.Conv in the "cpu" form (cpu_kernels.py, dft.py) = flax's
-  nn.ConvTranspose / nn.Conv: same parameters, outputs and gradients (w.r.t. parameters and input)
-  within float32 rounding; and in the "cpu" and "exact" (patches.py) forms the same second derivatives
-  (the gradient penalties differentiate the input gradient in the parameters). Catches any error in
-  the sub-pixel and DFT rewrites (phases, padding, flipped kernels, transforms), and a custom VJP whose
-  backward pass is not differentiable or differentiates wrongly (a penalty's gradient would be off)."""
+  """models.ConvTranspose / models.Conv in the "cpu" form (cpu_kernels.py, dft.py) and in the "exact" form
+  (patches.py) = flax's nn.ConvTranspose / nn.Conv: same parameters, outputs, gradients (w.r.t. parameters
+  and input) and second derivatives (the gradient penalties differentiate the input gradient in the
+  parameters), within float32 rounding. The loss weights every output by its own number, so outputs in
+  the wrong places change it. Catches any error in the sub-pixel, phase and DFT rewrites (phases
+  interleaved in the wrong order, padding, flipped kernels, transforms), and a custom VJP whose backward
+  pass is not differentiable or differentiates wrongly (a penalty's gradient would be off)."""
   from dcgan_jax.ops import cpu_kernels
   from dcgan_jax.ops import dft
   assert not cpu_kernels.use_subpixel_forward((2, 2), "SAME", 1)  # 1-channel layers keep XLA's ops ...
@@ -142,11 +143,9 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
   monkeypatch.setattr(dft, "DFT_MAX_COST_RATIO", 1e9)  # (the DFT form pays only for large layers)
   if layer == "Conv":  # the input of the strided convolution that a transposed one would invert
     shape = (shape[0], shape[1] * strides[0], shape[2] * strides[1], shape[3])
-  ours = getattr(models, layer)(features, kernel, strides, padding, form="cpu")
   ref = getattr(nn, layer)(features, kernel, strides, padding)
   x = jax.random.normal(jax.random.key(0), shape)
   variables = ref.init(jax.random.key(1), x)
-  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
   # The CPU rewrites are exercised (not XLA's own ops) wherever they apply.
   strided = max(strides) > 1
   if layer == "ConvTranspose":
@@ -154,18 +153,24 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
   else:
     assert cpu_kernels.use_subpixel_input_gradient(shape[1:3], strides, padding, shape[-1]) == (
         strided and padding == "SAME")
-  jaxpr = str(jax.make_jaxpr(ours.apply)(variables, x))
-  assert ("conv_general_dilated" not in jaxpr) == (not strided)  # stride 1: DFT form, no convolution
-  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=2e-5, rtol=1e-5)
-  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
-  g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+  weights = jax.random.normal(jax.random.key(2), jax.eval_shape(ref.apply, variables, x).shape)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)) * weights)
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), g_ours, g_ref)
   # Double backward: d/dparams of ||d/dx loss||^2, as R1 and the gradient penalty take it.
   penalty = lambda m: lambda v: jnp.sum(jnp.square(jax.grad(lambda x: loss(m)(v, x))(x)))
   gg_ref = jax.grad(penalty(ref))(variables)
   for form in ("cpu", "exact"):
-    gg = jax.grad(penalty(getattr(models, layer)(features, kernel, strides, padding, form=form)))(variables)
+    ours = getattr(models, layer)(features, kernel, strides, padding, form=form)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+    if form == "cpu":
+      jaxpr = str(jax.make_jaxpr(ours.apply)(variables, x))
+      assert ("conv_general_dilated" not in jaxpr) == (not strided)  # stride 1: DFT form, no convolution
+    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=2e-5, rtol=1e-5,
+                               err_msg=form)
+    g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5, err_msg=form),
+                 g_ours, g_ref)
+    gg = jax.grad(penalty(ours))(variables)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-5, err_msg=form), gg, gg_ref)
 
 

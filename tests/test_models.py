@@ -155,10 +155,10 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
         strided and padding == "SAME")
   weights = jax.random.normal(jax.random.key(2), jax.eval_shape(ref.apply, variables, x).shape)
   loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)) * weights)
-  g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
+  g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(variables, x)
   # Double backward: d/dparams of ||d/dx loss||^2, as R1 and the gradient penalty take it.
   penalty = lambda m: lambda v: jnp.sum(jnp.square(jax.grad(lambda x: loss(m)(v, x))(x)))
-  gg_ref = jax.grad(penalty(ref))(variables)
+  gg_ref = jax.jit(jax.grad(penalty(ref)))(variables)
   for form in ("cpu", "exact"):
     ours = getattr(models, layer)(features, kernel, strides, padding, form=form)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
@@ -167,10 +167,10 @@ def test_conv_layers_match_flax_in_outputs_and_gradients(layer, shape, features,
       assert ("conv_general_dilated" not in jaxpr) == (not strided)  # stride 1: DFT form, no convolution
     np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=2e-5, rtol=1e-5,
                                err_msg=form)
-    g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+    g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5, err_msg=form),
                  g_ours, g_ref)
-    gg = jax.grad(penalty(ours))(variables)
+    gg = jax.jit(jax.grad(penalty(ours)))(variables)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-5, err_msg=form), gg, gg_ref)
 
 

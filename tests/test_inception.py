@@ -124,8 +124,10 @@ def test_weights_are_converted_once_and_a_wrong_file_is_one_error(tmp_path, monk
   """load_weights converts a state dict to Flax variables, caches them by the file's hash, and reads the
   cache the next time (the file is not parsed again); a torch.save file that is not the FID network
   (here the BatchNorm tensors alone) is a ConfigError naming the flag and the missing arrays, and a
-  missing file names pytorch-fid's file. Catches a cache keyed by something other than the file's
-  contents, a conversion on every start, and a traceback instead of one line."""
+  missing file names pytorch-fid's file; a damaged cache (cut short, or other variables) is converted
+  again. Catches a cache keyed by something other than the file's contents, a conversion on every
+  start, a damaged cache used as the variables, and a traceback instead of one line."""
+  import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from dcgan_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   weights = tmp_path / "weights.pth"
@@ -141,6 +143,12 @@ def test_weights_are_converted_once_and_a_wrong_file_is_one_error(tmp_path, monk
   monkeypatch.setattr(torch_file, "load_state_dict", fail)
   second = inception_metrics.load_weights(str(weights), str(tmp_path / "cache"))
   assert jax.tree.all(jax.tree.map(np.array_equal, first.variables, second.variables))
+  for damaged in (b"cut short", flax.serialization.msgpack_serialize({"params": {}})):
+    with open(inception_metrics.converted_path(str(tmp_path / "cache"), first.sha256), "wb") as f:
+      f.write(damaged)
+    monkeypatch.setattr(torch_file, "load_state_dict", lambda path: state)
+    again = inception_metrics.load_weights(str(weights), str(tmp_path / "cache"))
+    assert jax.tree.all(jax.tree.map(np.array_equal, first.variables, again.variables))
   assert first.describe() == dict(file="weights.pth", sha256=first.sha256, pytorch_fid_weights=False)
   monkeypatch.undo()
   bn_only = os.path.join(FIXTURES, "inception_random_bn.pth")

@@ -22,7 +22,6 @@ from typing import Optional, Tuple
 
 from absl import logging
 import flax
-import jax
 import numpy as np
 import scipy.special
 
@@ -113,10 +112,12 @@ def load_weights(path: Optional[str] = None, cache_dir: Optional[str] = None) ->
                     "not comparable with papers'.", path, WEIGHTS_FILE, WEIGHTS_SHA256_PREFIX)
   converted = converted_path(cache_dir, sha)
   try:
-    like = jax.eval_shape(lambda: inception.FIDInceptionV3().init(
-        jax.random.key(0), np.zeros((1, inception.SIZE, inception.SIZE, 3), np.float32)))
+    # The variables as saved (nested dicts of arrays): their structure is fixed by CONVERTED_VERSION, so
+    # no template is traced (tracing the network for one costs about a second per process).
     with open(converted, "rb") as f:
-      return Weights(path, sha, flax.serialization.from_bytes(like, f.read()))
+      variables = flax.serialization.msgpack_restore(f.read())
+    if isinstance(variables, dict) and set(variables) == {"params", "batch_stats"}:
+      return Weights(path, sha, variables)
   except (OSError, ValueError):
     pass  # not converted yet (or damaged): convert again
   try:

@@ -60,7 +60,9 @@ def _phase_conv(x, kernel, pads, dilation):
   phases are stacked as output channels, which then interleave (depth-to-space). The window's zero taps
   cost 1.44x the products of the sub-kernels for 5x5 kernels at stride 2 and 2.25x for 4x4 ones, against
   4x for the dilated input. Only exact data movement is added (pads, strided slices, stacks, reshapes),
-  and the gradient of each is a slice or a pad, never a scatter.
+  and the gradient of each is a slice or a pad, never a scatter. (cpu_kernels.subpixel_transposed is the
+  same idea for the "cpu" form, but it gathers its sub-kernels, whose gradient is a scatter-add, and
+  calls XLA's convolutions.)
   """
   b, h, w, _ = x.shape
   kh, kw, cin, cout = kernel.shape
